@@ -1,0 +1,45 @@
+# FineViT: two commands on a fresh machine.
+#   make demo   synthesize scenes -> ingest -> dataset summary (offline, CPU)
+#   make test   the whole suite
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+export RAY_AUTH_MODE ?= disabled
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+DEMO_DIR ?= demo_out
+
+.PHONY: setup test test-fast lint demo bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, the CPU build from this disk; anything else would pull CUDA
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+demo: setup
+	rm -rf $(DEMO_DIR)
+	$(BIN)/finevit ingest 'synthetic://scenes?n=200&seed=0&size=384' $(DEMO_DIR)/data --samples-per-shard 50
+	$(BIN)/finevit info $(DEMO_DIR)/data
+
+bench-quick: setup
+	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,342 @@
+"""``finevit ingest SOURCE OUTPUT``: any image source -> img2dataset-format shards, exactly once.
+
+The driver streams the source's shard plan and keeps a bounded number of Ray tasks in
+flight (one task = one shard). A task stages its files locally, commits the source's
+layers, moves the tar and Parquet into place and writes ``<shard>_stats.json`` last. A
+rerun skips committed shards, so a run killed at any moment and started again ends with
+every input exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import FineVitConfig, IngestConfig
+from engine.layout import (
+    STATS_SUFFIX,
+    Dataset,
+    LayoutError,
+    code_version,
+    commit_parts,
+    shard_name,
+)
+from engine.sources.base import Source, open_source
+from engine.store import Store
+
+
+@dataclass
+class IngestReport:
+    output: str
+    source: str
+    shards_planned: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    shards_retried: int = 0
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    count: int = 0
+    successes: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    registered_only: bool = False
+
+    @property
+    def failed(self) -> int:
+        return self.count - self.successes
+
+    @property
+    def images_per_second(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.count += int(stats.get("count", 0))
+        self.successes += int(stats.get("successes", 0))
+        for reason, n in (stats.get("status_dict") or {}).items():
+            if reason != "success":
+                self.reasons[reason] += int(n)
+
+
+# ---------------------------------------------------------------- worker side (one task = one shard)
+
+
+def ingest_shard(
+    source: Source,
+    payload: Any,
+    shard_index: int,
+    shards: Store,
+    layers_root: Store,
+    cfg: IngestConfig,
+) -> dict[str, Any]:
+    """Build one shard in a staging folder and commit it. Returns its stats."""
+    import pyarrow as pa
+
+    from engine.layers import write_layer_shard
+    from engine.layout import LayerDir
+    from engine.schemas import LAYER_SCHEMAS
+    from engine.shard_writer import shard_stats, write_shard
+
+    name = shard_name(shard_index)
+    started = time.time()
+    label = source.kind
+    with shards.staging(f"shard-{name}") as staging:
+        layer_rows: dict[str, list[dict[str, Any]]] = {spec.name: [] for spec in source.layers}
+        if source.downloads:
+            from engine.download import download_shard
+
+            download_shard(list(payload), shard_index, staging, label, cfg.samples_per_shard, cfg)
+            i2d = json.loads(open(os.path.join(staging, f"{name}{STATS_SUFFIX}")).read())
+            os.unlink(os.path.join(staging, f"{name}{STATS_SUFFIX}"))
+            stats = {**i2d, "code_version": code_version()}
+        else:
+
+            def collect(key: str, raw: Any) -> None:
+                for layer, row in raw.layers.items():
+                    layer_rows[layer].append({"key": key, **row})
+
+            rows = write_shard(
+                source.read(payload), shard_index, cfg.samples_per_shard, staging, label, cfg.image, collect
+            )
+            stats = shard_stats(rows, started, {})
+        stats.update(shard=name, source=source.uri, kind=source.kind)
+        stats["bytes"] = os.path.getsize(os.path.join(staging, f"{name}.tar"))
+        # layers first, the image shard's marker last: a shard is visible only when all of it is
+        for spec in source.layers:
+            layer = LayerDir(layers_root.child(spec.name), spec.name)
+            table = pa.Table.from_pylist(layer_rows[spec.name], schema=LAYER_SCHEMAS[spec.kind])
+            write_layer_shard(layer, name, table, LAYER_SCHEMAS[spec.kind], staging, started)
+        commit_parts(
+            shards,
+            {f"{name}.tar": os.path.join(staging, f"{name}.tar"), f"{name}.parquet": os.path.join(staging, f"{name}.parquet")},
+            f"{name}{STATS_SUFFIX}",
+            stats,
+        )
+    return stats
+
+
+def retry_shard(source: Source, shard_index: int, shards: Store, cfg: IngestConfig) -> dict[str, Any] | None:
+    """Re-attempt a committed shard's transient failures and rewrite it atomically.
+
+    The commit marker is removed first, so readers never see a half-replaced shard; a kill
+    in between leaves the shard uncommitted and a plain rerun rebuilds it from the source.
+    """
+    from engine.shard_writer import rewrite_failed, shard_stats
+
+    name = shard_name(shard_index)
+    started = time.time()
+    with shards.staging(f"retry-{name}") as staging:
+        src_tar, src_pq = os.path.join(staging, "in.tar"), os.path.join(staging, "in.parquet")
+        with open(src_tar, "wb") as f:
+            f.write(shards.read_bytes(f"{name}.tar"))
+        with open(src_pq, "wb") as f:
+            f.write(shards.read_bytes(f"{name}.parquet"))
+        out = os.path.join(staging, "out")
+        os.makedirs(out)
+        result = rewrite_failed(src_tar, src_pq, out, shard_index, source.fetch, cfg.image)
+        if result is None:
+            return None
+        rows, n_retried = result
+        old = shards.read_json(f"{name}{STATS_SUFFIX}")
+        stats = shard_stats(rows, started, {})
+        stats.update(
+            shard=name,
+            source=old.get("source", source.uri),
+            kind=old.get("kind", source.kind),
+            retried=n_retried,
+            retries_total=int(old.get("retries_total", 0)) + n_retried,
+        )
+        stats["bytes"] = os.path.getsize(os.path.join(out, f"{name}.tar"))
+        shards.rm(f"{name}{STATS_SUFFIX}")
+        commit_parts(
+            shards,
+            {f"{name}.tar": os.path.join(out, f"{name}.tar"), f"{name}.parquet": os.path.join(out, f"{name}.parquet")},
+            f"{name}{STATS_SUFFIX}",
+            stats,
+        )
+    return stats
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _source_entry(dataset: Dataset, source: Source, cfg: FineVitConfig) -> dict[str, Any]:
+    """Find or add this source in ``dataset.json``; returns its entry (with ``first_shard``)."""
+    sps = cfg.ingest.samples_per_shard
+    image = cfg.ingest.image.model_dump()
+    entry = {**source.describe(), "first_shard": 0, "num_shards": None, "image": image}
+    if not dataset.exists():
+        dataset.write_manifest(
+            {
+                "name": os.path.basename(dataset.root.rstrip("/")) or "dataset",
+                "samples_per_shard": sps,
+                "shard_root": "shards",
+                "sources": [entry],
+                "created_by": f"finevit {code_version()}",
+                "created_at": time.time(),
+            }
+        )
+        return entry
+    m = dict(dataset.manifest)
+    if int(m["samples_per_shard"]) != sps:
+        raise LayoutError(
+            f"{dataset.root} was ingested with samples_per_shard={m['samples_per_shard']}; rerun with "
+            f"--samples-per-shard {m['samples_per_shard']} (keys depend on it) or choose another OUTPUT"
+        )
+    sources = list(m.get("sources", []))
+    for e in sources:
+        if e["uri"] == source.uri:
+            if e.get("image") != image:
+                raise LayoutError(
+                    f"{source.uri} was ingested into {dataset.root} with image settings {e.get('image')}; "
+                    f"resuming with different ones ({image}) would mix two formats in one dataset"
+                )
+            return e
+    if sources and sources[-1].get("num_shards") is None:
+        raise LayoutError(
+            f"the ingest of {sources[-1]['uri']} into {dataset.root} has not finished: rerun it before adding another source"
+        )
+    if sources:
+        entry["first_shard"] = sources[-1]["first_shard"] + sources[-1]["num_shards"]
+    m["sources"] = sources + [entry]
+    dataset.write_manifest(m)
+    return entry
+
+
+def _register_existing(source: Any, dataset: Dataset, report: IngestReport) -> IngestReport:
+    info = source.inspect()
+    if dataset.exists():
+        raise LayoutError(f"{dataset.root} already holds a dataset; register {source.uri} into an empty OUTPUT")
+    same = Store(source.uri).root == dataset.store.root or info["shard_root"].startswith(dataset.store.root + "/")
+    shard_root = os.path.relpath(info["shard_root"], dataset.store.root) if same and dataset.store.is_local else info["shard_root"]
+    if same and not dataset.store.is_local:
+        shard_root = info["shard_root"][len(dataset.store.root) :].strip("/") or "."
+    dataset.write_manifest(
+        {
+            "name": os.path.basename(dataset.root.rstrip("/")) or "dataset",
+            "samples_per_shard": info["samples_per_shard"],
+            "shard_root": shard_root,
+            "shard_digits": info["shard_digits"],
+            "sources": [{**source.describe(), "first_shard": 0, "num_shards": info["num_shards"]}],
+            "created_by": f"finevit {code_version()} (registered an img2dataset output)",
+            "created_at": time.time(),
+        }
+    )
+    summary = dataset.summary()
+    report.registered_only = True
+    report.shards_skipped = summary["shards"]
+    report.count, report.successes = summary["count"], summary["successes"]
+    report.reasons.update(summary["reasons"])
+    return report
+
+
+def ingest(
+    source_uri: str,
+    output: str,
+    cfg: FineVitConfig | None = None,
+    progress: bool = True,
+    on_event: Callable[[str], None] | None = None,
+) -> IngestReport:
+    """Ingest ``source_uri`` into the dataset at ``output``; resumable, exactly once."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from engine.runtime import init_ray
+    from engine.sources.existing import ExistingShardsSource
+
+    cfg = cfg or FineVitConfig()
+    cfg = cfg.model_copy(update={"storage": cfg.storage.resolved()})
+    say = on_event or (lambda _msg: None)
+    t0 = time.time()
+    source = open_source(source_uri, cfg)
+    dataset = Dataset(output, cfg.storage)
+    report = IngestReport(output=dataset.root, source=source_uri)
+    if isinstance(source, ExistingShardsSource):
+        return _register_existing(source, dataset, report)
+
+    entry = _source_entry(dataset, source, cfg)
+    first = int(entry["first_shard"])
+    shards = dataset.shards
+    shards.makedirs()
+    shards.clear_staging()
+    for spec in source.layers:
+        layer = dataset.layer(spec.name)
+        if layer.info() is None:
+            layer.write_info({"kind": spec.kind, **spec.info, "source": source.uri})
+    committed = set(dataset.committed_shards())
+    layers_root = dataset.store.child("layers")
+
+    resources = init_ray(cfg.ray)
+    max_in_flight = cfg.ingest.workers or max(1, int(resources.get("CPU", 1)))
+    # one task per shard; a worker crash or a transient storage error is retried by Ray
+    run_shard = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(ingest_shard)
+    run_retry = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(retry_shard)
+    source_ref = ray.put(source)
+    pending: dict[Any, tuple[str, str]] = {}
+    bar = tqdm(desc="ingest", unit="img", disable=not progress, dynamic_ncols=True)
+
+    def collect(block: bool) -> None:
+        if not pending:
+            return
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
+        for ref in done:
+            name, what = pending.pop(ref)
+            try:
+                stats = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                report.shards_failed[name] = msg
+                say(f"shard {name} failed: {msg}")
+                continue
+            if what == "retry":
+                report.shards_retried += stats is not None
+                continue
+            report.shards_written += 1
+            report.add(stats)
+            bar.update(int(stats.get("count", 0)))
+            bar.set_postfix(ok=report.successes, failed=report.failed, shards=report.shards_written)
+
+    def submit(ref: Any, name: str, what: str) -> None:
+        pending[ref] = (name, what)
+        while len(pending) >= max_in_flight:
+            collect(block=True)
+
+    n_planned = 0
+    try:
+        for i, payload in enumerate(source.plan(cfg.ingest.samples_per_shard)):
+            n_planned = i + 1
+            index = first + i
+            name = shard_name(index)
+            if name in committed:
+                report.shards_skipped += 1
+                if cfg.ingest.retry_failed and _has_transient(dataset, name):
+                    submit(run_retry.remote(source_ref, index, shards, cfg.ingest), name, "retry")
+                continue
+            submit(run_shard.remote(source_ref, payload, index, shards, layers_root, cfg.ingest), name, "shard")
+        report.shards_planned = n_planned
+        _finish_entry(dataset, source.uri, n_planned)
+    finally:
+        while pending:
+            collect(block=True)
+        bar.close()
+    report.seconds = time.time() - t0
+    return report
+
+
+def _has_transient(dataset: Dataset, name: str) -> bool:
+    from engine.errors import is_transient
+
+    stats = dataset.shard_stats(name)
+    return any(is_transient(r) for r in (stats.get("status_dict") or {}) if r != "success")
+
+
+def _finish_entry(dataset: Dataset, uri: str, n_planned: int) -> None:
+    m = dict(dataset.manifest)
+    for e in m["sources"]:
+        if e["uri"] == uri and e.get("num_shards") != n_planned:
+            e["num_shards"] = n_planned
+            dataset.write_manifest(m)
+            return

@@ -1,0 +1,86 @@
+"""Arrow schemas of the dataset layout: the contract between every stage (ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Shard metadata: img2dataset's columns (in the order its Downloader writes them for our
+# input columns url, caption, source, meta) so every shard reads like an img2dataset shard.
+# ``meta`` carries a source's own per-sample metadata as a JSON string (e.g. a WebDataset
+# sample's .json/.cls members); null when there is none.
+SHARD_INPUT_COLUMNS = ["url", "caption", "source", "meta"]
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("meta", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("sha256", pa.string()),
+    ]
+)
+
+STATUS_SUCCESS = "success"
+STATUS_FAILED_DOWNLOAD = "failed_to_download"  # the bytes could not be had
+STATUS_FAILED_RESIZE = "failed_to_resize"  # bytes, but not a usable image
+
+# Layer rows: every layer has key, status ('ok' | 'failed') and error.
+LAYER_OK = "ok"
+LAYER_FAILED = "failed"
+
+GLOBAL_CAPTION_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("n_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("latency_ms", pa.float32()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+REGION_STRUCT = pa.struct(
+    [
+        pa.field("x0", pa.float32()),
+        pa.field("y0", pa.float32()),
+        pa.field("x1", pa.float32()),
+        pa.field("y1", pa.float32()),
+        pa.field("caption", pa.string()),
+        pa.field("label", pa.string()),
+    ]
+)
+
+REGION_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("regions", pa.list_(REGION_STRUCT)),
+        pa.field("model", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+# Filter layers add their own score columns after these.
+FILTER_BASE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("keep", pa.bool_()),
+        pa.field("reasons", pa.list_(pa.string())),
+    ]
+)
+
+LAYER_SCHEMAS: dict[str, pa.Schema] = {
+    "caption": GLOBAL_CAPTION_SCHEMA,
+    "regions": REGION_SCHEMA,
+    "filter": FILTER_BASE_SCHEMA,
+}

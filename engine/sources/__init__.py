@@ -1,0 +1,13 @@
+"""Image sources. Import order is match order: the most specific recognisers first."""
+
+from engine.sources import (  # noqa: F401  - each module registers its Source
+    synthetic,
+    existing,
+    webdataset,
+    parquet,
+    urllist,
+    files,
+)
+from engine.sources.base import RawSample, Source, SourceError, open_source
+
+__all__ = ["RawSample", "Source", "SourceError", "open_source"]

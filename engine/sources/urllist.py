@@ -1,0 +1,144 @@
+"""A URL list (``.txt``, ``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``; local or ``s3://``; a glob for many).
+
+The list is streamed (pyarrow's CSV/Parquet batch readers, line by line for txt/jsonl): the
+driver holds one shard of rows at a time, never the whole list. Downloading is
+img2dataset's downloader inside our Ray task (see :mod:`engine.download`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from engine.config import FineVitConfig
+from engine.sources.base import RawSample, Source, SourceError, chunked, register
+from engine.store import Store, filesystem_for, is_s3
+
+URL_LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
+URL_COLUMNS = ("url", "URL", "image_url", "img_url")
+CAPTION_COLUMNS = ("caption", "TEXT", "text", "alt", "alt_text")
+
+
+def _list_files(uri: str, cfg: FineVitConfig) -> list[str]:
+    if any(c in uri for c in "*?["):
+        fs, path = filesystem_for(uri, cfg.storage)
+        prefix = "s3://" if is_s3(uri) else ""
+        return [prefix + p for p in sorted(fs.glob(path))]
+    return [uri]
+
+
+def _pick(names: list[str], wanted: tuple[str, ...]) -> str | None:
+    return next((w for w in wanted if w in names), None)
+
+
+def parquet_url_column(uri: str, cfg: FineVitConfig) -> str | None:
+    """The URL column of a Parquet file that holds no image bytes, else None."""
+    fs, path = filesystem_for(uri, cfg.storage)
+    with fs.open(path, "rb") as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    if any(pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t) for t in schema.types):
+        return None
+    return _pick(schema.names, URL_COLUMNS)
+
+
+@register
+class UrlListSource(Source):
+    kind = "urls"
+    downloads = True
+
+    @classmethod
+    def matches(cls, uri: str, cfg: FineVitConfig) -> bool:
+        base = uri.split("?", 1)[0].lower()
+        if not base.endswith(URL_LIST_SUFFIXES):
+            return False
+        if base.endswith(".parquet"):
+            files = _list_files(uri, cfg)
+            return bool(files) and parquet_url_column(files[0], cfg) is not None
+        return True
+
+    def _rows(self, uri: str) -> Iterator[tuple[str, str | None]]:
+        fs, path = filesystem_for(uri, self.cfg.storage)
+        low = path.lower()
+        if low.endswith(".txt"):
+            with fs.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        yield line, None
+            return
+        if low.endswith(".jsonl"):
+            with fs.open(path, "rt", encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise SourceError(f"{uri}:{n}: not valid JSON: {e}") from None
+                    url = next((obj[c] for c in URL_COLUMNS if c in obj), None)
+                    if url is None:
+                        raise SourceError(f"{uri}:{n}: no url field (expected one of {', '.join(URL_COLUMNS)})")
+                    yield str(url), next((str(obj[c]) for c in CAPTION_COLUMNS if obj.get(c) is not None), None)
+            return
+        if low.endswith(".parquet"):
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                url_col, cap_col = _pick(names, URL_COLUMNS), _pick(names, CAPTION_COLUMNS)
+                if url_col is None:
+                    raise SourceError(f"{uri}: no url column (expected one of {', '.join(URL_COLUMNS)})")
+                cols = [url_col] + ([cap_col] if cap_col else [])
+                for batch in pf.iter_batches(batch_size=8192, columns=cols):
+                    yield from self._batch_rows(batch, url_col, cap_col)
+            return
+        delimiter = "\t" if low.endswith(".tsv") else ","
+        with fs.open(path, "rb") as f:
+            reader = pacsv.open_csv(
+                io.BufferedReader(f) if not hasattr(f, "peek") else f,
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+                read_options=pacsv.ReadOptions(block_size=1 << 20),
+            )
+            names = reader.schema.names
+            url_col, cap_col = _pick(names, URL_COLUMNS), _pick(names, CAPTION_COLUMNS)
+            if url_col is None:
+                raise SourceError(f"{uri}: no url column in header {names} (expected one of {', '.join(URL_COLUMNS)})")
+            for batch in reader:
+                yield from self._batch_rows(batch, url_col, cap_col)
+
+    @staticmethod
+    def _batch_rows(batch: pa.RecordBatch, url_col: str, cap_col: str | None) -> Iterator[tuple[str, str | None]]:
+        urls = batch.column(url_col).to_pylist()
+        caps = batch.column(cap_col).to_pylist() if cap_col else [None] * len(urls)
+        for u, c in zip(urls, caps, strict=True):
+            yield ("" if u is None else str(u).strip()), (None if c is None else str(c))
+
+    def plan(self, samples_per_shard: int) -> Iterator[Any]:
+        files = _list_files(self.uri, self.cfg)
+        if not files:
+            raise SourceError(f"no URL list matches {self.uri}")
+        for f in files:
+            if not is_s3(f) and not Store(f).exists():
+                raise SourceError(f"URL list not found: {f}")
+
+        def rows() -> Iterator[tuple[str, str | None]]:
+            for f in files:
+                yield from self._rows(f)
+
+        yield from chunked(rows(), samples_per_shard)
+
+    def read(self, payload: list[tuple[str, str | None]]) -> Iterator[RawSample]:
+        # URL shards are downloaded by img2dataset's Downloader, not read sample by sample.
+        for url, caption in payload:
+            yield RawSample(url=url, caption=caption)
+
+    def fetch(self, url: str) -> bytes:
+        from engine.download import fetch_url
+
+        return fetch_url(url, self.cfg.ingest)

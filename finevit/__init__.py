@@ -1,0 +1,1 @@
+"""finevit package."""

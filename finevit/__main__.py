@@ -1,0 +1,3 @@
+from finevit.cli import main
+
+raise SystemExit(main())

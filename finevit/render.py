@@ -1,0 +1,59 @@
+"""Terminal output of the CLI (rich tables): summaries a person reads at the end of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def print_ingest_report(report: Any) -> None:
+    t = Table(title=f"ingest {report.source} -> {report.output}", show_header=False, title_justify="left")
+    if report.registered_only:
+        t.add_row("registered", "an img2dataset output: wrote dataset.json only, no image copied")
+    t.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already committed"
+              + (f", {report.shards_retried} retried" if report.shards_retried else "")
+              + (f", [red]{len(report.shards_failed)} failed[/red]" if report.shards_failed else ""))
+    t.add_row("samples", f"{report.count}  ok {report.successes}  failed {report.failed}")
+    if report.count and not report.registered_only:
+        t.add_row("speed", f"{report.images_per_second:.1f} images/s over {report.seconds:.1f} s")
+    console.print(t)
+    if report.reasons:
+        r = Table(title="top failure reasons", title_justify="left")
+        r.add_column("count", justify="right")
+        r.add_column("reason")
+        for reason, n in report.reasons.most_common(8):
+            r.add_row(str(n), reason[:120])
+        console.print(r)
+    for name, msg in sorted(report.shards_failed.items()):
+        console.print(f"[red]shard {name} failed:[/red] {msg}  (rerun to retry it)")
+
+
+def print_dataset_summary(ds: Any) -> None:
+    m = ds.manifest
+    s = ds.summary()
+    t = Table(title=f"dataset {ds.root}", show_header=False, title_justify="left")
+    t.add_row("layout", f"v{m['layout_version']}, {m['samples_per_shard']} samples per shard, shards at {ds.shards.root}")
+    for src in m.get("sources", []):
+        t.add_row("source", f"{src.get('kind')}: {src.get('uri')} ({src.get('num_shards')} shards)")
+    t.add_row("shards", f"{s['shards']} committed")
+    t.add_row("samples", f"{s['count']}  ok {s['successes']}  failed {s['failed']}")
+    console.print(t)
+    if s["reasons"]:
+        r = Table(title="failure reasons", title_justify="left")
+        r.add_column("count", justify="right")
+        r.add_column("reason")
+        for reason, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:8]:
+            r.add_row(str(n), reason[:120])
+        console.print(r)
+    if s["layers"]:
+        lt = Table(title="layers", title_justify="left")
+        for col in ("layer", "kind", "shards", "ok", "failed"):
+            lt.add_column(col)
+        for name, info in s["layers"].items():
+            kind = (info.get("info") or {}).get("kind", "?")
+            lt.add_row(name, kind, str(info["shards"]), str(info["ok"]), str(info["failed"]))
+        console.print(lt)
