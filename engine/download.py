@@ -1,7 +1,8 @@
 """URL downloads: img2dataset's downloader inside our Ray task, behind a network guard.
 
-The guard checks the address a connection actually reached, at connect time (so DNS
-rebinding and redirects to internal hosts are caught too): loopback, private, link-local
+The guard resolves each host at connect time, refuses private targets before a packet is
+sent, and connects only to the addresses it checked (so DNS rebinding and redirects to
+internal hosts are caught too): loopback, private, link-local
 (cloud metadata at 169.254.169.254), multicast, reserved and unspecified addresses are
 refused with ``blocked: private address`` unless ``allow_private_network`` is set.
 """
@@ -48,29 +49,42 @@ def is_private_address(ip: str) -> bool:
     )
 
 
-def _check_peer(sock: socket.socket) -> None:
-    peer = sock.getpeername()[0]
-    if is_private_address(peer):
-        sock.close()
-        raise BlockedAddressError(f"{BLOCKED_REASON} ({peer})")
+def guarded_create_connection(
+    address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT, source_address: Any = None
+) -> socket.socket:
+    """``socket.create_connection`` that resolves first, refuses private targets *before* any
+    packet is sent, and then connects only to the addresses it checked (no DNS rebinding)."""
+    host, port = address
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for *_, sockaddr in infos:
+        if is_private_address(sockaddr[0]):
+            raise BlockedAddressError(f"{BLOCKED_REASON} ({sockaddr[0]})")
+    err: OSError | None = None
+    for family, socktype, proto, _, sockaddr in infos:
+        sock = socket.socket(family, socktype, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            err = e
+    raise err or OSError(f"cannot connect to {host}:{port}")
 
 
 class _GuardedHTTPConnection(http.client.HTTPConnection):
-    def connect(self) -> None:
-        super().connect()
-        _check_peer(self.sock)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = guarded_create_connection
 
 
 class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        # connect the TCP socket first, check it, then wrap TLS (HTTPSConnection.connect does both)
-        http.client.HTTPConnection.connect(self)
-        _check_peer(self.sock)
-        if self._tunnel_host:
-            server_hostname = self._tunnel_host
-        else:
-            server_hostname = self.host
-        self.sock = self._context.wrap_socket(self.sock, server_hostname=server_hostname)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = guarded_create_connection  # TLS is wrapped after this in connect()
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):

@@ -164,7 +164,7 @@ class Dataset:
     def shards(self) -> Store:
         """The folder holding image shards (``shards/`` or wherever ``shard_root`` points)."""
         root = self.manifest.get("shard_root", "shards") if self.exists() else "shards"
-        if "://" in root:
+        if "://" in root or root.startswith("/"):
             return Store(root, self.store.storage)
         return self.store if root in (".", "") else self.store.child(root)
 

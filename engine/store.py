@@ -43,6 +43,8 @@ def _strip_protocol(uri: str) -> str:
         return uri[len("s3://") :].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
     return os.path.abspath(os.path.expanduser(uri))
 
 
@@ -69,8 +71,6 @@ def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.A
     """``(fs, path)`` for any URI we accept: a local path, ``file://`` or ``s3://``."""
     if is_s3(uri):
         return s3_filesystem(cfg or StorageConfig()), _strip_protocol(uri)
-    if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
     return fsspec.filesystem("file"), _strip_protocol(uri)
 
 

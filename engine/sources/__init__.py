@@ -1,4 +1,4 @@
-"""Image sources. Import order is match order: the most specific recognisers first."""
+"""Image sources; each module registers one Source (``priority`` sets the match order)."""
 
 from engine.sources import (  # noqa: F401  - each module registers its Source
     synthetic,

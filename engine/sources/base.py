@@ -58,6 +58,8 @@ class Source(ABC):
     """An image source. Subclasses set ``kind`` and implement ``matches``, ``plan`` and ``read``."""
 
     kind: ClassVar[str]
+    #: match order: lower first (specific recognisers before the folder/prefix catch-all)
+    priority: ClassVar[int] = 50
     #: layers written with every shard of this source
     layers: ClassVar[tuple[LayerSpec, ...]] = ()
     #: whether samples are fetched over the network (img2dataset's downloader path)
@@ -100,7 +102,7 @@ def open_source(uri: str, cfg: FineVitConfig) -> Source:
     """The first registered source that recognises ``uri``; a clear error when none does."""
     from engine import sources  # noqa: F401  - registers the built-in sources
 
-    for cls in _REGISTRY:
+    for cls in sorted(_REGISTRY, key=lambda c: c.priority):
         if cls.matches(uri, cfg):
             return cls(uri, cfg)
     kinds = ", ".join(c.kind for c in _REGISTRY)

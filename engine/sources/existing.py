@@ -30,6 +30,7 @@ def find_shard_root(store: Store) -> str | None:
 @register
 class ExistingShardsSource(Source):
     kind = "img2dataset"
+    priority = 10
 
     def __init__(self, uri: str, cfg: FineVitConfig) -> None:
         super().__init__(uri, cfg)

@@ -51,6 +51,7 @@ def pair_captions(paths: Iterator[str]) -> Iterator[tuple[str, str | None]]:
 @register
 class FolderSource(Source):
     kind = "folder"
+    priority = 100
 
     def __init__(self, uri: str, cfg: FineVitConfig) -> None:
         super().__init__(uri, cfg)

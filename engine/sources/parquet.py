@@ -42,6 +42,7 @@ def image_column(schema: pa.Schema) -> tuple[str, bool] | None:
 @register
 class ImageParquetSource(Source):
     kind = "parquet"
+    priority = 30
 
     @classmethod
     def matches(cls, uri: str, cfg: FineVitConfig) -> bool:

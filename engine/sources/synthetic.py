@@ -20,6 +20,7 @@ GT_MODEL = "synthetic-scene-graph"
 @register
 class SyntheticSource(Source):
     kind = "synthetic"
+    priority = 0
     layers = (
         LayerSpec("gt-global", "caption", {"stage": "ingest", "backend": "synthetic", "model": GT_MODEL}),
         LayerSpec("gt-regions", "regions", {"stage": "ingest", "backend": "synthetic", "model": GT_MODEL}),

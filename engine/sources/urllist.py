@@ -50,6 +50,7 @@ def parquet_url_column(uri: str, cfg: FineVitConfig) -> str | None:
 @register
 class UrlListSource(Source):
     kind = "urls"
+    priority = 40
     downloads = True
 
     @classmethod

@@ -128,6 +128,7 @@ def sample_from_members(tar_uri: str, key: str, members: list[tuple[tarfile.TarI
 @register
 class WebDatasetSource(Source):
     kind = "webdataset"
+    priority = 20
 
     @classmethod
     def matches(cls, uri: str, cfg: FineVitConfig) -> bool:
