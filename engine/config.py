@@ -18,11 +18,13 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the field and the reason."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config model: unknown fields are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class StorageConfig(_Strict):
+class StorageConfig(StrictModel):
     """How ``s3://`` URIs are reached. Unset fields fall back to boto3's standard chain.
 
     ``endpoint_url`` defaults to ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` from the
@@ -53,7 +55,7 @@ class StorageConfig(_Strict):
         )
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     """``address=None`` starts a local cluster; ``RAY_ADDRESS`` or ``--ray-address`` joins one."""
 
     address: str | None = None
@@ -61,7 +63,7 @@ class RayConfig(_Strict):
     temp_dir: str | None = None
 
 
-class ImageConfig(_Strict):
+class ImageConfig(StrictModel):
     """How source images become shard images. Defaults suit native-resolution training:
     keep the aspect ratio, cap the long side at 1024, never upscale."""
 
@@ -74,7 +76,7 @@ class ImageConfig(_Strict):
     max_pixels: int = Field(default=100_000_000, ge=1)
 
 
-class IngestConfig(_Strict):
+class IngestConfig(StrictModel):
     samples_per_shard: int = Field(default=10_000, ge=1)
     workers: int | None = Field(default=None, ge=1, description="shard tasks in flight; default: cluster CPUs")
     image: ImageConfig = ImageConfig()
@@ -94,7 +96,7 @@ class IngestConfig(_Strict):
         return v
 
 
-class FineVitConfig(_Strict):
+class FineVitConfig(StrictModel):
     """The root of the tree. Each stage reads its own branch; storage and ray are shared."""
 
     storage: StorageConfig = StorageConfig()

@@ -28,8 +28,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL or boto3's chain)")
 
 
-def _build_config(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
-    from engine.config import load_config
+def build_config(args: argparse.Namespace, extra: dict[str, Any], model: Any = None) -> Any:
+    """The config tree from ``--config``, ``--set`` and the command's own flags (``extra``)."""
+    from engine.config import FineVitConfig, load_config
 
     overrides = list(args.overrides)
     if args.ray_address:
@@ -39,7 +40,7 @@ def _build_config(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
     for key, value in extra.items():
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, model or FineVitConfig)
 
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +78,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from engine.ingest import ingest
 
-    cfg = _build_config(
+    cfg = build_config(
         args,
         {
             "ingest.samples_per_shard": args.samples_per_shard,
@@ -108,23 +109,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from engine.layout import Dataset
     from finevit.render import print_dataset_summary
 
-    cfg = _build_config(args, {})
+    cfg = build_config(args, {})
     ds = Dataset(args.dataset, cfg.storage)
     print_dataset_summary(ds)
     return 0
 
 
+# Stage commands live in their own modules (finevit/cmd_<stage>.py), each exposing
+# ``register(subparsers)`` that adds its parser with ``set_defaults(func=...)``.
+STAGE_COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="finevit", description="FineViT data engine and trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ingest(sub)
+    sub.choices["ingest"].set_defaults(func=_cmd_ingest)
     p = sub.add_parser("info", help="summarise a dataset: shards, samples, failures, layers")
     p.add_argument("dataset")
     _config_args(p)
+    p.set_defaults(func=_cmd_info)
+    for name in STAGE_COMMAND_MODULES:
+        importlib.import_module(name).register(sub, _config_args)
     return parser
-
-
-COMMANDS = {"ingest": _cmd_ingest, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except (ConfigError, LayoutError, SourceError, StorageError) as e:
         return _fail(str(e))
     except FileNotFoundError as e:
