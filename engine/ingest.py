@@ -89,8 +89,10 @@ def ingest_shard(
             from engine.download import download_shard
 
             download_shard(list(payload), shard_index, staging, label, cfg.samples_per_shard, cfg)
-            i2d = json.loads(open(os.path.join(staging, f"{name}{STATS_SUFFIX}")).read())
-            os.unlink(os.path.join(staging, f"{name}{STATS_SUFFIX}"))
+            i2d_stats = os.path.join(staging, f"{name}{STATS_SUFFIX}")
+            with open(i2d_stats) as f:
+                i2d = json.load(f)
+            os.unlink(i2d_stats)  # replaced by our stats, written last at commit
             stats = {**i2d, "code_version": code_version()}
         else:
 

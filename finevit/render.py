@@ -11,7 +11,9 @@ console = Console()
 
 
 def print_ingest_report(report: Any) -> None:
-    t = Table(title=f"ingest {report.source} -> {report.output}", show_header=False, title_justify="left")
+    t = Table(title="ingest summary", show_header=False, title_justify="left")
+    t.add_row("source", report.source)
+    t.add_row("output", report.output)
     if report.registered_only:
         t.add_row("registered", "an img2dataset output: wrote dataset.json only, no image copied")
     t.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already committed"
@@ -35,7 +37,8 @@ def print_ingest_report(report: Any) -> None:
 def print_dataset_summary(ds: Any) -> None:
     m = ds.manifest
     s = ds.summary()
-    t = Table(title=f"dataset {ds.root}", show_header=False, title_justify="left")
+    t = Table(title="dataset", show_header=False, title_justify="left")
+    t.add_row("root", ds.root)
     t.add_row("layout", f"v{m['layout_version']}, {m['samples_per_shard']} samples per shard, shards at {ds.shards.root}")
     for src in m.get("sources", []):
         t.add_row("source", f"{src.get('kind')}: {src.get('uri')} ({src.get('num_shards')} shards)")

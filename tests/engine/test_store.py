@@ -1,6 +1,6 @@
 import pytest
 
-from engine.store import Store, StorageError
+from engine.store import StorageError, Store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -48,8 +48,9 @@ def test_local_write_is_atomic_no_temp_left(tmp_path):
 def test_staging_is_removed(tmp_path):
     s = Store(str(tmp_path))
     with s.staging("x") as d:
-        (tmp_path / ".staging").exists()
-        open(f"{d}/f", "w").write("1")
+        assert (tmp_path / ".staging").is_dir()
+        with open(f"{d}/f", "w") as f:
+            f.write("1")
     assert list((tmp_path / ".staging").iterdir()) == []
 
 
