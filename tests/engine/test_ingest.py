@@ -361,19 +361,27 @@ def test_readback_with_webdataset_pyarrow_and_ray(tmp_path):
 # ---------------------------------------------------------------- 7. an existing img2dataset output
 
 
-def test_existing_img2dataset_output_is_registered_not_copied(tmp_path, http_images):
+@pytest.fixture(scope="module")
+def i2d_output(tmp_path_factory, http_images) -> Path:
+    """A real img2dataset download (5 images, 2 shards) of images served on 127.0.0.1."""
+    tmp = tmp_path_factory.mktemp("i2d")
     urls = _serve(http_images, 5, "i2d")
-    lst = tmp_path / "urls.txt"
+    lst = tmp / "urls.txt"
     lst.write_text("\n".join(urls))
-    i2d_out = tmp_path / "i2d"
+    out = tmp / "i2d"
     cmd = [
         sys.executable, "-c",
         "import sys; from img2dataset import download; download(url_list=sys.argv[1], output_folder=sys.argv[2], "
         "output_format='webdataset', processes_count=1, thread_count=4, number_sample_per_shard=3, "
         "image_size=64, resize_mode='keep_ratio', distributor='multiprocessing', enable_wandb=False)",
-        str(lst), str(i2d_out),
+        str(lst), str(out),
     ]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=_env())
+    return out
+
+
+def test_existing_img2dataset_output_is_registered_not_copied(tmp_path, i2d_output):
+    i2d_out = _copy_without_manifest(i2d_output, tmp_path / "i2d")
     before = sorted(p.name for p in i2d_out.iterdir())
     report = ingest(str(i2d_out), str(i2d_out), cfg_for(), progress=False)
     assert report.registered_only and report.successes == 5
@@ -384,7 +392,7 @@ def test_existing_img2dataset_output_is_registered_not_copied(tmp_path, http_ima
     assert ds.manifest["shard_root"] == "."
     # a separate OUTPUT points at the shards without copying them
     other = tmp_path / "other"
-    ingest(str(_copy_without_manifest(i2d_out, tmp_path / "i2d2")), str(other), cfg_for(), progress=False)
+    ingest(str(_copy_without_manifest(i2d_output, tmp_path / "i2d2")), str(other), cfg_for(), progress=False)
     assert sorted(p.name for p in other.iterdir()) == ["dataset.json"]
     assert Dataset(str(other)).summary()["successes"] == 5
 
@@ -417,3 +425,50 @@ def test_second_source_appends_shards_and_mismatches_are_refused(tmp_path):
         ingest("synthetic://scenes?n=4&seed=9&size=64", str(out), cfg_for(samples_per_shard=6), progress=False)
     with pytest.raises(LayoutError, match="image settings"):
         ingest("synthetic://scenes?n=4&seed=9&size=64", str(out), cfg_for(samples_per_shard=5, **{"image.image_size": 77}), progress=False)
+
+
+# ---------------------------------------------------------------- every source form, written to S3
+
+
+@pytest.mark.parametrize("form", ["folder", "urls", "webdataset", "parquet", "img2dataset"])
+def test_every_source_form_to_s3(form, tmp_path, s3, http_images, i2d_output):
+    storage = s3.storage
+    out = s3.uri(f"out-{form}")
+    n_ok = 3
+    if form == "folder":
+        src = tmp_path / "imgs"
+        src.mkdir()
+        for i in range(3):
+            (src / f"{i}.jpg").write_bytes(jpeg(30, 30, i))
+        source = str(src)
+    elif form == "urls":
+        src = tmp_path / "urls.jsonl"
+        src.write_text("".join(json.dumps({"url": u}) + "\n" for u in _serve(http_images, 3, "to-s3")))
+        source = str(src)
+    elif form == "webdataset":
+        _tar(tmp_path / "a.tar", [(f"k{i}.png", _png(i)) for i in range(3)])
+        source = str(tmp_path / "a.tar")
+    elif form == "parquet":
+        pq.write_table(pa.table({"image": [{"bytes": jpeg(20, 20, i), "path": None} for i in range(3)]}), tmp_path / "p.parquet")
+        source = str(tmp_path / "p.parquet")
+    else:
+        source = s3.upload_dir(i2d_output, "i2d")
+        out, n_ok = source, 5
+    cfg = cfg_for(storage, samples_per_shard=2, allow_private_network="true", timeout=5)
+    report = ingest(source, out, cfg, progress=False)
+    assert report.successes == n_ok and report.failed == 0
+    ds = Dataset(out, storage)
+    assert Dataset(out, storage).summary()["successes"] == n_ok
+    if form != "img2dataset":
+        assert_exactly_once(ds, n_ok)
+        keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"out-{form}/")["Contents"]]
+        assert not any(".staging" in k or "tmp" in k for k in keys), keys
+    else:
+        assert ds.manifest["shard_root"] == "."
+    _readback_ray(ds, storage, n_ok)
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), (seed * 40, 10, 10)).save(buf, "PNG")
+    return buf.getvalue()
