@@ -89,6 +89,7 @@ def ingest_shard(
             from engine.download import download_shard
 
             download_shard(list(payload), shard_index, staging, label, cfg.samples_per_shard, cfg)
+            _check_row_count(os.path.join(staging, f"{name}.parquet"), len(payload))
             i2d_stats = os.path.join(staging, f"{name}{STATS_SUFFIX}")
             with open(i2d_stats) as f:
                 i2d = json.load(f)
@@ -118,6 +119,16 @@ def ingest_shard(
             stats,
         )
     return stats
+
+
+def _check_row_count(parquet_path: str, expected: int) -> None:
+    """img2dataset's downloader logs and drops a sample whose write fails; we refuse to commit
+    such a shard (the task fails, Ray retries it) rather than lose a row silently."""
+    import pyarrow.parquet as pq
+
+    n = pq.ParquetFile(parquet_path).metadata.num_rows
+    if n != expected:
+        raise RuntimeError(f"shard has {n} rows for {expected} inputs: refusing to commit it")
 
 
 def retry_shard(source: Source, shard_index: int, shards: Store, cfg: IngestConfig) -> dict[str, Any] | None:
@@ -314,7 +325,7 @@ def ingest(
             name = shard_name(index)
             if name in committed:
                 report.shards_skipped += 1
-                if cfg.ingest.retry_failed and _has_transient(dataset, name):
+                if cfg.ingest.retry_failed and source.can_fetch and _has_transient(dataset, name):
                     submit(run_retry.remote(source_ref, index, shards, cfg.ingest), name, "retry")
                 continue
             submit(run_shard.remote(source_ref, payload, index, shards, layers_root, cfg.ingest), name, "shard")

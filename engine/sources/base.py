@@ -86,6 +86,11 @@ class Source(ABC):
         """Fetch one sample's bytes again (``--retry-failed``); sources that can't, raise."""
         raise NotImplementedError(f"{self.kind} sources cannot re-fetch single samples")
 
+    @property
+    def can_fetch(self) -> bool:
+        """Whether single samples can be fetched again (what ``--retry-failed`` needs)."""
+        return type(self).fetch is not Source.fetch
+
     def describe(self) -> dict[str, Any]:
         return {"uri": self.uri, "kind": self.kind}
 
