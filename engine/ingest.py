@@ -106,19 +106,20 @@ def ingest_shard(
             )
             stats = shard_stats(rows, started, {})
         stats.update(shard=name, source=source.uri, kind=source.kind)
-        stats["bytes"] = os.path.getsize(os.path.join(staging, f"{name}.tar"))
         # layers first, the image shard's marker last: a shard is visible only when all of it is
         for spec in source.layers:
             layer = LayerDir(layers_root.child(spec.name), spec.name)
             table = pa.Table.from_pylist(layer_rows[spec.name], schema=LAYER_SCHEMAS[spec.kind])
             write_layer_shard(layer, name, table, LAYER_SCHEMAS[spec.kind], staging, started)
-        commit_parts(
-            shards,
-            {f"{name}.tar": os.path.join(staging, f"{name}.tar"), f"{name}.parquet": os.path.join(staging, f"{name}.parquet")},
-            f"{name}{STATS_SUFFIX}",
-            stats,
-        )
+        _commit_image_shard(shards, name, staging, stats)
     return stats
+
+
+def _commit_image_shard(shards: Store, name: str, folder: str, stats: dict[str, Any]) -> None:
+    """Move ``<name>.tar`` and ``<name>.parquet`` from ``folder`` into place, then the marker."""
+    tar, parquet = os.path.join(folder, f"{name}.tar"), os.path.join(folder, f"{name}.parquet")
+    stats["bytes"] = os.path.getsize(tar)
+    commit_parts(shards, {f"{name}.tar": tar, f"{name}.parquet": parquet}, f"{name}{STATS_SUFFIX}", stats)
 
 
 def _check_row_count(parquet_path: str, expected: int) -> None:
@@ -162,14 +163,8 @@ def retry_shard(source: Source, shard_index: int, shards: Store, cfg: IngestConf
             retried=n_retried,
             retries_total=int(old.get("retries_total", 0)) + n_retried,
         )
-        stats["bytes"] = os.path.getsize(os.path.join(out, f"{name}.tar"))
-        shards.rm(f"{name}{STATS_SUFFIX}")
-        commit_parts(
-            shards,
-            {f"{name}.tar": os.path.join(out, f"{name}.tar"), f"{name}.parquet": os.path.join(out, f"{name}.parquet")},
-            f"{name}{STATS_SUFFIX}",
-            stats,
-        )
+        shards.rm(f"{name}{STATS_SUFFIX}")  # uncommit first: never a half-replaced shard in view
+        _commit_image_shard(shards, name, out, stats)
     return stats
 
 
