@@ -330,6 +330,7 @@ def ingest(
         while pending:
             collect(block=True)
         bar.close()
+        shards.clear_staging()  # every task has ended: nothing of ours is staged any more
     report.seconds = time.time() - t0
     return report
 

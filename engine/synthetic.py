@@ -174,8 +174,10 @@ def _layout(obj: SceneObject, width: int, height: int) -> tuple[int, int, int, t
     word = None
     if obj.word:
         fs = _word_font_size(obj.word, cw - 2 * pad, (ch - area_h) - pad)
-        mask = _word_mask(obj.word, fs)
-        mw, mh = mask.size
+        mw, mh = _word_mask(obj.word, fs).size
+        while mw > cw - 2 * pad and fs > 4:  # the font's bbox is approximate: fit the real mask
+            fs -= 1
+            mw, mh = _word_mask(obj.word, fs).size
         cx = sx + side / 2
         wx = int(round(min(max(cx - mw / 2, x0 + pad), x0 + cw - pad - mw)))
         shape_bottom = sy + (_shape_mask(obj.shape, side).getbbox() or (0, 0, side, side))[3]
@@ -264,7 +266,8 @@ def _object_patch(shape: str, color: str, texture: str, side: int) -> Image.Imag
 
 
 def _norm(px: tuple[int, int, int, int], width: int, height: int) -> Box:
-    x0, y0, x1, y1 = px
+    """Pixel box -> [0,1] box, clipped to the image (pixels past the edge are never drawn)."""
+    x0, y0, x1, y1 = max(0, px[0]), max(0, px[1]), min(width, px[2]), min(height, px[3])
     return (x0 / width, y0 / height, x1 / width, y1 / height)
 
 

@@ -358,3 +358,11 @@ def test_parse_uri_happy_path_and_defaults():
 def test_parse_uri_errors(uri: str, needle: str):
     with pytest.raises(ValueError, match=re.escape(needle)):
         parse_synthetic_uri(uri)
+
+
+@pytest.mark.parametrize("size", [64, 96, 128])
+def test_boxes_stay_inside_the_image_at_small_sizes(size):
+    # narrow cells once pushed rendered words past the image edge (boxes with x0 < 0)
+    for index in range(300):
+        for r in region_annotations(make_scene(0, index, size)):
+            assert 0.0 <= r["x0"] < r["x1"] <= 1.0 and 0.0 <= r["y0"] < r["y1"] <= 1.0, (index, r)
