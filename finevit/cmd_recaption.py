@@ -1,0 +1,159 @@
+"""``finevit recaption`` and ``finevit serve-captioner``: thin wrappers over :mod:`recaption`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+def register(sub: argparse._SubParsersAction, config_args) -> None:
+    p = sub.add_parser(
+        "recaption",
+        help="caption every image of a dataset with a VLM into a new layer",
+        description=(
+            "Reads committed image shards of DATASET (local path or s3://) and writes layers/NAME/<shard>.parquet. "
+            "Resumable: a rerun skips committed layer shards; --retry-failed redoes failed rows."
+        ),
+    )
+    p.add_argument("dataset")
+    p.add_argument("--layer", help="layer name (default: recap-global / recap-regions-<mode>)")
+    p.add_argument("--task", choices=["global", "regions"])
+    p.add_argument("--backend", choices=["openai", "vllm", "sglang", "hf"])
+    p.add_argument("--endpoint", action="append", dest="endpoints", metavar="URL",
+                   help="OpenAI-compatible server, e.g. http://gpu1:8000 (repeatable; openai/sglang)")  # fmt: skip
+    p.add_argument("--model", help="served model name (openai/sglang; default: what the server lists) or a local directory (hf/vllm)")
+    p.add_argument("--prompt", help="prompt id (dense-v1, short-v1, regions-grounded-v1, region-proposal-v1) or a text file")
+    p.add_argument("--region-mode", choices=["grounded", "proposals"])
+    p.add_argument("--proposals-layer", help="region layer whose boxes are captioned (proposals mode; default gt-regions)")
+    p.add_argument("--bbox-format", choices=["pixels", "norm1000", "norm1"], help="how the model writes boxes")
+    p.add_argument("--box-hint", choices=["coords", "draw", "crop"], help="how a proposal box is shown to the model")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--keep-truncated", action="store_true", help="keep captions cut by --max-tokens as ok")
+    p.add_argument("--max-in-flight", type=int, help="requests in flight per endpoint")
+    p.add_argument("--image-max-side", type=int, help="downscale images to this long side before sending")
+    p.add_argument("--timeout", type=float, help="per-request timeout, seconds")
+    p.add_argument("--retries", type=int, help="retries per request (transport faults and bad answers)")
+    p.add_argument("--shards", help="comma-separated shard ids to process (default: all committed)")
+    p.add_argument("--limit", type=int, help="process at most this many images (whole shards)")
+    p.add_argument("--clients", type=int, help="client actors (one asyncio loop each)")
+    p.add_argument("--retry-failed", action="store_true", help="redo failed rows of committed layer shards")
+    p.add_argument("--no-progress", action="store_true")
+    config_args(p)
+    p.set_defaults(func=cmd_recaption)
+
+    s = sub.add_parser(
+        "serve-captioner",
+        help="serve a local transformers VLM as an OpenAI-compatible server",
+        description="POST /v1/chat/completions (images as data URLs), GET /v1/models, GET /health.",
+    )
+    s.add_argument("model_dir")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="model id in /v1/models (default: the directory name)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--batch-size", type=int, default=8)
+    config_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def _fail(msg: str) -> int:
+    print(f"finevit: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _q(v: Any) -> Any:
+    """A value for a ``--set`` override (YAML-parsed): lists and strings quoted safely."""
+    if v is None:
+        return None
+    import json
+
+    return json.dumps(v) if isinstance(v, list | str) else v
+
+
+def cmd_recaption(args: argparse.Namespace) -> int:
+    from finevit.cli import build_config
+    from recaption.backends.base import BackendError
+    from recaption.config import RecaptionRunConfig
+    from recaption.prompts import PromptError
+    from recaption.run import recaption
+
+    shards = [s.strip() for s in args.shards.split(",") if s.strip()] if args.shards else None
+    flag = lambda b: "true" if b else None  # noqa: E731
+    cfg = build_config(
+        args,
+        {
+            "recaption.layer": _q(args.layer),
+            "recaption.task": args.task,
+            "recaption.backend": args.backend,
+            "recaption.endpoints": _q(args.endpoints),
+            "recaption.model": _q(args.model),
+            "recaption.prompt": _q(args.prompt),
+            "recaption.region_mode": args.region_mode,
+            "recaption.proposals_layer": _q(args.proposals_layer),
+            "recaption.bbox_format": args.bbox_format,
+            "recaption.box_hint": args.box_hint,
+            "recaption.max_tokens": args.max_tokens,
+            "recaption.temperature": args.temperature,
+            "recaption.keep_truncated": flag(args.keep_truncated),
+            "recaption.max_in_flight": args.max_in_flight,
+            "recaption.image_max_side": args.image_max_side,
+            "recaption.timeout": args.timeout,
+            "recaption.retries": args.retries,
+            "recaption.shards": _q(shards),
+            "recaption.limit": args.limit,
+            "recaption.clients": args.clients,
+            "recaption.retry_failed": flag(args.retry_failed),
+            "recaption.progress": "false" if args.no_progress else None,
+        },
+        model=RecaptionRunConfig,
+    )
+    try:
+        report = recaption(args.dataset, cfg, on_event=lambda m: print(m, file=sys.stderr))
+    except (BackendError, PromptError) as e:
+        return _fail(str(e))
+    print_report(report)
+    return 1 if report.shards_failed else 0
+
+
+def print_report(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"recaption {report.dataset} -> layer {report.layer}", show_header=False, title_justify="left")
+    t.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already committed"
+              + (f", {report.shards_retried} retried" if report.shards_retried else "")
+              + (f", {len(report.shards_waiting)} waiting for proposals" if report.shards_waiting else "")
+              + (f", [red]{len(report.shards_failed)} failed[/red]" if report.shards_failed else ""))  # fmt: skip
+    t.add_row("samples", f"{report.count}  ok {report.ok}  failed {report.failed}")
+    t.add_row("requests", f"{report.requests}  retries {report.retries}  completion tokens {report.completion_tokens}")
+    if report.count:
+        t.add_row("speed", f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s "
+                  f"over {report.seconds:.1f} s")  # fmt: skip
+    console.print(t)
+    if report.reasons:
+        r = Table(title="top failure reasons", title_justify="left")
+        r.add_column("count", justify="right")
+        r.add_column("reason")
+        for reason, n in report.reasons.most_common(8):
+            r.add_row(str(n), reason[:120])
+        console.print(r)
+    for name, msg in sorted(report.shards_failed.items()):
+        console.print(f"[red]shard {name} failed:[/red] {msg}  (rerun to retry it)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recaption.backends.base import BackendError
+    from recaption.server import serve
+
+    try:
+        serve(args.model_dir, args.host, args.port, args.served_model_name, device=args.device, dtype=args.dtype,
+              batch_size=args.batch_size)  # fmt: skip
+    except BackendError as e:
+        return _fail(str(e))
+    return 0

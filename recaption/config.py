@@ -1,0 +1,103 @@
+"""Typed config of ``finevit recaption`` / ``serve-captioner`` (a branch of the config tree).
+
+Every field can be set in a YAML recipe under ``recaption:`` or with ``--set recaption.X=...``;
+the CLI flags are shorthands for the common ones.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from engine.config import RayConfig, StorageConfig, StrictModel
+
+BBoxFormat = Literal["pixels", "norm1000", "norm1"]
+
+
+class HFConfig(StrictModel):
+    """The ``hf`` backend: transformers from a local model directory."""
+
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(default=8, ge=1)
+    batch_wait_ms: float = Field(default=5.0, ge=0)
+
+
+class VLLMConfig(StrictModel):
+    """The ``vllm`` backend: vLLM engines in the Ray cluster through Ray Data LLM."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    concurrency: int = Field(default=1, ge=1, description="engine replicas")
+    batch_size: int = Field(default=64, ge=1)
+    max_model_len: int = Field(default=8192, ge=256)
+    max_num_seqs: int = Field(default=256, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    engine_kwargs: dict = Field(default_factory=dict)
+
+
+class RecaptionConfig(StrictModel):
+    task: Literal["global", "regions"] = "global"
+    layer: str | None = None
+    backend: Literal["openai", "vllm", "sglang", "hf"] = "openai"
+    endpoints: list[str] = Field(default_factory=list)
+    model: str | None = Field(default=None, description="served model name (openai/sglang) or a local directory (hf/vllm)")
+    prompt: str | None = Field(default=None, description="prompt id (recaption/prompts/<id>.txt) or a file; default per task")
+    # sampling
+    max_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    keep_truncated: bool = Field(default=False, description="keep captions cut by max_tokens (status ok) instead of failing them")
+    # images
+    image_max_side: int = Field(default=768, ge=16)
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    # regions
+    region_mode: Literal["grounded", "proposals"] = "grounded"
+    proposals_layer: str = "gt-regions"
+    box_hint: Literal["coords", "draw", "crop"] = "coords"
+    bbox_format: BBoxFormat = "norm1000"
+    min_box_area: float = Field(default=1e-4, ge=0, le=1, description="as a fraction of the image")
+    dedup_iou: float = Field(default=0.9, gt=0, le=1)
+    max_regions: int = Field(default=64, ge=1)
+    # HTTP client (openai / sglang)
+    max_in_flight: int = Field(default=64, ge=1, description="requests in flight per endpoint")
+    timeout: float = Field(default=120.0, gt=0, description="per-request seconds")
+    retries: int = Field(default=3, ge=0)
+    backoff_base: float = Field(default=0.5, ge=0)
+    backoff_max: float = Field(default=30.0, ge=0)
+    eject_after: int = Field(default=5, ge=1, description="consecutive failures that take an endpoint out")
+    probe_interval: float = Field(default=2.0, gt=0)
+    api_key: str | None = None
+    # orchestration
+    shards: list[str] | None = None
+    limit: int | None = Field(default=None, ge=1, description="at most this many images (whole shards)")
+    retry_failed: bool = False
+    clients: int = Field(default=1, ge=1, description="client actors (one asyncio loop each)")
+    shards_in_flight: int = Field(default=4, ge=1, description="shards per client processed at once")
+    client_cpus: float = Field(default=0.25, gt=0, description="Ray CPUs reserved per client actor")
+    progress: bool = True
+    hf: HFConfig = HFConfig()
+    vllm: VLLMConfig = VLLMConfig()
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        if isinstance(v, int):
+            return [str(v)]
+        return v
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, v):
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+
+class RecaptionRunConfig(StrictModel):
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    recaption: RecaptionConfig = RecaptionConfig()

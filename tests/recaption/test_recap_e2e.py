@@ -1,0 +1,102 @@
+"""End to end on Ray: local disk and s3:// (moto), the CLI, and SIGKILL + rerun = exactly once."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from recap_helpers import CLI, N_IMAGES
+
+from engine.layout import Dataset
+from recaption.config import RecaptionConfig, RecaptionRunConfig
+from recaption.run import read_layer, recaption
+
+pytestmark = pytest.mark.slow
+
+
+def _keys(root) -> list[str]:
+    ds = Dataset(str(root))
+    return [k for s in ds.committed_shards() for k in pq.read_table(ds.shard_parquet(s), columns=["key"]).column("key").to_pylist()]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_recaption_on_ray(scenes, fault_server, s3, where):
+    srv = fault_server(plan={"503": 0.1, "429": 0.1, "reset": 0.05}, retry_after=0.05)
+    storage = s3.storage if where == "s3" else None
+    root = s3.upload_dir(scenes, "ds") if where == "s3" else str(scenes)
+    cfg = RecaptionRunConfig(recaption=RecaptionConfig(endpoints=[srv.url], layer="recap", timeout=5, backoff_base=0.01,
+                                                       clients=2, shards_in_flight=1))  # fmt: skip
+    if storage is not None:
+        cfg = cfg.model_copy(update={"storage": storage})
+    report = recaption(root, cfg, progress=False)
+    assert (report.shards_written, report.count, report.ok) == (3, N_IMAGES, N_IMAGES - 1)
+    assert report.requests > N_IMAGES - 1 and report.retries > 0
+    assert report.reasons == {"image not available (ingest status failed_to_download: HTTP Error 404)": 1}
+    t = read_layer(root, "recap", storage)
+    assert sorted(t.column("key").to_pylist()) == sorted(_keys(scenes))
+    ds = Dataset(root, storage)
+    info = ds.layer("recap").info()
+    assert info["model"] == "fake-vlm" and info["prompt_id"] == "dense-v1" and "Describe this image" in info["prompt_text"]
+    # a rerun skips everything and sends nothing
+    before = sum(srv.modes.values())
+    again = recaption(root, cfg, progress=False)
+    assert (again.shards_written, again.shards_skipped) == (0, 3) and sum(srv.modes.values()) == before
+
+
+def _cli(root, srv, *extra) -> subprocess.Popen:
+    cmd = [*CLI, "recaption", str(root), "--endpoint", srv.url, "--layer", "recap", "--no-progress",
+           "--max-in-flight", "2", "--timeout", "10", *extra]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("kill_after_commits", [0, 1])
+def test_sigkill_then_rerun_is_exactly_once(scenes, fault_server, kill_after_commits):
+    srv = fault_server(service_s=0.25)
+    layer_dir = scenes / "layers" / "recap"
+    proc = _cli(scenes, srv, "--set", "recaption.shards_in_flight=1")
+    deadline = time.time() + 120
+
+    def committed() -> int:
+        return len(list(layer_dir.glob("*_stats.json"))) if layer_dir.exists() else 0
+
+    while time.time() < deadline and proc.poll() is None:
+        if (kill_after_commits == 0 and sum(srv.modes.values()) > 0) or (kill_after_commits and committed() >= kill_after_commits):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = committed()
+    assert n_before < 3
+    for p in layer_dir.glob("*_stats.json"):  # what a reader sees is whole
+        assert pq.read_table(str(p).replace("_stats.json", ".parquet")).num_rows == 8
+
+    srv.service_s = 0.0
+    rerun = _cli(scenes, srv)
+    log = rerun.communicate(timeout=300)[0].decode()
+    assert rerun.returncode == 0, log
+    m = re.search(r"(\d+) written, (\d+) already committed", log)
+    assert m, log
+    assert int(m.group(1)) + int(m.group(2)) == 3 and int(m.group(2)) >= n_before, log
+    t = read_layer(str(scenes), "recap")
+    keys = t.column("key").to_pylist()
+    assert sorted(keys) == sorted(_keys(scenes)) and len(set(keys)) == N_IMAGES
+    assert t.column("status").to_pylist().count("ok") == N_IMAGES - 1
+    assert not list((layer_dir / ".staging").glob("*")) if (layer_dir / ".staging").exists() else True
+
+
+def test_cli_unreachable_endpoint_exits_2(scenes):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([*CLI, "recaption", str(scenes), "--endpoint", f"http://127.0.0.1:{port}", "--no-progress"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,0 +1,267 @@
+"""The openai backend and the shard pipeline against the fault-injecting server (no Ray workers:
+the shard worker is driven directly; Ray only builds the dataset)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from engine.config import StorageConfig
+from engine.layout import Dataset
+from recaption.backends.base import BackendError, CaptionRequest, SamplingParams
+from recaption.backends.openai_http import OpenAIBackend
+from recaption.config import RecaptionConfig
+from recaption.run import ShardWorker, check_or_write_info, layer_info, layer_name
+
+TRANSIENT = {"500": 0.1, "503": 0.08, "429": 0.08, "slow": 0.08, "reset": 0.08, "garbage": 0.08}
+
+
+def _jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (i % 256, (i * 7) % 256, 0)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _req(i: int) -> CaptionRequest:
+    return CaptionRequest(f"k{i}", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
+                          [_jpeg(i)], SamplingParams(32))  # fmt: skip
+
+
+def _backend(urls, **kw) -> OpenAIBackend:
+    kw = {"timeout": 0.5, "retries": 4, "backoff_base": 0.01, "backoff_max": 0.05, "probe_interval": 0.1, **kw}
+    return OpenAIBackend(urls, **kw)
+
+
+async def _run_all(backend: OpenAIBackend, n: int):
+    await backend.start()
+    try:
+        return await asyncio.gather(*(backend.generate(_req(i)) for i in range(n)))
+    finally:
+        await backend.close()
+
+
+def test_transient_faults_succeed_on_retry(fault_server):
+    srv = fault_server(plan=TRANSIENT, slow_s=1.5, retry_after=0.2)
+    results = asyncio.run(_run_all(_backend([srv.url], max_in_flight=8), 80))
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert all(r.text.startswith("A large red") for r in results)
+    for mode in TRANSIENT:  # every fault was injected at least once ...
+        assert srv.modes[mode] > 0, srv.modes
+    retried = sum(r.attempts - 1 for r in results)
+    assert retried == sum(n for m, n in srv.modes.items() if m != "ok")  # ... and each one cost exactly one retry
+    # Retry-After was honoured: the retry of a 429'd request came no sooner than it said
+    gaps = [t[1] - t[0] for h, t in srv.times.items() if len(t) > 1 and srv._mode(h, 1) == "429"]
+    assert gaps and min(gaps) >= 0.2 * 0.95
+
+
+def test_persistent_faults_end_with_a_reason(fault_server):
+    srv = fault_server(plan={"503": 0.5}, persistent={"503"})
+    results = asyncio.run(_run_all(_backend([srv.url], retries=2, eject_after=1000), 30))
+    failed = [r for r in results if not r.ok]
+    assert failed and all(r.error == "HTTP 503 server error (after 3 attempts)" and r.attempts == 3 for r in failed)
+    assert all(r.ok for r in results if r not in failed)
+
+
+def test_unreachable_endpoint_is_a_clear_error_before_any_work(scenes, fault_server):
+    import socket
+
+    from recaption.config import RecaptionRunConfig
+    from recaption.run import recaption
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    live = fault_server()
+    with pytest.raises(BackendError, match=f"unreachable: {dead}"):
+        asyncio.run(_run_all(_backend([live.url, dead]), 1))
+    cfg = RecaptionRunConfig(recaption=RecaptionConfig(endpoints=[live.url, dead], layer="never"))
+    with pytest.raises(BackendError, match="is the server up"):
+        recaption(str(scenes), cfg, progress=False)
+    assert not (scenes / "layers" / "never").exists()  # nothing was written
+    assert sum(live.modes.values()) == 0
+
+
+def test_bounded_in_flight_and_least_outstanding(fault_server):
+    a, b = fault_server(service_s=0.05), fault_server(service_s=0.05)
+    backend = _backend([a.url, b.url], max_in_flight=3)
+    peak = {"n": 0}
+
+    async def go():
+        await backend.start()
+        orig = backend.pool.acquire
+
+        async def acquire():
+            e = await orig()
+            peak["n"] = max(peak["n"], max(x.outstanding for x in backend.pool.endpoints))
+            return e
+
+        backend.pool.acquire = acquire
+        try:
+            return await asyncio.gather(*(backend.generate(_req(i)) for i in range(60)))
+        finally:
+            await backend.close()
+
+    results = asyncio.run(go())
+    assert all(r.ok for r in results)
+    assert peak["n"] <= 3
+    assert sum(a.modes.values()) + sum(b.modes.values()) == 60
+    assert min(sum(a.modes.values()), sum(b.modes.values())) >= 20  # both endpoints carried load
+
+
+def test_endpoint_restart_and_ejection(fault_server):
+    a, b = fault_server(service_s=0.02), fault_server(service_s=0.02)
+    backend = _backend([a.url, b.url], max_in_flight=4, eject_after=2, retries=6, backoff_base=0.05, backoff_max=0.2)
+
+    async def go():
+        await backend.start()
+        try:
+            first = await asyncio.gather(*(backend.generate(_req(i)) for i in range(20)))
+            a.restart(down_s=0.6)
+            await asyncio.sleep(0.05)
+            second = await asyncio.gather(*(backend.generate(_req(100 + i)) for i in range(80)))
+            await asyncio.sleep(0.8)  # a is back: the probe returns it to rotation
+            third = await asyncio.gather(*(backend.generate(_req(200 + i)) for i in range(40)))
+            return first + second + third, {e.url: e.snapshot() for e in backend.pool.endpoints}
+        finally:
+            await backend.close()
+
+    results, stats = asyncio.run(go())
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    assert stats[a.url]["ejections"] >= 1 and not stats[a.url]["ejected"]
+    assert {r.endpoint for r in results[-40:]} == {a.url, b.url}  # back in rotation after its restart
+
+
+# ---------------------------------------------------------------- shard pipeline
+
+
+def _cfg(srv, **kw) -> RecaptionConfig:
+    base = dict(endpoints=[srv.url], timeout=0.5, retries=3, backoff_base=0.01, backoff_max=0.05, max_in_flight=8,
+                image_max_side=64)  # fmt: skip
+    return RecaptionConfig(**{**base, **kw})
+
+
+def _run_shards(root, cfg: RecaptionConfig, storage=None, retry=False):
+    storage = storage or StorageConfig()
+    ds = Dataset(str(root), storage)
+    layer = ds.layer(layer_name(cfg))
+    check_or_write_info(layer, layer_info(cfg, "fake-vlm"))
+    w = ShardWorker(str(root), storage, cfg, "fake-vlm")
+
+    async def go():
+        try:
+            return [await (w.retry_shard(s) if retry else w.run_shard(s)) for s in ds.committed_shards()]
+        finally:
+            await w.close()
+
+    return asyncio.run(go()), layer
+
+
+def _rows(layer, shard="00000"):
+    with layer.store.open(layer.parquet(shard)) as f:
+        return pq.read_table(f).to_pylist()
+
+
+def test_global_layer_reasons_raw_and_retry_failed(scenes, fault_server):
+    srv = fault_server(plan={**TRANSIENT, "empty": 0.08, "refusal": 0.08, "length": 0.08},
+                       persistent={"empty", "refusal", "length"}, slow_s=1.0, retry_after=0.05)  # fmt: skip
+    stats, layer = _run_shards(scenes, _cfg(srv, layer="cap"))
+    assert [s["count"] for s in stats] == [8, 8, 8]
+    rows = [r for s in layer.committed() for r in _rows(layer, s)]
+    assert len(rows) == 24 and len({r["key"] for r in rows}) == 24
+    by_err = {r["error"] for r in rows if r["status"] == "failed"}
+    assert "image not available (ingest status failed_to_download: HTTP Error 404)" in by_err
+    assert by_err - {"image not available (ingest status failed_to_download: HTTP Error 404)"} <= {
+        "empty answer (after 4 answers)", "refusal (after 4 answers)", "truncated (finish_reason=length) (after 4 answers)"}
+    assert len(by_err) >= 3  # the persistent answer faults did happen
+    for r in rows:
+        assert r["status"] in ("ok", "failed")
+        if r["status"] == "ok":
+            assert r["caption"].startswith("A large red") and r["error"] is None and r["model"] == "fake-vlm"
+            assert r["prompt_id"] == "dense-v1" and r["finish_reason"] == "stop" and r["n_tokens"] > 0
+        else:
+            assert r["error"] and r["caption"] is None
+            if "refusal" in r["error"]:
+                assert r["raw"].startswith("I'm sorry")
+    st = stats[0]
+    for k in ("requests", "retries", "prompt_tokens", "completion_tokens", "latency_ms_p50", "latency_ms_p95",
+              "latency_ms_p99", "images_per_s", "error_reasons"):  # fmt: skip
+        assert k in st, k
+    assert sum(s["retries"] for s in stats) > 0 and sum(s["failed"] for s in stats) == sum(1 for r in rows if r["status"] == "failed")
+
+    # --retry-failed: the server is healthy now; every failed row with an image ends ok
+    srv.plan, srv.persistent = {}, set()
+    retried, _ = _run_shards(scenes, _cfg(srv, layer="cap"), retry=True)
+    assert any(r is not None for r in retried)
+    rows2 = [r for s in layer.committed() for r in _rows(layer, s)]
+    assert [r["key"] for r in rows2] == [r["key"] for r in rows]
+    assert [r["error"] for r in rows2 if r["status"] == "failed"] == [
+        "image not available (ingest status failed_to_download: HTTP Error 404)"]
+    # ok rows of the first run were kept as they were
+    assert all(a == b for a, b in zip(rows, rows2, strict=True) if a["status"] == "ok")
+
+
+@pytest.mark.parametrize("fmt", ["norm1000", "norm1"])
+def test_grounded_regions(scenes, fault_server, fmt):
+    srv = fault_server(plan={"malformed_json": 0.15, "out_of_range": 0.15, "wrong_json": 0.1, "503": 0.1},
+                       persistent={"malformed_json", "out_of_range", "wrong_json"}, bbox_format=fmt, keep_bodies=True)  # fmt: skip
+    cfg = _cfg(srv, task="regions", region_mode="grounded", bbox_format=fmt, retries=1)
+    stats, layer = _run_shards(scenes, cfg)
+    rows = [r for s in layer.committed() for r in _rows(layer, s)]
+    assert len(rows) == 24
+    ok = [r for r in rows if r["status"] == "ok"]
+    errs = {r["error"] for r in rows if r["status"] == "failed"}
+    assert ok and len(errs) >= 3, errs
+    assert {e.split(":")[0] for e in errs} <= {"malformed JSON", "wrong JSON", "invalid boxes", "image not available (ingest status failed_to_download"}
+    for r in ok:
+        assert len(r["regions"]) == 2  # the duplicate box was dropped
+        c = r["regions"][0]
+        assert (c["x0"], c["y0"], c["label"]) == (pytest.approx(0.05), pytest.approx(0.05), "circle")
+    assert any(r["raw"] and r["raw"].startswith('{"regions": [{"bbox": [10') for r in rows if r["status"] == "failed")
+    assert sum(s["dropped_boxes"].get("duplicate", 0) for s in stats) == len(ok)
+    rf = srv.bodies[0]["response_format"]
+    assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["required"] == ["regions"]
+
+
+@pytest.mark.parametrize("hint", ["coords", "draw", "crop"])
+def test_proposals_from_gt_regions(scenes, fault_server, hint):
+    srv = fault_server(keep_bodies=True)
+    cfg = _cfg(srv, task="regions", region_mode="proposals", box_hint=hint, proposals_layer="gt-regions")
+    _, layer = _run_shards(scenes, cfg)
+    gt = Dataset(str(scenes)).layer("gt-regions")
+    for s in layer.committed():
+        mine, truth = _rows(layer, s), _rows(gt, s)
+        assert [r["key"] for r in mine] == [r["key"] for r in truth]
+        for m, t in zip(mine, truth, strict=True):
+            if m["status"] != "ok":
+                assert m["error"].startswith("image not available")
+                continue
+            assert [(r["label"], round(r["x0"], 4)) for r in m["regions"]] == [(r["label"], round(r["x0"], 4)) for r in t["regions"]]
+            assert all(r["caption"].startswith("A large red") for r in m["regions"])
+    n_boxes = sum(len(r["regions"]) for s in gt.committed() for r in _rows(gt, s) if r["key"] != _rows(gt, "00000")[1]["key"])
+    assert len(srv.bodies) == n_boxes  # one request per proposed box
+    images = [sum(1 for c in b["messages"][0]["content"] if c["type"] == "image_url") for b in srv.bodies]
+    assert set(images) == ({2} if hint == "crop" else {1})
+    text = srv.bodies[0]["messages"][0]["content"][-1]["text"]
+    assert ("red rectangle" in text) == (hint == "draw") and "[" in text
+
+
+def test_layer_info_mismatch_is_refused(scenes, fault_server):
+    from engine.layout import LayoutError
+
+    srv = fault_server()
+    ds = Dataset(str(scenes))
+    cfg = _cfg(srv, layer="cap2")
+    check_or_write_info(ds.layer("cap2"), layer_info(cfg, "fake-vlm"))
+    with pytest.raises(LayoutError, match="prompt_id"):
+        check_or_write_info(ds.layer("cap2"), layer_info(_cfg(srv, layer="cap2", prompt="short-v1"), "fake-vlm"))
+    assert os.path.exists(scenes / "layers" / "cap2" / "layer.json")
+
+
+def test_backend_error_type():
+    with pytest.raises(BackendError, match="no endpoint"):
+        OpenAIBackend([])
