@@ -17,7 +17,7 @@ BBOX_FORMAT=${BBOX_FORMAT:-pixels}
 PORT=${PORT:-8011}
 TP=${TP:-1}
 PY=${PY:-python}
-FINEVIT=("$PY" -c "import sys; from finevit import cli; cli.STAGE_COMMAND_MODULES[:] = sorted(set(cli.STAGE_COMMAND_MODULES) | {'finevit.cmd_recaption'}); sys.exit(cli.main(sys.argv[1:]))")
+FINEVIT=("$PY" -m finevit)
 export RAY_AUTH_MODE=disabled
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
