@@ -12,7 +12,7 @@ export WANDB_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= demo_out
 
-.PHONY: setup test test-fast lint demo bench-quick clean
+.PHONY: setup test test-fast lint demo bench-deps bench-quick clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,13 @@ demo: setup
 	$(BIN)/finevit ingest 'synthetic://scenes?n=200&seed=0&size=384' $(DEMO_DIR)/data --samples-per-shard 50
 	$(BIN)/finevit info $(DEMO_DIR)/data
 
-bench-quick: setup
+# OpenCLIP (the anchor of bench/train_throughput_cpu.py) with --no-deps: its torchvision is a
+# CUDA build that cannot import beside torch 2.13 CPU; the bench stubs what it needs of it.
+bench-deps: setup
+	test -d .bench-deps/open_clip || $(BIN)/pip install -q --no-deps --target .bench-deps \
+		open_clip_torch==3.3.0 torchvision==0.29.1 ftfy wcwidth
+
+bench-quick: bench-deps
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done
 
 clean:

@@ -117,7 +117,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 # Stage commands live in their own modules (finevit/cmd_<stage>.py), each exposing
 # ``register(subparsers)`` that adds its parser with ``set_defaults(func=...)``.
-STAGE_COMMAND_MODULES: list[str] = ["finevit.cmd_audit", "finevit.cmd_recaption"]
+STAGE_COMMAND_MODULES: list[str] = ["finevit.cmd_audit", "finevit.cmd_recaption", "finevit.cmd_train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

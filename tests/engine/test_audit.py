@@ -31,8 +31,6 @@ from engine.layout import Dataset, make_key
 from engine.schemas import FILTER_BASE_SCHEMA, GLOBAL_CAPTION_SCHEMA, REGION_SCHEMA, SHARD_SCHEMA
 from finevit import cli
 
-cli.STAGE_COMMAND_MODULES[:] = sorted(set(cli.STAGE_COMMAND_MODULES) | {"finevit.cmd_audit"})
-
 SPS = 5  # samples per shard
 FILTER_SCHEMA = FILTER_BASE_SCHEMA.append(pa.field("score", pa.float32()))
 

@@ -138,7 +138,6 @@ def test_parse_completion_and_helpers():
 def _parser():
     from finevit import cli
 
-    cli.STAGE_COMMAND_MODULES[:] = sorted(set(cli.STAGE_COMMAND_MODULES) | {"finevit.cmd_recaption"})
     return cli
 
 

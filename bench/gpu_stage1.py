@@ -1,0 +1,201 @@
+"""Stage 1 on a GPU: attention backend agreement in bf16, then ViT-B/16 training throughput + MFU per backend.
+
+Prepared for the ``device`` tool (one H100/H200); runs on a CPU too, where it checks only the
+CPU backends and times nothing it cannot (``--quick`` shrinks everything).
+
+    python bench/gpu_stage1.py [--quick] [--steps 20] [--rows 8] [--seq-len 4096]
+
+Part 1, correctness: for every backend available on the device, packed attention over a
+realistic document mix in bf16, forward and backward, against a float64 SDPA block-diagonal
+reference; prints max abs error and passes when within bf16 tolerance (exits 1 otherwise).
+Part 2, speed: a ViT-B/16 vision tower + B text tower (the stage1_vit_b16 recipe), bf16
+autocast, SigLIP loss, AdamW; per backend: images/s, tokens/s, TFLOP/s and MFU against the
+card's peak (train.metrics.PEAK_TFLOPS). Table (candidate, median, min, max, unit), then the
+ratio line: best backend's MFU (target >= 40 % on an H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from train.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from train.data.naflex import grid_for  # noqa: E402
+from train.data.packing import assemble, plan_rows  # noqa: E402
+from train.losses import sigmoid_loss  # noqa: E402
+from train.metrics import peak_tflops, step_flops  # noqa: E402
+from train.model.attention import BACKENDS, backend_available, meta_from_segments, packed_attention  # noqa: E402
+from train.model.towers import Stage1Model  # noqa: E402
+
+
+def doc_mix(rows: int, seq_len: int, max_patches: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    ratios = [(1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2), (2, 3)]
+
+    def size() -> int:
+        a, b = rng.choice(ratios)
+        long = rng.randint(128, 2048)
+        w, h = (long, long * b // a) if a >= b else (long * a // b, long)
+        gh, gw = grid_for(w, h, 16, max_patches)
+        return gh * gw
+
+    pool: list[int] = []
+
+    def refill() -> None:
+        while len(pool) < 64:
+            pool.append(size())
+
+    return plan_rows(pool, lambda n: n, refill, rows, seq_len, 10_000)
+
+
+def check_agreement(device: torch.device, rows: int, seq_len: int, heads: int, head_dim: int) -> bool:
+    plan = doc_mix(rows, seq_len, 256)
+    seg = torch.empty(rows, seq_len, dtype=torch.long)
+    doc = 0
+    for r, row in enumerate(plan):
+        at = 0
+        for n in row + [seq_len - sum(row)]:
+            seg[r, at : at + n] = doc
+            at, doc = at + n, doc + 1
+    meta = meta_from_segments(seg, max_seqlen=seq_len)
+    T = rows * seq_len
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, heads, head_dim, generator=g, dtype=torch.float64) for _ in range(3))
+    dout = torch.randn(T, heads, head_dim, generator=g, dtype=torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = packed_attention(*ref_in, meta, "sdpa_dense")
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    ok = True
+    print(f"{'backend':<12}{'fwd max err':>14}{'bwd max err':>14}  result (bf16 vs float64 reference)")
+    for name in BACKENDS:
+        if not backend_available(name, device):
+            print(f"{name:<12}{'-':>14}{'-':>14}  not available on {device.type}")
+            continue
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ins = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+        bwd_err = float("nan")
+        try:
+            out = packed_attention(*ins, meta.to(device), name)
+            grads = torch.autograd.grad(out, ins, dout.to(device, dtype))
+            bwd_err = max((a.double().cpu() - b).abs().max().item() for a, b in zip(grads, ref_grads, strict=True))
+        except NotImplementedError:  # FlexAttention backward on CPU: check the forward alone
+            with torch.no_grad():
+                out = packed_attention(*(x.detach() for x in ins), meta.to(device), name)
+        fwd_err = (out.detach().double().cpu() - ref.detach()).abs().max().item()
+        tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+        good = fwd_err < tol and (bwd_err != bwd_err or bwd_err < tol * 4)
+        ok &= good
+        print(f"{name:<12}{fwd_err:>14.2e}{bwd_err:>14.2e}  {'ok' if good else 'MISMATCH'}")
+    return ok
+
+
+def bench_backend(name: str, device: torch.device, a: argparse.Namespace) -> dict[str, list[float]]:
+    cfg = ModelConfig(vision=VisionConfig(width=a.width, depth=a.depth, heads=a.width // 64),
+                      text=TextConfig(width=a.width, depth=a.depth, heads=a.width // 64, context=a.context),
+                      embed_dim=a.width, attention=name)
+    model = Stage1Model(cfg, 32000, name).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    plan = doc_mix(a.rows, a.seq_len, a.max_patches)
+    rows = [[(torch.randn(n, 768), torch.stack(torch.meshgrid(torch.arange(1), torch.arange(n), indexing="ij"),
+                                                 -1).reshape(-1, 2)) for n in row] for row in plan]
+    n_img = sum(map(len, rows))
+    vision, real = assemble(rows, a.seq_len, n_img, 768)
+    vision = vision.to(device)
+    tokens = torch.randint(4, 32000, (n_img, a.context), device=device)
+    mask = torch.ones(n_img, a.context, dtype=torch.bool, device=device)
+    valid = torch.ones(n_img, dtype=torch.bool, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    flops = step_flops(cfg, real, [n for row in plan for n in row], n_img * a.context, [a.context] * n_img)
+    peak = peak_tflops(device, dtype or torch.float32)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            img, txt, scale, bias = model(vision, tokens, mask)
+        loss, _ = sigmoid_loss(img, txt, valid, scale, bias)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    sync()
+    out: dict[str, list[float]] = {"images/s": [], "tokens/s": [], "TFLOP/s": [], "MFU %": []}
+    for _ in range(a.rounds):
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        sync()
+        dt = (time.perf_counter() - t) / a.steps
+        out["images/s"].append(n_img / dt)
+        out["tokens/s"].append(real / dt)
+        out["TFLOP/s"].append(flops / dt / 1e12)
+        out["MFU %"].append(100 * flops / dt / 1e12 / peak)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--max-patches", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if a.quick or device.type != "cuda":
+        a.width, a.depth, a.context, a.rows, a.seq_len, a.max_patches = 128, 2, 64, 2, 512, 128
+        a.steps, a.rounds = 2, 3
+    print(f"device: {name}, torch {torch.__version__}")
+    print("== part 1: backend agreement ==")
+    ok = check_agreement(device, 2, min(a.seq_len, 1024), 4, 64)
+    if not ok:
+        print("backend agreement FAILED: not timing")
+        return 1
+    print(f"== part 2: training step, vision w{a.width}/d{a.depth} + text ctx {a.context}, "
+          f"{a.rows} rows x {a.seq_len} tokens ==")
+    results = {}
+    for backend in BACKENDS:
+        if not backend_available(backend, device):
+            continue
+        if backend == "flex" and device.type != "cuda":
+            continue  # no backward on CPU
+        if backend == "sdpa_dense" and device.type == "cuda" and a.seq_len > 8192:
+            continue
+        try:
+            results[backend] = bench_backend(backend, device, a)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - report and go on to the next backend
+            print(f"{backend}: failed: {type(e).__name__}: {str(e)[:200]}")
+    print(f"{'candidate':<24}{'median':>12}{'min':>12}{'max':>12}  unit")
+    for backend, res in results.items():
+        for unit, xs in res.items():
+            print(f"{backend:<24}{statistics.median(xs):>12.4g}{min(xs):>12.4g}{max(xs):>12.4g}  {unit}")
+    if results:
+        best = max(results, key=lambda b: statistics.median(results[b]["MFU %"]))
+        mfu = statistics.median(results[best]["MFU %"])
+        ref = statistics.median(results.get("sdpa_dense", results[best])["images/s"])
+        print(f"gpu stage1: best backend {best}: {mfu:.1f} % MFU on {name} (target >= 40 % on H100), "
+              f"{statistics.median(results[best]['images/s']) / ref:.2f}x sdpa_dense images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

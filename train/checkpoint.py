@@ -1,0 +1,89 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (model + optimizer, sharded under FSDP2) plus
+per-rank extras (scheduler, step, loader state, RNG) in ``extra_rank<r>.pt``.
+
+Layout: ``<dir>/step_<NNNNNNNN>/`` holding DCP files, the extras and ``done`` (written last by
+rank 0 after every rank finished: the commit marker; a folder without it is ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from train.distributed import is_dist, rank
+
+DONE = "done"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def latest(root: str) -> str | None:
+    """The newest committed checkpoint folder under ``root``, or None."""
+    if not os.path.isdir(root):
+        return None
+    done = sorted(n for n in os.listdir(root) if n.startswith("step_") and os.path.exists(os.path.join(root, n, DONE)))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save(root: str, step: int, model: torch.nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any],
+         keep: int = 2) -> str:
+    path = _step_dir(root, step)
+    os.makedirs(path, exist_ok=True)
+    msd, osd = get_state_dict(model, optim)
+    with warnings.catch_warnings():  # single process: DCP warns that it saves without a group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    torch.save({**extra, "rng": rng_state()}, os.path.join(path, f"extra_rank{rank()}.pt"))
+    if is_dist():
+        dist.barrier()
+    if rank() == 0:
+        with open(os.path.join(path, DONE), "w") as f:
+            f.write(str(step))
+        old = sorted(n for n in os.listdir(root) if n.startswith("step_"))[:-keep]
+        for n in old:
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    if is_dist():
+        dist.barrier()
+    return path
+
+
+def load(path: str, model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model + optimizer in place; return this rank's extras (RNG restored too)."""
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra_path = os.path.join(path, f"extra_rank{rank()}.pt")
+    if not os.path.exists(extra_path):
+        raise FileNotFoundError(extra_path)
+    extra = torch.load(extra_path, weights_only=False)
+    set_rng_state(extra.pop("rng"))
+    return extra

@@ -1,0 +1,1 @@
+"""Stage 1 data: NaFlex patchify, packing, the streaming loader over shards + layers."""

@@ -1,0 +1,1 @@
+"""Stage 1 model: native-resolution packed ViT, RoPE text tower, one attention entry point."""
