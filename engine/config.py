@@ -78,7 +78,7 @@ class ImageConfig(StrictModel):
 
 class IngestConfig(StrictModel):
     samples_per_shard: int = Field(default=10_000, ge=1)
-    workers: int | None = Field(default=None, ge=1, description="shard tasks in flight; default: cluster CPUs")
+    workers: int | None = Field(default=None, ge=1, description="shard tasks in flight; default: twice the cluster's CPUs, one running per CPU")
     image: ImageConfig = ImageConfig()
     retry_failed: bool = False
     allow_private_network: bool = False

@@ -278,7 +278,9 @@ def ingest(
     layers_root = dataset.store.child("layers")
 
     resources = init_ray(cfg.ray)
-    max_in_flight = cfg.ingest.workers or max(1, int(resources.get("CPU", 1)))
+    # --workers N: exactly N shards at once. Default: twice the CPUs, so a queued task is ready the
+    # moment one ends (Ray still runs one per CPU: each asks for num_cpus=1).
+    max_in_flight = cfg.ingest.workers or 2 * max(1, int(resources.get("CPU", 1)))
     # one task per shard; a worker crash or a transient storage error is retried by Ray
     run_shard = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(ingest_shard)
     run_retry = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(retry_shard)

@@ -63,7 +63,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encode-format", choices=["jpg", "png", "webp"])
     p.add_argument("--encode-quality", type=int)
     p.add_argument("--max-pixels", type=int, help="refuse images whose declared size exceeds this")
-    p.add_argument("--workers", type=int, help="shard tasks in flight (default: the cluster's CPUs)")
+    p.add_argument("--workers", type=int, help="shard tasks in flight (default: one running per CPU, as many queued)")
     p.add_argument("--timeout", type=float, help="per-URL download timeout, seconds")
     p.add_argument("--retries", type=int, help="download retries per URL")
     p.add_argument("--retry-failed", action="store_true", help="re-attempt transient failures of committed shards")
