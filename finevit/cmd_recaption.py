@@ -121,11 +121,13 @@ def cmd_recaption(args: argparse.Namespace) -> int:
 
 
 def print_report(report: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    t = Table(title=f"recaption {report.dataset} -> layer {report.layer}", show_header=False, title_justify="left")
+    from finevit.render import console, print_failures
+
+    t = Table(title="recaption summary", show_header=False, title_justify="left")
+    t.add_row("dataset", report.dataset)
+    t.add_row("layer", report.layer)
     t.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already committed"
               + (f", {report.shards_retried} retried" if report.shards_retried else "")
               + (f", {len(report.shards_waiting)} waiting for proposals" if report.shards_waiting else "")
@@ -136,15 +138,7 @@ def print_report(report: Any) -> None:
         t.add_row("speed", f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s "
                   f"over {report.seconds:.1f} s")  # fmt: skip
     console.print(t)
-    if report.reasons:
-        r = Table(title="top failure reasons", title_justify="left")
-        r.add_column("count", justify="right")
-        r.add_column("reason")
-        for reason, n in report.reasons.most_common(8):
-            r.add_row(str(n), reason[:120])
-        console.print(r)
-    for name, msg in sorted(report.shards_failed.items()):
-        console.print(f"[red]shard {name} failed:[/red] {msg}  (rerun to retry it)")
+    print_failures(report.reasons, report.shards_failed)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -23,14 +23,19 @@ def print_ingest_report(report: Any) -> None:
     if report.count and not report.registered_only:
         t.add_row("speed", f"{report.images_per_second:.1f} images/s over {report.seconds:.1f} s")
     console.print(t)
-    if report.reasons:
+    print_failures(report.reasons, report.shards_failed)
+
+
+def print_failures(reasons: Any, shards_failed: dict[str, str]) -> None:
+    """The top failure reasons (a Counter) and the shards that failed as a whole."""
+    if reasons:
         r = Table(title="top failure reasons", title_justify="left")
         r.add_column("count", justify="right")
         r.add_column("reason")
-        for reason, n in report.reasons.most_common(8):
+        for reason, n in reasons.most_common(8):
             r.add_row(str(n), reason[:120])
         console.print(r)
-    for name, msg in sorted(report.shards_failed.items()):
+    for name, msg in sorted(shards_failed.items()):
         console.print(f"[red]shard {name} failed:[/red] {msg}  (rerun to retry it)")
 
 
