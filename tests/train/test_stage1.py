@@ -45,7 +45,7 @@ def test_config_that_cannot_fit_stops_with_reason() -> None:
         load_config(None, ["model.vision.widht=3"], Stage1Config)
 
 
-@pytest.mark.parametrize("recipe", ["stage1_tiny_cpu", "stage1_vit_b16", "stage1_vit_l16"])
+@pytest.mark.parametrize("recipe", ["stage1_tiny_cpu", "stage1_vit_b16", "stage1_vit_l16", "stage1_vit_0p9b"])
 def test_recipes_load(recipe: str) -> None:
     cfg = load_config(REPO / "configs" / f"{recipe}.yaml", ["data.dataset=x", "data.tokenizer=y"], Stage1Config)
     check_fits(cfg)
