@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import platform
@@ -43,6 +44,16 @@ def write_images(folder: Path, n: int, size: tuple[int, int] = (1024, 768)) -> l
             p.write_bytes(photo_like_jpeg(i, size))
         paths.append(p)
     return paths
+
+
+def size_args(full_n: int, quick_n: int) -> tuple[argparse.Namespace, int, int]:
+    """The image benchmarks' flags: ``--quick``, ``--n``, ``--repeats``; returns (args, n, repeats)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    return args, args.n or (quick_n if args.quick else full_n), 1 if args.quick else args.repeats
 
 
 def alternate(candidates: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:

@@ -17,7 +17,6 @@ Target: finevit per core >= 0.8 of the ceiling.
 
 from __future__ import annotations
 
-import argparse
 import io
 import shutil
 import statistics
@@ -25,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import Timer, alternate, machine, print_table, write_images
+from _common import Timer, alternate, machine, print_table, size_args, write_images
 from PIL import Image
 
 IMAGE_SIZE = 512  # the long side after resize: real resizing work for 1024x768 inputs
@@ -63,13 +62,7 @@ def finevit_rate(folder: Path, work: Path, workers: int, n: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--n", type=int)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    n = args.n or (120 if args.quick else 1000)
-    repeats = 1 if args.quick else args.repeats
+    _, n, repeats = size_args(full_n=1000, quick_n=120)
     work = Path(tempfile.mkdtemp(prefix="fv-bench-ingest-"))
     try:
         paths = write_images(work / "imgs", n)

@@ -16,7 +16,6 @@ Target: finevit >= 1.0x img2dataset.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Timer, alternate, machine, print_table, write_images
+from _common import Timer, alternate, machine, print_table, size_args, write_images
 
 BIN = Path(sys.executable).parent
 
@@ -53,13 +52,7 @@ def run(cmd: list[str], n: int, out: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--n", type=int)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    n = args.n or (150 if args.quick else 1000)
-    repeats = 1 if args.quick else args.repeats
+    _, n, repeats = size_args(full_n=1000, quick_n=150)
     work = Path(tempfile.mkdtemp(prefix="fv-bench-url-"))
     port = free_port()
     server = subprocess.Popen(
