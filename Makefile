@@ -12,7 +12,7 @@ export WANDB_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= demo_out
 
-.PHONY: setup test test-fast lint demo bench-deps bench-quick clean
+.PHONY: setup test test-fast lint format demo bench-deps bench-quick clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 demo: setup
 	rm -rf $(DEMO_DIR)

@@ -26,7 +26,9 @@ def photo_like_jpeg(seed: int, size: tuple[int, int] = (1024, 768), quality: int
     for _ in range(40):
         x0, y0 = rng.randrange(w), rng.randrange(h)
         box = [x0, y0, x0 + rng.randrange(20, w // 3), y0 + rng.randrange(20, h // 3)]
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(rng.randrange(256) for _ in range(3)))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+            box, fill=tuple(rng.randrange(256) for _ in range(3))
+        )
     img = img.filter(ImageFilter.GaussianBlur(1.5))
     noise = Image.effect_noise((w, h), 24).convert("RGB")
     img = Image.blend(img, noise, 0.15)
@@ -71,7 +73,9 @@ def print_table(results: dict[str, list[float]], unit: str) -> None:
     width = max(len(k) for k in results) + 2
     print(f"{'candidate':<{width}} {'median':>10} {'min':>10} {'max':>10}  unit")
     for name, vals in results.items():
-        print(f"{name:<{width}} {statistics.median(vals):>10.2f} {min(vals):>10.2f} {max(vals):>10.2f}  {unit}")
+        print(
+            f"{name:<{width}} {statistics.median(vals):>10.2f} {min(vals):>10.2f} {max(vals):>10.2f}  {unit}"
+        )
 
 
 def machine() -> str:

@@ -43,12 +43,25 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.audit import open_audit  # noqa: E402
-from engine.audit.report import collect  # noqa: E402
-from engine.schemas import FILTER_BASE_SCHEMA, GLOBAL_CAPTION_SCHEMA, REGION_SCHEMA, SHARD_SCHEMA  # noqa: E402
+from engine.audit import open_audit
+from engine.audit.report import collect
+from engine.schemas import FILTER_BASE_SCHEMA, GLOBAL_CAPTION_SCHEMA, REGION_SCHEMA, SHARD_SCHEMA
 
 TARGET_S = 3.0
-COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown", "black", "white", "grey"]
+COLOURS = [
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "cyan",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "grey",
+]
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "diamond", "heart", "arrow"]
 SIZES = ["small", "medium", "large"]
 TEXTURES = ["solid", "striped", "dotted"]
@@ -78,9 +91,17 @@ def generate(root: Path, shards: int, per_shard: int, seed: int = 0) -> int:
     for layer, kind in (("recap", "caption"), ("regions", "regions"), ("quality", "filter")):
         (root / "layers" / layer).mkdir(parents=True)
         (root / "layers" / layer / "layer.json").write_text(json.dumps({"name": layer, "kind": kind}))
-    (root / "dataset.json").write_text(json.dumps(
-        {"layout_version": 1, "name": "bench", "samples_per_shard": per_shard, "shard_root": "shards", "sources": []}
-    ))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "layout_version": 1,
+                "name": "bench",
+                "samples_per_shard": per_shard,
+                "shard_root": "shards",
+                "sources": [],
+            }
+        )
+    )
     phrases = pa.array(_phrase_pool(rng, 4000))
     region_caps = pa.array([f"a {z} {c} {s}" for c in COLOURS for s in SHAPES for z in SIZES])
     labels = pa.array(SHAPES)
@@ -99,23 +120,28 @@ def generate(root: Path, shards: int, per_shard: int, seed: int = 0) -> int:
         shas = [f"{x:064x}" for x in rng.integers(0, 2**62, n)]
         for j in np.flatnonzero(rng.random(n) < 0.01):  # 1 % exact image duplicates
             shas[j] = shas[(j + 1) % n]
-        samples = pa.table({
-            "url": pa.array([f"https://example.com/{k}.jpg" for k in keys.to_pylist()]),
-            "caption": alt.take(rng.integers(0, len(alt), n)),
-            "source": pa.array(np.where(rng.random(n) < 0.5, "web-a", "web-b")),
-            "meta": pa.nulls(n, pa.string()),
-            "key": keys,
-            "status": pa.array(status),
-            "error_message": pa.array(err, pa.string()),
-            "width": pa.array(np.where(failed, None, w), pa.int32()),
-            "height": pa.array(np.where(failed, None, h), pa.int32()),
-            "original_width": pa.array(np.where(failed, None, w * 2), pa.int32()),
-            "original_height": pa.array(np.where(failed, None, h * 2), pa.int32()),
-            "sha256": pa.array(np.where(failed, None, shas), pa.string()),
-        }, schema=SHARD_SCHEMA)
+        samples = pa.table(
+            {
+                "url": pa.array([f"https://example.com/{k}.jpg" for k in keys.to_pylist()]),
+                "caption": alt.take(rng.integers(0, len(alt), n)),
+                "source": pa.array(np.where(rng.random(n) < 0.5, "web-a", "web-b")),
+                "meta": pa.nulls(n, pa.string()),
+                "key": keys,
+                "status": pa.array(status),
+                "error_message": pa.array(err, pa.string()),
+                "width": pa.array(np.where(failed, None, w), pa.int32()),
+                "height": pa.array(np.where(failed, None, h), pa.int32()),
+                "original_width": pa.array(np.where(failed, None, w * 2), pa.int32()),
+                "original_height": pa.array(np.where(failed, None, h * 2), pa.int32()),
+                "sha256": pa.array(np.where(failed, None, shas), pa.string()),
+            },
+            schema=SHARD_SCHEMA,
+        )
         _write(samples, root / "shards" / f"{name}.parquet")
-        _stats(root / "shards" / f"{name}_stats.json",
-               {"count": n, "successes": int((~failed).sum()), "status_dict": {"success": int((~failed).sum())}})
+        _stats(
+            root / "shards" / f"{name}_stats.json",
+            {"count": n, "successes": int((~failed).sum()), "status_dict": {"success": int((~failed).sum())}},
+        )
 
         # caption layer: an opener + 5 phrases (~60 words); 0.5 % reuse the previous caption exactly
         cfail = rng.random(n) < 0.02
@@ -125,18 +151,29 @@ def generate(root: Path, shards: int, per_shard: int, seed: int = 0) -> int:
         dup = np.flatnonzero(rng.random(n) < 0.005)
         cap[dup] = cap[dup - 1]
         caption = pa.array(np.where(cfail, None, cap), pa.string())
-        caps = pa.table({
-            "key": keys, "caption": caption, "model": pa.array(["qwen2.5-vl-7b"] * n),
-            "prompt_id": pa.array(["dense-v1"] * n),
-            "n_tokens": pa.array(np.where(cfail, None, rng.integers(40, 200, n)), pa.int32()),
-            "finish_reason": pa.array(np.where(cfail, None, np.where(rng.random(n) < 0.01, "length", "stop"))),
-            "latency_ms": pa.array(rng.gamma(4.0, 150.0, n).astype(np.float32)),
-            "status": pa.array(np.where(cfail, "failed", "ok")),
-            "error": pa.array(np.where(cfail, rng.choice(["timeout after 60 s", "HTTP 503"], n), None), pa.string()),
-        }, schema=GLOBAL_CAPTION_SCHEMA)
+        caps = pa.table(
+            {
+                "key": keys,
+                "caption": caption,
+                "model": pa.array(["qwen2.5-vl-7b"] * n),
+                "prompt_id": pa.array(["dense-v1"] * n),
+                "n_tokens": pa.array(np.where(cfail, None, rng.integers(40, 200, n)), pa.int32()),
+                "finish_reason": pa.array(
+                    np.where(cfail, None, np.where(rng.random(n) < 0.01, "length", "stop"))
+                ),
+                "latency_ms": pa.array(rng.gamma(4.0, 150.0, n).astype(np.float32)),
+                "status": pa.array(np.where(cfail, "failed", "ok")),
+                "error": pa.array(
+                    np.where(cfail, rng.choice(["timeout after 60 s", "HTTP 503"], n), None), pa.string()
+                ),
+            },
+            schema=GLOBAL_CAPTION_SCHEMA,
+        )
         _write(caps, root / "layers" / "recap" / f"{name}.parquet")
-        _stats(root / "layers" / "recap" / f"{name}_stats.json", {"count": n, "ok": int((~cfail).sum()),
-                                                                   "failed": int(cfail.sum())})
+        _stats(
+            root / "layers" / "recap" / f"{name}_stats.json",
+            {"count": n, "ok": int((~cfail).sum()), "failed": int(cfail.sum())},
+        )
 
         # region layer: 1..9 boxes per image (~5)
         nb = rng.integers(1, 10, n)
@@ -147,25 +184,46 @@ def generate(root: Path, shards: int, per_shard: int, seed: int = 0) -> int:
         y1 = y0 + rng.random(total, dtype=np.float32) * 0.3 + 0.01
         ci = rng.integers(0, len(region_caps), total)
         structs = pa.StructArray.from_arrays(
-            [pa.array(x0), pa.array(y0), pa.array(x1), pa.array(y1), region_caps.take(ci),
-             labels.take(pa.array(ci % len(SHAPES)))],
+            [
+                pa.array(x0),
+                pa.array(y0),
+                pa.array(x1),
+                pa.array(y1),
+                region_caps.take(ci),
+                labels.take(pa.array(ci % len(SHAPES))),
+            ],
             fields=list(REGION_SCHEMA.field("regions").type.value_type),
         )
         offsets = pa.array(np.concatenate([[0], np.cumsum(nb)]).astype(np.int32))
-        regions = pa.table({
-            "key": keys, "regions": pa.ListArray.from_arrays(offsets, structs),
-            "model": pa.array(["qwen2.5-vl-7b"] * n), "prompt_id": pa.array(["regions-v1"] * n),
-            "status": pa.array(["ok"] * n), "error": pa.nulls(n, pa.string()),
-        }, schema=REGION_SCHEMA)
+        regions = pa.table(
+            {
+                "key": keys,
+                "regions": pa.ListArray.from_arrays(offsets, structs),
+                "model": pa.array(["qwen2.5-vl-7b"] * n),
+                "prompt_id": pa.array(["regions-v1"] * n),
+                "status": pa.array(["ok"] * n),
+                "error": pa.nulls(n, pa.string()),
+            },
+            schema=REGION_SCHEMA,
+        )
         _write(regions, root / "layers" / "regions" / f"{name}.parquet")
         _stats(root / "layers" / "regions" / f"{name}_stats.json", {"count": n, "ok": n, "failed": 0})
 
         score = rng.random(n).astype(np.float32)
         keep = score > 0.2
-        reasons = [[] if k else (["low_score"] + (["too_short"] if sc < 0.05 else [])) for k, sc in zip(keep, score, strict=True)]
-        filt = pa.table({"key": keys, "keep": pa.array(keep), "reasons": pa.array(reasons, pa.list_(pa.string())),
-                         "score": pa.array(score)},
-                        schema=FILTER_BASE_SCHEMA.append(pa.field("score", pa.float32())))
+        reasons = [
+            [] if k else (["low_score"] + (["too_short"] if sc < 0.05 else []))
+            for k, sc in zip(keep, score, strict=True)
+        ]
+        filt = pa.table(
+            {
+                "key": keys,
+                "keep": pa.array(keep),
+                "reasons": pa.array(reasons, pa.list_(pa.string())),
+                "score": pa.array(score),
+            },
+            schema=FILTER_BASE_SCHEMA.append(pa.field("score", pa.float32())),
+        )
         _write(filt, root / "layers" / "quality" / f"{name}.parquet")
         _stats(root / "layers" / "quality" / f"{name}_stats.json", {"count": n, "ok": n, "failed": 0})
     return shards * per_shard
@@ -220,14 +278,20 @@ def main() -> int:
     if not (root / "dataset.json").exists():
         t = time.perf_counter()
         n = generate(root, shards, per_shard)
-        print(f"generated {n:,} samples in {shards} shards at {root} in {time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"generated {n:,} samples in {shards} shards at {root} in {time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
     audit = open_audit(str(root))
     n = audit.con.execute("SELECT count(*) FROM layer_recap").fetchall()[0][0]
     boxes = audit.con.execute("SELECT count(*) FROM regions").fetchall()[0][0]
     size = sum(p.stat().st_size for p in root.rglob("*.parquet"))
     audit.close()
-    print(f"{n:,} caption rows, {boxes:,} boxes, {size / 1e6:.0f} MB of Parquet; "
-          f"{os.cpu_count()} CPUs; duckdb threads = default", flush=True)
+    print(
+        f"{n:,} caption rows, {boxes:,} boxes, {size / 1e6:.0f} MB of Parquet; "
+        f"{os.cpu_count()} CPUs; duckdb threads = default",
+        flush=True,
+    )
 
     candidates = {"report": run_report, "queries": run_queries, "scan floor": run_floor}
     for fn in candidates.values():  # warm-up (page cache, first-use costs)
@@ -248,8 +312,10 @@ def main() -> int:
         print(f"  {name:<28}{dt:>8.3f} s")
     med = statistics.median(times["report"])
     floor = statistics.median(times["scan floor"])
-    print(f"\naudit report: {med / TARGET_S:.2f} of the {TARGET_S:.0f} s target ({med:.2f} s for {n:,} caption rows, "
-          f"{boxes:,} boxes), {med / floor:.1f}x the single-scan floor ({floor:.2f} s)")
+    print(
+        f"\naudit report: {med / TARGET_S:.2f} of the {TARGET_S:.0f} s target ({med:.2f} s for {n:,} caption rows, "
+        f"{boxes:,} boxes), {med / floor:.1f}x the single-scan floor ({floor:.2f} s)"
+    )
     if tmp:
         tmp.cleanup()
     return 0

@@ -25,15 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from train.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from train.data.naflex import grid_for  # noqa: E402
-from train.data.packing import assemble, plan_rows  # noqa: E402
-from train.losses import sigmoid_loss  # noqa: E402
-from train.metrics import peak_tflops, step_flops  # noqa: E402
-from train.model.attention import BACKENDS, backend_available, meta_from_segments, packed_attention  # noqa: E402
-from train.model.towers import Stage1Model  # noqa: E402
+from train.config import ModelConfig, TextConfig, VisionConfig
+from train.data.naflex import grid_for
+from train.data.packing import assemble, plan_rows
+from train.losses import sigmoid_loss
+from train.metrics import peak_tflops, step_flops
+from train.model.attention import BACKENDS, backend_available, meta_from_segments, packed_attention
+from train.model.towers import Stage1Model
 
 
 def doc_mix(rows: int, seq_len: int, max_patches: int, seed: int = 0) -> list[list[int]]:
@@ -85,7 +85,9 @@ def check_agreement(device: torch.device, rows: int, seq_len: int, heads: int, h
         try:
             out = packed_attention(*ins, meta.to(device), name)
             grads = torch.autograd.grad(out, ins, dout.to(device, dtype))
-            bwd_err = max((a.double().cpu() - b).abs().max().item() for a, b in zip(grads, ref_grads, strict=True))
+            bwd_err = max(
+                (a.double().cpu() - b).abs().max().item() for a, b in zip(grads, ref_grads, strict=True)
+            )
         except NotImplementedError:  # FlexAttention backward on CPU: check the forward alone
             with torch.no_grad():
                 out = packed_attention(*(x.detach() for x in ins), meta.to(device), name)
@@ -98,14 +100,27 @@ def check_agreement(device: torch.device, rows: int, seq_len: int, heads: int, h
 
 
 def bench_backend(name: str, device: torch.device, a: argparse.Namespace) -> dict[str, list[float]]:
-    cfg = ModelConfig(vision=VisionConfig(width=a.width, depth=a.depth, heads=a.width // 64),
-                      text=TextConfig(width=a.width, depth=a.depth, heads=a.width // 64, context=a.context),
-                      embed_dim=a.width, attention=name)
+    cfg = ModelConfig(
+        vision=VisionConfig(width=a.width, depth=a.depth, heads=a.width // 64),
+        text=TextConfig(width=a.width, depth=a.depth, heads=a.width // 64, context=a.context),
+        embed_dim=a.width,
+        attention=name,
+    )
     model = Stage1Model(cfg, 32000, name).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     plan = doc_mix(a.rows, a.seq_len, a.max_patches)
-    rows = [[(torch.randn(n, 768), torch.stack(torch.meshgrid(torch.arange(1), torch.arange(n), indexing="ij"),
-                                                 -1).reshape(-1, 2)) for n in row] for row in plan]
+    rows = [
+        [
+            (
+                torch.randn(n, 768),
+                torch.stack(torch.meshgrid(torch.arange(1), torch.arange(n), indexing="ij"), -1).reshape(
+                    -1, 2
+                ),
+            )
+            for n in row
+        ]
+        for row in plan
+    ]
     n_img = sum(map(len, rows))
     vision, real = assemble(rows, a.seq_len, n_img, 768)
     vision = vision.to(device)
@@ -168,8 +183,10 @@ def main() -> int:
     if not ok:
         print("backend agreement FAILED: not timing")
         return 1
-    print(f"== part 2: training step, vision w{a.width}/d{a.depth} + text ctx {a.context}, "
-          f"{a.rows} rows x {a.seq_len} tokens ==")
+    print(
+        f"== part 2: training step, vision w{a.width}/d{a.depth} + text ctx {a.context}, "
+        f"{a.rows} rows x {a.seq_len} tokens =="
+    )
     results = {}
     for backend in BACKENDS:
         if not backend_available(backend, device):
@@ -182,7 +199,7 @@ def main() -> int:
             results[backend] = bench_backend(backend, device, a)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001 - report and go on to the next backend
+        except Exception as e:
             print(f"{backend}: failed: {type(e).__name__}: {str(e)[:200]}")
     print(f"{'candidate':<24}{'median':>12}{'min':>12}{'max':>12}  unit")
     for backend, res in results.items():
@@ -192,8 +209,10 @@ def main() -> int:
         best = max(results, key=lambda b: statistics.median(results[b]["MFU %"]))
         mfu = statistics.median(results[best]["MFU %"])
         ref = statistics.median(results.get("sdpa_dense", results[best])["images/s"])
-        print(f"gpu stage1: best backend {best}: {mfu:.1f} % MFU on {name} (target >= 40 % on H100), "
-              f"{statistics.median(results[best]['images/s']) / ref:.2f}x sdpa_dense images/s")
+        print(
+            f"gpu stage1: best backend {best}: {mfu:.1f} % MFU on {name} (target >= 40 % on H100), "
+            f"{statistics.median(results[best]['images/s']) / ref:.2f}x sdpa_dense images/s"
+        )
     return 0
 
 

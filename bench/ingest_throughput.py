@@ -53,7 +53,11 @@ def finevit_rate(folder: Path, work: Path, workers: int, n: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(
         None,
-        [f"ingest.samples_per_shard={max(1, n // 8)}", f"ingest.workers={workers}", f"ingest.image.image_size={IMAGE_SIZE}"],
+        [
+            f"ingest.samples_per_shard={max(1, n // 8)}",
+            f"ingest.workers={workers}",
+            f"ingest.image.image_size={IMAGE_SIZE}",
+        ],
     )
     with Timer() as t:
         report = ingest(str(folder), str(out), cfg, progress=False)
@@ -81,7 +85,10 @@ def main() -> None:
         )
         print(f"# {n} JPEGs 1024x768 -> long side {IMAGE_SIZE}; {machine()}")
         print_table(res, "images/s/core")
-        ceil = max(statistics.median(res["pil-ceiling (1 process)"]), statistics.median(res["pil-ceiling+draft (1 process)"]))
+        ceil = max(
+            statistics.median(res["pil-ceiling (1 process)"]),
+            statistics.median(res["pil-ceiling+draft (1 process)"]),
+        )
         one = statistics.median(res["finevit-1-worker"])
         two = statistics.median(res["finevit-2-workers (per core)"])
         print(

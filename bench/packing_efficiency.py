@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.data.naflex import grid_for  # noqa: E402
-from train.data.packing import plan_rows  # noqa: E402
+from train.data.naflex import grid_for
+from train.data.packing import plan_rows
 
 RATIOS = [(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (2, 1), (1, 2), (21, 9), (5, 4)]
 
@@ -81,21 +81,29 @@ def main() -> int:
     trials, n = (3, 4000) if a.quick else (7, 40000)
     eff_ours, eff_pad, ms = [], [], []
     for seed in range(trials):
-        sizes = [gh * gw for gh, gw in (grid_for(w, h, a.patch, a.max_patches) for w, h in image_sizes(n, seed))]
+        sizes = [
+            gh * gw for gh, gw in (grid_for(w, h, a.patch, a.max_patches) for w, h in image_sizes(n, seed))
+        ]
         e, t = ours(sizes, a.rows, a.seq_len, a.max_images, a.pack_buffer)
         eff_ours.append(100 * e)
         ms.append(t)
         eff_pad.append(100 * padded(sizes, a.max_patches))
-    print(f"images per trial: {n}, trials: {trials}, max_patches={a.max_patches}, seq_len={a.seq_len}, "
-          f"rows={a.rows}, pack_buffer={a.pack_buffer}")
+    print(
+        f"images per trial: {n}, trials: {trials}, max_patches={a.max_patches}, seq_len={a.seq_len}, "
+        f"rows={a.rows}, pack_buffer={a.pack_buffer}"
+    )
     print(f"{'candidate':<34}{'median':>10}{'min':>10}{'max':>10}  unit")
-    for name, xs, unit in (("ours: packed rows (best fit)", eff_ours, "% real"),
-                           ("padded one image per row", eff_pad, "% real"),
-                           ("ours: planning time per step", ms, "ms")):
+    for name, xs, unit in (
+        ("ours: packed rows (best fit)", eff_ours, "% real"),
+        ("padded one image per row", eff_pad, "% real"),
+        ("ours: planning time per step", ms, "ms"),
+    ):
         print(f"{name:<34}{statistics.median(xs):>10.2f}{min(xs):>10.2f}{max(xs):>10.2f}  {unit}")
     mo, mp = statistics.median(eff_ours), statistics.median(eff_pad)
-    print(f"packing: {mo / 100:.4f} of ideal ({mo:.2f} % real tokens; target >= 98 %), "
-          f"{mo / mp:.2f}x padded one-image-per-row ({mp:.2f} %)")
+    print(
+        f"packing: {mo / 100:.4f} of ideal ({mo:.2f} % real tokens; target >= 98 %), "
+        f"{mo / mp:.2f}x padded one-image-per-row ({mp:.2f} %)"
+    )
     return 0
 
 

@@ -35,10 +35,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ANSWER = ("The image shows a large red striped circle in the top left, two small blue dotted squares in the bottom "
-          "right, and a green triangle in the centre with the word 'delta' written in white inside it. The circle "
-          "is above the triangle and left of the squares. The background is a smooth grey gradient, lighter at the "
-          "top. There are four objects in total: one circle, one triangle and two squares. ") * 1  # fmt: skip
+ANSWER = (
+    "The image shows a large red striped circle in the top left, two small blue dotted squares in the bottom "
+    "right, and a green triangle in the centre with the word 'delta' written in white inside it. The circle "
+    "is above the triangle and left of the squares. The background is a smooth grey gradient, lighter at the "
+    "top. There are four objects in total: one circle, one triangle and two squares. "
+) * 1
 
 
 # ---------------------------------------------------------------- the simulated server (subprocess)
@@ -57,10 +59,21 @@ def serve(ports: list[int], service_s: float, capacity: int) -> None:
                 model = json.loads(body).get("model", "sim")
                 async with sem:
                     await asyncio.sleep(service_s)
-                return web.json_response({
-                    "id": "chatcmpl-sim", "object": "chat.completion", "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 600, "completion_tokens": 120, "total_tokens": 720}})  # fmt: skip
+                return web.json_response(
+                    {
+                        "id": "chatcmpl-sim",
+                        "object": "chat.completion",
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": ANSWER},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 600, "completion_tokens": 120, "total_tokens": 720},
+                    }
+                )
 
             async def models(request: web.Request) -> web.Response:
                 return web.json_response({"object": "list", "data": [{"id": "sim-vlm", "object": "model"}]})
@@ -94,8 +107,19 @@ def free_ports(n: int) -> list[int]:
 class Server:
     def __init__(self, n: int, service_s: float, capacity: int) -> None:
         self.ports = free_ports(n)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", ",".join(map(str, self.ports)), "--service-s",
-                                      str(service_s), "--capacity", str(capacity)], stdout=subprocess.PIPE)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                ",".join(map(str, self.ports)),
+                "--service-s",
+                str(service_s),
+                "--capacity",
+                str(capacity),
+            ],
+            stdout=subprocess.PIPE,
+        )
         assert self.proc.stdout.readline().strip() == b"ready"
         self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
 
@@ -158,13 +182,33 @@ def run_ray_http(url: str, images: list[bytes], concurrency: int, batch_size: in
     import ray
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-    config = HttpRequestProcessorConfig(url=f"{url}/v1/chat/completions", headers={"Content-Type": "application/json"},
-                                        concurrency=concurrency, batch_size=batch_size)  # fmt: skip
+    config = HttpRequestProcessorConfig(
+        url=f"{url}/v1/chat/completions",
+        headers={"Content-Type": "application/json"},
+        concurrency=concurrency,
+        batch_size=batch_size,
+    )
 
     def pre(row):
-        return {"payload": {"model": "sim-vlm", "max_tokens": 256, "temperature": 0.0, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + row["b64"]}},
-            {"type": "text", "text": PROMPT}]}]}}  # fmt: skip
+        return {
+            "payload": {
+                "model": "sim-vlm",
+                "max_tokens": 256,
+                "temperature": 0.0,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/jpeg;base64," + row["b64"]},
+                            },
+                            {"type": "text", "text": PROMPT},
+                        ],
+                    }
+                ],
+            }
+        }
 
     def post(row):
         return {"text": row["http_response"]["choices"][0]["message"]["content"]}
@@ -186,11 +230,24 @@ def run_engine(urls: list[str], n: int, in_flight: int, work: str) -> float:
 
     ds = os.path.join(work, "ds")
     if not os.path.exists(os.path.join(ds, "dataset.json")):
-        ingest(f"synthetic://scenes?n={n}&seed=0&size=256", ds, FineVitConfig(ingest=IngestConfig(samples_per_shard=250)),
-               progress=False)  # fmt: skip
+        ingest(
+            f"synthetic://scenes?n={n}&seed=0&size=256",
+            ds,
+            FineVitConfig(ingest=IngestConfig(samples_per_shard=250)),
+            progress=False,
+        )
     layer = f"bench-{time.time_ns()}"
-    cfg = RecaptionRunConfig(recaption=RecaptionConfig(endpoints=urls, layer=layer, max_in_flight=in_flight, max_tokens=256,
-                                                       image_max_side=256, progress=False, shards_in_flight=4))  # fmt: skip
+    cfg = RecaptionRunConfig(
+        recaption=RecaptionConfig(
+            endpoints=urls,
+            layer=layer,
+            max_in_flight=in_flight,
+            max_tokens=256,
+            image_max_side=256,
+            progress=False,
+            shards_in_flight=4,
+        )
+    )
     rep = recaption(ds, cfg, progress=False)
     assert rep.ok == n, rep
     # the engine's time from the first request to the last commit: recaption() also checks the
@@ -233,8 +290,10 @@ def main() -> None:
     in_flight = C + max(2, C // 4)  # a few more than capacity keep the server's queue non-empty
     images = make_images(n)
     ideal = C / S
-    print(f"server: service {S * 1000:.0f} ms, capacity {C} per endpoint -> ideal {ideal:.1f} req/s per endpoint; "
-          f"{n} images ({statistics.mean(map(len, images)) / 1024:.1f} KiB JPEG each); client in flight {in_flight}/endpoint")  # fmt: skip
+    print(
+        f"server: service {S * 1000:.0f} ms, capacity {C} per endpoint -> ideal {ideal:.1f} req/s per endpoint; "
+        f"{n} images ({statistics.mean(map(len, images)) / 1024:.1f} KiB JPEG each); client in flight {in_flight}/endpoint"
+    )
 
     import ray
 
@@ -256,27 +315,40 @@ def main() -> None:
             eng = [run_engine(srv.urls, n, in_flight, work) for _ in range(1 if args.quick else 2)]
     finally:
         srv.close()
-    rows += [("ideal (C / S)", [ideal], "req/s"), ("ours: OpenAIBackend, 1 endpoint", ours, "req/s"),
-             ("ours: recaption() engine on Ray, 1 endpoint", eng, "img/s"),
-             ("ray.data.llm HttpRequestProcessor (2 actors)", base, "req/s"),
-             ("ours: client CPU per request", cpu, "ms")]  # fmt: skip
+    rows += [
+        ("ideal (C / S)", [ideal], "req/s"),
+        ("ours: OpenAIBackend, 1 endpoint", ours, "req/s"),
+        ("ours: recaption() engine on Ray, 1 endpoint", eng, "img/s"),
+        ("ray.data.llm HttpRequestProcessor (2 actors)", base, "req/s"),
+        ("ours: client CPU per request", cpu, "ms"),
+    ]
     scale = {}
     for e in (1, 2, 4):
         s = Server(e, S, C)
         try:
             run_ours(s.urls, images[:200], in_flight)
-            scale[e] = [run_ours(s.urls, images if e == 1 else images * (e // 2 + 1) if not args.quick else images, in_flight)[0]
-                        for _ in range(1 if args.quick else 2)]  # fmt: skip
+            scale[e] = [
+                run_ours(
+                    s.urls,
+                    images if e == 1 else images * (e // 2 + 1) if not args.quick else images,
+                    in_flight,
+                )[0]
+                for _ in range(1 if args.quick else 2)
+            ]
         finally:
             s.close()
         rows.append((f"ours: {e} endpoint(s), ideal {e * ideal:.0f}", scale[e], "req/s"))
     table(rows)
     for e, v in scale.items():
-        print(f"scaling: {e} endpoint(s) {statistics.median(v):.1f} req/s = {statistics.median(v) / (e * ideal):.2f} of ideal")
-    print(f"recaption: {statistics.median(ours) / ideal:.2f} of ideal ({statistics.median(ours):.1f} / {ideal:.1f} req/s), "
-          f"engine {statistics.median(eng) / ideal:.2f} of ideal, "
-          f"{statistics.median(ours) / statistics.median(base):.1f}x ray.data.llm http, "
-          f"client CPU {statistics.median(cpu):.2f} ms/request")  # fmt: skip
+        print(
+            f"scaling: {e} endpoint(s) {statistics.median(v):.1f} req/s = {statistics.median(v) / (e * ideal):.2f} of ideal"
+        )
+    print(
+        f"recaption: {statistics.median(ours) / ideal:.2f} of ideal ({statistics.median(ours):.1f} / {ideal:.1f} req/s), "
+        f"engine {statistics.median(eng) / ideal:.2f} of ideal, "
+        f"{statistics.median(ours) / statistics.median(base):.1f}x ray.data.llm http, "
+        f"client CPU {statistics.median(cpu):.2f} ms/request"
+    )
     ray.shutdown()
 
 

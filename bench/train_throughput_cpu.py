@@ -30,12 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from train.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from train.data.packing import assemble  # noqa: E402
-from train.losses import sigmoid_loss  # noqa: E402
-from train.model.towers import Stage1Model  # noqa: E402
+from train.config import ModelConfig, TextConfig, VisionConfig
+from train.data.packing import assemble
+from train.losses import sigmoid_loss
+from train.model.towers import Stage1Model
 
 VOCAB = 1024
 
@@ -43,7 +43,7 @@ VOCAB = 1024
 DEFAULT_DEPS = Path(__file__).resolve().parents[1] / ".bench-deps"  # `make bench-deps` fills it
 
 
-def import_open_clip(deps: str | None):  # noqa: ANN201
+def import_open_clip(deps: str | None):
     deps = deps or (str(DEFAULT_DEPS) if DEFAULT_DEPS.is_dir() else None)
     if deps:
         sys.path.insert(0, deps)
@@ -52,13 +52,18 @@ def import_open_clip(deps: str | None):  # noqa: ANN201
     try:
         import open_clip
     except ImportError as e:
-        raise SystemExit(f"OpenCLIP, the anchor, is not importable ({e}): run `make bench-deps` or pass --deps DIR") from None
+        raise SystemExit(
+            f"OpenCLIP, the anchor, is not importable ({e}): run `make bench-deps` or pass --deps DIR"
+        ) from None
     return open_clip
 
 
-def ours_step(width: int, depth: int, context: int, batch: int, per_row: int):  # noqa: ANN201
-    cfg = ModelConfig(vision=VisionConfig(width=width, depth=depth, heads=width // 64, patch_size=16),
-                      text=TextConfig(width=width, depth=depth, heads=width // 64, context=context), embed_dim=width)
+def ours_step(width: int, depth: int, context: int, batch: int, per_row: int):
+    cfg = ModelConfig(
+        vision=VisionConfig(width=width, depth=depth, heads=width // 64, patch_size=16),
+        text=TextConfig(width=width, depth=depth, heads=width // 64, context=context),
+        embed_dim=width,
+    )
     model = Stage1Model(cfg, VOCAB).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gh = gw = 14
@@ -80,11 +85,17 @@ def ours_step(width: int, depth: int, context: int, batch: int, per_row: int):  
     return step
 
 
-def open_clip_step(open_clip, width: int, depth: int, context: int, batch: int):  # noqa: ANN001, ANN201
+def open_clip_step(open_clip, width: int, depth: int, context: int, batch: int):
     model = open_clip.CLIP(
         embed_dim=width,
         vision_cfg={"image_size": 224, "patch_size": 16, "width": width, "layers": depth, "head_width": 64},
-        text_cfg={"context_length": context, "vocab_size": VOCAB, "width": width, "layers": depth, "heads": width // 64},
+        text_cfg={
+            "context_length": context,
+            "vocab_size": VOCAB,
+            "width": width,
+            "layers": depth,
+            "heads": width // 64,
+        },
         init_logit_bias=-10.0,
         output_dict=True,
     ).train()
@@ -132,18 +143,24 @@ def main() -> int:
             for _ in range(steps):
                 fn()
             rates[name].append(a.batch * steps / (time.perf_counter() - t))
-    print(f"threads={torch.get_num_threads()} width={a.width} depth={a.depth} context={a.context} "
-          f"batch={a.batch} images of 196 tokens, rounds={rounds} x {steps} steps")
+    print(
+        f"threads={torch.get_num_threads()} width={a.width} depth={a.depth} context={a.context} "
+        f"batch={a.batch} images of 196 tokens, rounds={rounds} x {steps} steps"
+    )
     print(f"{'candidate':<32}{'median':>10}{'min':>10}{'max':>10}  unit")
     for name, xs in rates.items():
         print(f"{name:<32}{statistics.median(xs):>10.2f}{min(xs):>10.2f}{max(xs):>10.2f}  images/s")
     toks = 196 + a.context
     for name, xs in rates.items():
-        print(f"{name:<32}{statistics.median(xs) * toks:>10.0f}{min(xs) * toks:>10.0f}{max(xs) * toks:>10.0f}  tokens/s")
+        print(
+            f"{name:<32}{statistics.median(xs) * toks:>10.0f}{min(xs) * toks:>10.0f}{max(xs) * toks:>10.0f}  tokens/s"
+        )
     base = statistics.median(rates["open_clip CLIP + SigLipLoss"])
     one, four = (statistics.median(rates[k]) for k in list(cands)[:2])
-    print(f"cpu train throughput: {one / base:.2f}x open_clip at equal tokens (1 image/row), "
-          f"{four / base:.2f}x with 4 images/row ({one:.1f} / {four:.1f} / {base:.1f} images/s)")
+    print(
+        f"cpu train throughput: {one / base:.2f}x open_clip at equal tokens (1 image/row), "
+        f"{four / base:.2f}x with 4 images/row ({one:.1f} / {four:.1f} / {base:.1f} images/s)"
+    )
     return 0
 
 

@@ -39,7 +39,12 @@ def free_port() -> int:
 
 def run(cmd: list[str], n: int, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "WANDB_MODE": "disabled",
+        "RAY_AUTH_MODE": "disabled",
+    }
     with Timer() as t:
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ok = 0
@@ -56,21 +61,64 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fv-bench-url-"))
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(work / "imgs")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(work / "imgs"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         write_images(work / "imgs", n)
         urls = work / "urls.txt"
         urls.write_text("".join(f"http://127.0.0.1:{port}/{i:06d}.jpg\n" for i in range(n)))
         time.sleep(0.5)
         sps = str(max(1, n // 4))
-        ours = [str(BIN / "finevit"), "ingest", str(urls), str(work / "a"), "--allow-private-network",
-                "--image-size", "512", "--samples-per-shard", sps, "--workers", "2", "--no-progress"]  # fmt: skip
-        theirs = [str(BIN / "img2dataset"), "--url_list", str(urls), "--output_folder", str(work / "b"),
-                  "--image_size", "512", "--resize_mode", "keep_ratio_largest", "--resize_only_if_bigger", "True",
-                  "--processes_count", "2", "--thread_count", "32", "--number_sample_per_shard", sps,
-                  "--output_format", "webdataset", "--extract_exif", "False", "--enable_wandb", "False"]  # fmt: skip
+        ours = [
+            str(BIN / "finevit"),
+            "ingest",
+            str(urls),
+            str(work / "a"),
+            "--allow-private-network",
+            "--image-size",
+            "512",
+            "--samples-per-shard",
+            sps,
+            "--workers",
+            "2",
+            "--no-progress",
+        ]
+        theirs = [
+            str(BIN / "img2dataset"),
+            "--url_list",
+            str(urls),
+            "--output_folder",
+            str(work / "b"),
+            "--image_size",
+            "512",
+            "--resize_mode",
+            "keep_ratio_largest",
+            "--resize_only_if_bigger",
+            "True",
+            "--processes_count",
+            "2",
+            "--thread_count",
+            "32",
+            "--number_sample_per_shard",
+            sps,
+            "--output_format",
+            "webdataset",
+            "--extract_exif",
+            "False",
+            "--enable_wandb",
+            "False",
+        ]
         res = alternate(
             {
                 "finevit ingest (urls)": lambda: run(ours, n, work / "a" / "shards"),

@@ -40,7 +40,9 @@ class StorageConfig(StrictModel):
     anon: bool = False
 
     def resolved_endpoint(self) -> str | None:
-        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return (
+            self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
 
     def resolved(self) -> StorageConfig:
         """A copy with environment fallbacks filled in, safe to ship to remote workers."""
@@ -68,7 +70,9 @@ class ImageConfig(StrictModel):
     keep the aspect ratio, cap the long side at 1024, never upscale."""
 
     image_size: int = Field(default=1024, ge=1)
-    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio_largest"
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = (
+        "keep_ratio_largest"
+    )
     resize_only_if_bigger: bool = True
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(default=95, ge=1, le=100)
@@ -78,7 +82,11 @@ class ImageConfig(StrictModel):
 
 class IngestConfig(StrictModel):
     samples_per_shard: int = Field(default=10_000, ge=1)
-    workers: int | None = Field(default=None, ge=1, description="shard tasks in flight; default: twice the cluster's CPUs, one running per CPU")
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="shard tasks in flight; default: twice the cluster's CPUs, one running per CPU",
+    )
     image: ImageConfig = ImageConfig()
     retry_failed: bool = False
     allow_private_network: bool = False

@@ -217,9 +217,17 @@ def _source_entry(dataset: Dataset, source: Source, cfg: FineVitConfig) -> dict[
 def _register_existing(source: Any, dataset: Dataset, report: IngestReport) -> IngestReport:
     info = source.inspect()
     if dataset.exists():
-        raise LayoutError(f"{dataset.root} already holds a dataset; register {source.uri} into an empty OUTPUT")
-    same = Store(source.uri).root == dataset.store.root or info["shard_root"].startswith(dataset.store.root + "/")
-    shard_root = os.path.relpath(info["shard_root"], dataset.store.root) if same and dataset.store.is_local else info["shard_root"]
+        raise LayoutError(
+            f"{dataset.root} already holds a dataset; register {source.uri} into an empty OUTPUT"
+        )
+    same = Store(source.uri).root == dataset.store.root or info["shard_root"].startswith(
+        dataset.store.root + "/"
+    )
+    shard_root = (
+        os.path.relpath(info["shard_root"], dataset.store.root)
+        if same and dataset.store.is_local
+        else info["shard_root"]
+    )
     if same and not dataset.store.is_local:
         shard_root = info["shard_root"][len(dataset.store.root) :].strip("/") or "."
     dataset.write_manifest(
@@ -296,7 +304,7 @@ def ingest(
             name, what = pending.pop(ref)
             try:
                 stats = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
+            except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 report.shards_failed[name] = msg
                 say(f"shard {name} failed: {msg}")
@@ -325,7 +333,9 @@ def ingest(
                 if cfg.ingest.retry_failed and source.can_fetch and _has_transient(dataset, name):
                     submit(run_retry.remote(source_ref, index, shards, cfg.ingest), name, "retry")
                 continue
-            submit(run_shard.remote(source_ref, payload, index, shards, layers_root, cfg.ingest), name, "shard")
+            submit(
+                run_shard.remote(source_ref, payload, index, shards, layers_root, cfg.ingest), name, "shard"
+            )
         report.shards_planned = n_planned
         _finish_entry(dataset, source.uri, n_planned)
     finally:

@@ -21,7 +21,9 @@ from engine.schemas import LAYER_OK
 
 def layer_stats(rows: pa.Table, started: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stats (commit marker) of a layer shard: counts by status and by error reason."""
-    status = rows.column("status").to_pylist() if "status" in rows.column_names else [LAYER_OK] * rows.num_rows
+    status = (
+        rows.column("status").to_pylist() if "status" in rows.column_names else [LAYER_OK] * rows.num_rows
+    )
     errors = rows.column("error").to_pylist() if "error" in rows.column_names else [None] * rows.num_rows
     ok = sum(1 for s in status if s == LAYER_OK)
     reasons = Counter(e for s, e in zip(status, errors, strict=True) if s != LAYER_OK)

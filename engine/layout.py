@@ -138,7 +138,9 @@ class Dataset:
     def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
             if not self.exists():
-                raise LayoutError(f"no dataset at {self.root}: {MANIFEST} not found (run `finevit ingest` first)")
+                raise LayoutError(
+                    f"no dataset at {self.root}: {MANIFEST} not found (run `finevit ingest` first)"
+                )
             try:
                 self._manifest = self.store.read_json(MANIFEST)
             except ValueError as e:

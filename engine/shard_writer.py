@@ -46,7 +46,9 @@ def _empty_meta(raw: RawSample, key: str, source_label: str) -> dict[str, Any]:
     }
 
 
-def process_raw(raw: RawSample, key: str, source_label: str, image_cfg: ImageConfig) -> tuple[bytes | None, dict]:
+def process_raw(
+    raw: RawSample, key: str, source_label: str, image_cfg: ImageConfig
+) -> tuple[bytes | None, dict]:
     """Decode/resize/encode one sample; returns ``(encoded or None, shard row)``. Never raises."""
     meta = _empty_meta(raw, key, source_label)
     if raw.error is not None or raw.data is None:
@@ -60,7 +62,7 @@ def process_raw(raw: RawSample, key: str, source_label: str, image_cfg: ImageCon
         meta["status"] = STATUS_FAILED_RESIZE
         meta["error_message"] = str(e)
         return None, meta
-    except Exception as e:  # noqa: BLE001 - a decoder bug must cost one row, not the shard
+    except Exception as e:
         meta["status"] = STATUS_FAILED_RESIZE
         meta["error_message"] = f"decode error: {type(e).__name__}: {e}"
         return None, meta
@@ -144,7 +146,9 @@ def rewrite_failed(
     table = pq.read_table(parquet_path)
     rows = table.to_pylist()
     todo = [
-        i for i, r in enumerate(rows) if r["status"] != STATUS_SUCCESS and is_transient(r.get("error_message"))
+        i
+        for i, r in enumerate(rows)
+        if r["status"] != STATUS_SUCCESS and is_transient(r.get("error_message"))
     ]
     if not todo:
         return None
@@ -156,7 +160,7 @@ def rewrite_failed(
         raw.meta = json.loads(r["meta"]) if r.get("meta") else None
         try:
             raw.data = fetch(r["url"])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raw.error = str(e)
         encoded, meta = process_raw(raw, r["key"], r.get("source") or "", image_cfg)
         meta = {**r, **{k: v for k, v in meta.items() if k in r}}

@@ -99,7 +99,9 @@ class Store:
 
     def __init__(self, root: str, storage: StorageConfig | None = None) -> None:
         self.root = root.rstrip("/") if is_s3(root) else str(Path(_strip_protocol(root)))
-        self.storage = (storage or StorageConfig()).resolved() if is_s3(root) else (storage or StorageConfig())
+        self.storage = (
+            (storage or StorageConfig()).resolved() if is_s3(root) else (storage or StorageConfig())
+        )
         self.is_local = not is_s3(self.root)
 
     def __repr__(self) -> str:
@@ -147,7 +149,7 @@ class Store:
             return self.fs.cat_file(self.path(rel))
         except FileNotFoundError:
             raise
-        except Exception as e:  # noqa: BLE001 - storage backends raise anything
+        except Exception as e:
             raise StorageError(f"cannot read {self.uri(rel)}: {e}") from e
 
     def read_json(self, rel: str) -> Any:
@@ -220,7 +222,7 @@ class Store:
             return
         try:
             self.fs.pipe_file(self.path(rel), data)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise StorageError(f"cannot write {self.uri(rel)}: {e}") from e
 
     def write_json(self, rel: str, obj: Any) -> None:
@@ -241,7 +243,7 @@ class Store:
             return
         try:
             self.fs.put_file(local_path, self.path(rel))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise StorageError(f"cannot upload to {self.uri(rel)}: {e}") from e
         os.unlink(local_path)
 

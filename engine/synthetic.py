@@ -68,23 +68,70 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted")
 POSITIONS: tuple[str, ...] = (
-    "top left", "top center", "top right",
-    "center left", "center", "center right",
-    "bottom left", "bottom center", "bottom right",
-)  # fmt: skip
+    "top left",
+    "top center",
+    "top right",
+    "center left",
+    "center",
+    "center right",
+    "bottom left",
+    "bottom center",
+    "bottom right",
+)
 WORDS: tuple[str, ...] = (
-    "STOP", "CAFE", "OPEN", "SALE", "EXIT", "BAR", "HOTEL", "TAXI", "BUS", "PIZZA",
-    "BANK", "SHOP", "GYM", "ZOO", "MENU", "FOOD", "PARK", "INN", "BOOK", "SOUP",
-    "TOYS", "FISH", "GOLD", "JAZZ", "LOVE", "HOME", "WIFI", "KING", "MOON", "TEA",
-    "SUSHI", "MILK",
-)  # fmt: skip
+    "STOP",
+    "CAFE",
+    "OPEN",
+    "SALE",
+    "EXIT",
+    "BAR",
+    "HOTEL",
+    "TAXI",
+    "BUS",
+    "PIZZA",
+    "BANK",
+    "SHOP",
+    "GYM",
+    "ZOO",
+    "MENU",
+    "FOOD",
+    "PARK",
+    "INN",
+    "BOOK",
+    "SOUP",
+    "TOYS",
+    "FISH",
+    "GOLD",
+    "JAZZ",
+    "LOVE",
+    "HOME",
+    "WIFI",
+    "KING",
+    "MOON",
+    "TEA",
+    "SUSHI",
+    "MILK",
+)
 ASPECTS: tuple[tuple[str, float], ...] = (
-    ("1:1", 1.0), ("4:3", 4 / 3), ("3:4", 3 / 4), ("16:9", 16 / 9),
-    ("9:16", 9 / 16), ("2:1", 2.0), ("1:2", 0.5),
-)  # fmt: skip
+    ("1:1", 1.0),
+    ("4:3", 4 / 3),
+    ("3:4", 3 / 4),
+    ("16:9", 16 / 9),
+    ("9:16", 9 / 16),
+    ("2:1", 2.0),
+    ("1:2", 0.5),
+)
 PERTURBATIONS: tuple[str, ...] = (
-    "swap_color", "recolor", "shape", "size", "texture", "move", "count", "word", "background",
-)  # fmt: skip
+    "swap_color",
+    "recolor",
+    "shape",
+    "size",
+    "texture",
+    "move",
+    "count",
+    "word",
+    "background",
+)
 
 TEXT_RGB: tuple[int, int, int] = (15, 15, 15)
 _SIZE_FRAC = {"small": 0.45, "medium": 0.68, "large": 0.92}
@@ -404,11 +451,25 @@ def _cap(s: str) -> str:
 
 
 _ALT_GENERIC: tuple[str, ...] = (
-    "shapes", "abstract art", "colorful design", "image", "geometric pattern wallpaper", "untitled",
-    "modern art print", "kids shapes clipart", "stock illustration", "background", "colorful geometric shapes",
-    "graphic design inspiration", "free vector download", "logo ideas", "Abstract Poster", "IMG_{num}.jpg",
-    "minimalist wall art", "screenshot",
-)  # fmt: skip
+    "shapes",
+    "abstract art",
+    "colorful design",
+    "image",
+    "geometric pattern wallpaper",
+    "untitled",
+    "modern art print",
+    "kids shapes clipart",
+    "stock illustration",
+    "background",
+    "colorful geometric shapes",
+    "graphic design inspiration",
+    "free vector download",
+    "logo ideas",
+    "Abstract Poster",
+    "IMG_{num}.jpg",
+    "minimalist wall art",
+    "screenshot",
+)
 
 
 def alt_text(scene: Scene) -> str:
@@ -513,9 +574,15 @@ def dense_caption(scene: Scene) -> str:
             )
     for o in objs:
         t = rng.choice(_OBJ_TEMPLATES).format(
-            pos=o.position, size=o.size, color=o.color, shape=o.shape, texture=o.texture,
-            a_size=_a(o.size), A_size=_cap(_a(o.size)), a_color=_a(o.color),
-        )  # fmt: skip
+            pos=o.position,
+            size=o.size,
+            color=o.color,
+            shape=o.shape,
+            texture=o.texture,
+            a_size=_a(o.size),
+            A_size=_cap(_a(o.size)),
+            a_color=_a(o.color),
+        )
         if o.word:
             t += rng.choice(_WORD_TEMPLATES).format(w=o.word)
         sentences.append(t)

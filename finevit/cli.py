@@ -21,7 +21,11 @@ def _fail(msg: str) -> int:
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe (see configs/)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field, e.g. --set ingest.timeout=30 (repeatable)",
     )
     p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local one)")
@@ -58,17 +62,24 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output")
     p.add_argument("--samples-per-shard", type=int)
     p.add_argument("--image-size", type=int, help="target side (default 1024: the long side, never upscaled)")
-    p.add_argument("--resize-mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
+    p.add_argument(
+        "--resize-mode", choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+    )
     p.add_argument("--resize-only-if-bigger", choices=["true", "false"])
     p.add_argument("--encode-format", choices=["jpg", "png", "webp"])
     p.add_argument("--encode-quality", type=int)
     p.add_argument("--max-pixels", type=int, help="refuse images whose declared size exceeds this")
-    p.add_argument("--workers", type=int, help="shard tasks in flight (default: one running per CPU, as many queued)")
+    p.add_argument(
+        "--workers", type=int, help="shard tasks in flight (default: one running per CPU, as many queued)"
+    )
     p.add_argument("--timeout", type=float, help="per-URL download timeout, seconds")
     p.add_argument("--retries", type=int, help="download retries per URL")
-    p.add_argument("--retry-failed", action="store_true", help="re-attempt transient failures of committed shards")
     p.add_argument(
-        "--allow-private-network", action="store_true",
+        "--retry-failed", action="store_true", help="re-attempt transient failures of committed shards"
+    )
+    p.add_argument(
+        "--allow-private-network",
+        action="store_true",
         help="allow URLs that resolve to loopback/private/link-local addresses (refused by default)",
     )
     p.add_argument("--no-progress", action="store_true")
@@ -96,7 +107,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         },
     )
     report = ingest(
-        args.source, args.output, cfg, progress=not args.no_progress,
+        args.source,
+        args.output,
+        cfg,
+        progress=not args.no_progress,
         on_event=lambda m: print(m, file=sys.stderr),
     )
     from finevit.render import print_ingest_report

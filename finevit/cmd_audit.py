@@ -40,8 +40,12 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
     act.add_argument("--report", metavar="DIR", help="write report.html, report.md and PNG plots into DIR")
     act.add_argument("--compare", nargs=2, metavar=("LAYER_A", "LAYER_B"), help="compare two caption layers")
     act.add_argument("--shell", action="store_true", help="an interactive session with the views in place")
-    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
-                   help="--sql output format (json: one object per line; parquet needs --out)")
+    p.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "parquet"],
+        default="table",
+        help="--sql output format (json: one object per line; parquet needs --out)",
+    )
     p.add_argument("--out", help="--sql: write the result to this file instead of stdout")
     p.add_argument("--samples", type=int, default=20, help="--report: random samples shown (default 20)")
     p.add_argument("--pairs", type=int, default=5, help="--compare: random caption pairs shown (default 5)")
@@ -100,8 +104,10 @@ def _report(audit: Any, args: argparse.Namespace) -> int:
     size = sum(os.path.getsize(p) for p in [files.html, files.markdown, *files.plots, *files.thumbs])
     print(f"wrote {files.html}")
     print(f"      {files.markdown}")
-    print(f"      {len(files.plots)} plots, {len(files.thumbs)} thumbnails, {size / 1024:.0f} KiB in all; "
-          f"queries {secs:.2f} s")
+    print(
+        f"      {len(files.plots)} plots, {len(files.thumbs)} thumbnails, {size / 1024:.0f} KiB in all; "
+        f"queries {secs:.2f} s"
+    )
     return 0
 
 
@@ -109,7 +115,9 @@ def _list_views(audit: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"audit views of {audit.root} ({len(audit.shards)} committed shards)", title_justify="left")
+    t = Table(
+        title=f"audit views of {audit.root} ({len(audit.shards)} committed shards)", title_justify="left"
+    )
     t.add_column("view")
     t.add_column("columns")
     for name in audit.views():
@@ -141,8 +149,10 @@ def _compare(audit: Any, a: str, b: str, n_pairs: int, seed: int) -> int:
         for q in ("p10", "p50", "mean", "p90"):
             t.add_row(f"{what} {q}", f(sa.get(q)), f(sb.get(q)))
     con.print(t)
-    con.print(f"keys in both: {c.both:,}   only in A: {c.only_a:,}   only in B: {c.only_b:,}   "
-              f"ok in both: {c.both_ok:,}   identical text: {c.identical:,}   B has more words: {c.longer_b:,}")
+    con.print(
+        f"keys in both: {c.both:,}   only in A: {c.only_a:,}   only in B: {c.only_b:,}   "
+        f"ok in both: {c.both_ok:,}   identical text: {c.identical:,}   B has more words: {c.longer_b:,}"
+    )
     if c.pairs:
         p = Table(title=f"{len(c.pairs)} random pairs (seed {seed})", title_justify="left", show_lines=True)
         p.add_column("key", no_wrap=True)
@@ -171,8 +181,10 @@ def _shell(audit: Any) -> int:
     why = "" if duck else " (install the duckdb CLI for its shell)"
     if duck and not audit.dataset.store.is_local:
         why = " (the duckdb CLI cannot use the engine's S3 settings without the httpfs extension)"
-    banner = (f"FineViT audit of {audit.root}: a DuckDB connection `con` with views {', '.join(audit.views())}.\n"
-              f"  sql('SELECT ...') prints a result; con.execute(...).fetchall() returns rows{why}.")
+    banner = (
+        f"FineViT audit of {audit.root}: a DuckDB connection `con` with views {', '.join(audit.views())}.\n"
+        f"  sql('SELECT ...') prints a result; con.execute(...).fetchall() returns rows{why}."
+    )
 
     def sql(q: str) -> None:
         print(audit.con.sql(q))

@@ -22,14 +22,32 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     p.add_argument("--layer", help="layer name (default: recap-global / recap-regions-<mode>)")
     p.add_argument("--task", choices=["global", "regions"])
     p.add_argument("--backend", choices=["openai", "vllm", "sglang", "hf"])
-    p.add_argument("--endpoint", action="append", dest="endpoints", metavar="URL",
-                   help="OpenAI-compatible server, e.g. http://gpu1:8000 (repeatable; openai/sglang)")  # fmt: skip
-    p.add_argument("--model", help="served model name (openai/sglang; default: what the server lists) or a local directory (hf/vllm)")
-    p.add_argument("--prompt", help="prompt id (dense-v1, short-v1, regions-grounded-v1, region-proposal-v1) or a text file")
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        dest="endpoints",
+        metavar="URL",
+        help="OpenAI-compatible server, e.g. http://gpu1:8000 (repeatable; openai/sglang)",
+    )
+    p.add_argument(
+        "--model",
+        help="served model name (openai/sglang; default: what the server lists) or a local directory (hf/vllm)",
+    )
+    p.add_argument(
+        "--prompt",
+        help="prompt id (dense-v1, short-v1, regions-grounded-v1, region-proposal-v1) or a text file",
+    )
     p.add_argument("--region-mode", choices=["grounded", "proposals"])
-    p.add_argument("--proposals-layer", help="region layer whose boxes are captioned (proposals mode; default gt-regions)")
-    p.add_argument("--bbox-format", choices=["pixels", "norm1000", "norm1"], help="how the model writes boxes")
-    p.add_argument("--box-hint", choices=["coords", "draw", "crop"], help="how a proposal box is shown to the model")
+    p.add_argument(
+        "--proposals-layer",
+        help="region layer whose boxes are captioned (proposals mode; default gt-regions)",
+    )
+    p.add_argument(
+        "--bbox-format", choices=["pixels", "norm1000", "norm1"], help="how the model writes boxes"
+    )
+    p.add_argument(
+        "--box-hint", choices=["coords", "draw", "crop"], help="how a proposal box is shown to the model"
+    )
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--keep-truncated", action="store_true", help="keep captions cut by --max-tokens as ok")
@@ -128,15 +146,24 @@ def print_report(report: Any) -> None:
     t = Table(title="recaption summary", show_header=False, title_justify="left")
     t.add_row("dataset", report.dataset)
     t.add_row("layer", report.layer)
-    t.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already committed"
-              + (f", {report.shards_retried} retried" if report.shards_retried else "")
-              + (f", {len(report.shards_waiting)} waiting for proposals" if report.shards_waiting else "")
-              + (f", [red]{len(report.shards_failed)} failed[/red]" if report.shards_failed else ""))  # fmt: skip
+    t.add_row(
+        "shards",
+        f"{report.shards_written} written, {report.shards_skipped} already committed"
+        + (f", {report.shards_retried} retried" if report.shards_retried else "")
+        + (f", {len(report.shards_waiting)} waiting for proposals" if report.shards_waiting else "")
+        + (f", [red]{len(report.shards_failed)} failed[/red]" if report.shards_failed else ""),
+    )
     t.add_row("samples", f"{report.count}  ok {report.ok}  failed {report.failed}")
-    t.add_row("requests", f"{report.requests}  retries {report.retries}  completion tokens {report.completion_tokens}")
+    t.add_row(
+        "requests",
+        f"{report.requests}  retries {report.retries}  completion tokens {report.completion_tokens}",
+    )
     if report.count:
-        t.add_row("speed", f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s "
-                  f"over {report.seconds:.1f} s")  # fmt: skip
+        t.add_row(
+            "speed",
+            f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s "
+            f"over {report.seconds:.1f} s",
+        )
     console.print(t)
     print_failures(report.reasons, report.shards_failed)
 
@@ -146,8 +173,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from recaption.server import serve
 
     try:
-        serve(args.model_dir, args.host, args.port, args.served_model_name, device=args.device, dtype=args.dtype,
-              batch_size=args.batch_size)  # fmt: skip
+        serve(
+            args.model_dir,
+            args.host,
+            args.port,
+            args.served_model_name,
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+        )
     except BackendError as e:
         return _fail(str(e))
     return 0

@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction, config_args: Callable[[argparse.Ar
     p = sub.add_parser("train", help="train the encoder (stage 1: contrastive, native resolution)")
     stages = p.add_subparsers(dest="stage", required=True)
     s1 = stages.add_parser(
-        "stage1", help="contrastive stage 1 (also under `torchrun --nproc-per-node N -m finevit train stage1`)",
+        "stage1",
+        help="contrastive stage 1 (also under `torchrun --nproc-per-node N -m finevit train stage1`)",
     )
     s1.add_argument("--dataset", help="dataset root (overrides data.dataset)")
     s1.add_argument("--steps", type=int, help="overrides loop.steps")
@@ -22,8 +23,12 @@ def register(sub: argparse._SubParsersAction, config_args: Callable[[argparse.Ar
 
     t = sub.add_parser("train-tokenizer", help="train a BPE tokenizer on caption layers")
     t.add_argument("dataset")
-    t.add_argument("--layer", action="append", required=True,
-                   help="caption layer to learn from (repeatable; 'alt-text' = the shards' own captions)")
+    t.add_argument(
+        "--layer",
+        action="append",
+        required=True,
+        help="caption layer to learn from (repeatable; 'alt-text' = the shards' own captions)",
+    )
     t.add_argument("--vocab", type=int, default=8192)
     t.add_argument("out", help="output directory (a PreTrainedTokenizerFast)")
     config_args(t)
@@ -49,8 +54,10 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     if result.losses and result.rank == 0:
-        print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {result.steps} steps "
-              f"({result.seconds:.1f} s); checkpoint {result.checkpoint}")
+        print(
+            f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {result.steps} steps "
+            f"({result.seconds:.1f} s); checkpoint {result.checkpoint}"
+        )
     return 0
 
 

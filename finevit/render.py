@@ -16,9 +16,12 @@ def print_ingest_report(report: Any) -> None:
     t.add_row("output", report.output)
     if report.registered_only:
         t.add_row("registered", "an img2dataset output: wrote dataset.json only, no image copied")
-    t.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already committed"
-              + (f", {report.shards_retried} retried" if report.shards_retried else "")
-              + (f", [red]{len(report.shards_failed)} failed[/red]" if report.shards_failed else ""))
+    t.add_row(
+        "shards",
+        f"{report.shards_written} written, {report.shards_skipped} already committed"
+        + (f", {report.shards_retried} retried" if report.shards_retried else "")
+        + (f", [red]{len(report.shards_failed)} failed[/red]" if report.shards_failed else ""),
+    )
     t.add_row("samples", f"{report.count}  ok {report.successes}  failed {report.failed}")
     if report.count and not report.registered_only:
         t.add_row("speed", f"{report.images_per_second:.1f} images/s over {report.seconds:.1f} s")
@@ -44,7 +47,10 @@ def print_dataset_summary(ds: Any) -> None:
     s = ds.summary()
     t = Table(title="dataset", show_header=False, title_justify="left")
     t.add_row("root", ds.root)
-    t.add_row("layout", f"v{m['layout_version']}, {m['samples_per_shard']} samples per shard, shards at {ds.shards.root}")
+    t.add_row(
+        "layout",
+        f"v{m['layout_version']}, {m['samples_per_shard']} samples per shard, shards at {ds.shards.root}",
+    )
     for src in m.get("sources", []):
         t.add_row("source", f"{src.get('kind')}: {src.get('uri')} ({src.get('num_shards')} shards)")
     t.add_row("shards", f"{s['shards']} committed")

@@ -42,13 +42,19 @@ class RecaptionConfig(StrictModel):
     layer: str | None = None
     backend: Literal["openai", "vllm", "sglang", "hf"] = "openai"
     endpoints: list[str] = Field(default_factory=list)
-    model: str | None = Field(default=None, description="served model name (openai/sglang) or a local directory (hf/vllm)")
-    prompt: str | None = Field(default=None, description="prompt id (recaption/prompts/<id>.txt) or a file; default per task")
+    model: str | None = Field(
+        default=None, description="served model name (openai/sglang) or a local directory (hf/vllm)"
+    )
+    prompt: str | None = Field(
+        default=None, description="prompt id (recaption/prompts/<id>.txt) or a file; default per task"
+    )
     # sampling
     max_tokens: int = Field(default=512, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    keep_truncated: bool = Field(default=False, description="keep captions cut by max_tokens (status ok) instead of failing them")
+    keep_truncated: bool = Field(
+        default=False, description="keep captions cut by max_tokens (status ok) instead of failing them"
+    )
     # images
     image_max_side: int = Field(default=768, ge=16)
     jpeg_quality: int = Field(default=90, ge=1, le=100)

@@ -47,12 +47,19 @@ def draw_box(im: Image.Image, box: tuple[float, float, float, float], quality: i
     return encode_jpeg(out, quality)
 
 
-def crop_box(im: Image.Image, box: tuple[float, float, float, float], quality: int, margin: float = 0.1) -> bytes:
+def crop_box(
+    im: Image.Image, box: tuple[float, float, float, float], quality: int, margin: float = 0.1
+) -> bytes:
     """The region itself with a small margin of context."""
     w, h = im.size
     x0, y0, x1, y1 = box
     mx, my = (x1 - x0) * margin, (y1 - y0) * margin
-    px = (max(0, int((x0 - mx) * w)), max(0, int((y0 - my) * h)), min(w, int((x1 + mx) * w + 1)), min(h, int((y1 + my) * h + 1)))
+    px = (
+        max(0, int((x0 - mx) * w)),
+        max(0, int((y0 - my) * h)),
+        min(w, int((x1 + mx) * w + 1)),
+        min(h, int((y1 + my) * h + 1)),
+    )
     if px[2] <= px[0] or px[3] <= px[1]:
         px = (0, 0, w, h)
     return encode_jpeg(im.crop(px), quality)

@@ -115,11 +115,26 @@ def extract_json(text: str) -> Any:
         raise RegionError(f"malformed JSON: {e.msg} at char {e.pos}") from None
 
 
-def validate_regions(items: list[dict[str, Any]], fmt: str, width: int, height: int, *, min_area: float = 1e-4,
-                     dedup_iou: float = 0.9, max_regions: int = 64) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+def validate_regions(
+    items: list[dict[str, Any]],
+    fmt: str,
+    width: int,
+    height: int,
+    *,
+    min_area: float = 1e-4,
+    dedup_iou: float = 0.9,
+    max_regions: int = 64,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Valid regions (x0..y1 in [0,1], caption, label) and counts of what was dropped and why."""
     kept: list[dict[str, Any]] = []
-    dropped = {"out_of_image": 0, "degenerate": 0, "too_small": 0, "duplicate": 0, "no_caption": 0, "bad_bbox": 0}
+    dropped = {
+        "out_of_image": 0,
+        "degenerate": 0,
+        "too_small": 0,
+        "duplicate": 0,
+        "no_caption": 0,
+        "bad_bbox": 0,
+    }
     for it in items:
         if not isinstance(it, dict):
             dropped["bad_bbox"] += 1
@@ -144,16 +159,22 @@ def validate_regions(items: list[dict[str, Any]], fmt: str, width: int, height: 
         if not caption:
             dropped["no_caption"] += 1
             continue
-        if any(k["label"] == label and iou(box, (k["x0"], k["y0"], k["x1"], k["y1"])) >= dedup_iou for k in kept):
+        if any(
+            k["label"] == label and iou(box, (k["x0"], k["y0"], k["x1"], k["y1"])) >= dedup_iou for k in kept
+        ):
             dropped["duplicate"] += 1
             continue
-        kept.append({"x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "caption": caption, "label": label})
+        kept.append(
+            {"x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "caption": caption, "label": label}
+        )
         if len(kept) >= max_regions:
             break
     return kept, {k: v for k, v in dropped.items() if v}
 
 
-def parse_grounded(text: str, fmt: str, width: int, height: int, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def parse_grounded(
+    text: str, fmt: str, width: int, height: int, **kw: Any
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Regions from a grounded answer; RegionError with the reason when none is usable."""
     data = extract_json(text)
     if isinstance(data, list):  # some models drop the wrapper object

@@ -97,11 +97,17 @@ def layer_name(cfg: RecaptionConfig) -> str:
 
 def make_task(cfg: RecaptionConfig, model: str) -> Task:
     s = TaskSettings(
-        model=model, sampling=SamplingParams(cfg.max_tokens, cfg.temperature, cfg.top_p), retries=cfg.retries,
-        keep_truncated=cfg.keep_truncated, bbox_format=cfg.bbox_format, box_hint=cfg.box_hint,
-        min_box_area=cfg.min_box_area, dedup_iou=cfg.dedup_iou, max_regions=cfg.max_regions,
+        model=model,
+        sampling=SamplingParams(cfg.max_tokens, cfg.temperature, cfg.top_p),
+        retries=cfg.retries,
+        keep_truncated=cfg.keep_truncated,
+        bbox_format=cfg.bbox_format,
+        box_hint=cfg.box_hint,
+        min_box_area=cfg.min_box_area,
+        dedup_iou=cfg.dedup_iou,
+        max_regions=cfg.max_regions,
         jpeg_quality=cfg.jpeg_quality,
-    )  # fmt: skip
+    )
     prompt = resolve_prompt(cfg)
     if cfg.task == "global":
         return GlobalTask(prompt, s)
@@ -130,8 +136,18 @@ def layer_info(cfg: RecaptionConfig, model: str) -> dict[str, Any]:
     return info
 
 
-_MUST_MATCH = ("task", "model", "prompt_id", "prompt_text", "sampling", "region_mode", "bbox_format",
-               "proposals_layer", "box_hint", "keep_truncated")  # fmt: skip
+_MUST_MATCH = (
+    "task",
+    "model",
+    "prompt_id",
+    "prompt_text",
+    "sampling",
+    "region_mode",
+    "bbox_format",
+    "proposals_layer",
+    "box_hint",
+    "keep_truncated",
+)
 
 
 def check_or_write_info(layer: LayerDir, info: dict[str, Any]) -> None:
@@ -182,8 +198,9 @@ def _unavailable(row: dict[str, Any]) -> str:
     return f"image not available (ingest status {row.get('status')}" + (f": {msg})" if msg else ")")
 
 
-def shard_samples(dataset: Dataset, shard: str, cfg: RecaptionConfig, task: Task,
-                  only_keys: set[str] | None = None) -> Iterator[Sample]:  # fmt: skip
+def shard_samples(
+    dataset: Dataset, shard: str, cfg: RecaptionConfig, task: Task, only_keys: set[str] | None = None
+) -> Iterator[Sample]:
     """The samples of one shard, streamed: first those without an image (ingest failed; they
     become failed rows), then the images of the tar in its order, each prepared (decoded,
     downscaled, JPEG) and, in proposals mode, with its boxes."""
@@ -200,7 +217,7 @@ def shard_samples(dataset: Dataset, shard: str, cfg: RecaptionConfig, task: Task
             return Sample(key, None, "image not available (missing from the shard tar)")
         try:
             image = prepare(data, cfg.image_max_side, cfg.jpeg_quality)
-        except Exception as e:  # noqa: BLE001 - a bad image is a row, not a crash
+        except Exception as e:
             return Sample(key, None, f"image not decodable: {type(e).__name__}: {e}")
         smp = Sample(key, image)
         if props is not None:
@@ -256,7 +273,7 @@ async def process_shard(
     async def run_one(sample: Sample) -> None:
         try:
             row = await task.run(backend, sample, metrics)
-        except Exception as e:  # noqa: BLE001 - never lose a row to a bug in one answer's handling
+        except Exception as e:
             row = task.failed_row(sample.key, f"internal error: {type(e).__name__}: {e}")
         finally:
             window.release()
@@ -324,8 +341,12 @@ class ShardWorker:
         started = time.time()
         backend = await self.backend()
         rows, metrics = await process_shard(self.dataset, shard, self.cfg, self.task, backend)
-        extra = {"code_version": code_version(), "model": self.model, "backend": self.cfg.backend,
-                 **metrics.as_stats(time.time() - started, len(rows))}  # fmt: skip
+        extra = {
+            "code_version": code_version(),
+            "model": self.model,
+            "backend": self.cfg.backend,
+            **metrics.as_stats(time.time() - started, len(rows)),
+        }
 
         def commit() -> dict[str, Any]:
             with self.layer.store.staging(f"recap-{shard}") as staging:
@@ -345,17 +366,28 @@ class ShardWorker:
                 return pq.read_table(f).to_pylist(), self.layer.store.read_json(self.layer.stats(shard))
 
         old_rows, old_stats = await loop.run_in_executor(None, read_old)
-        redo = {r["key"] for r in old_rows if r["status"] != LAYER_OK and not str(r.get("error") or "").startswith("image not")}
+        redo = {
+            r["key"]
+            for r in old_rows
+            if r["status"] != LAYER_OK and not str(r.get("error") or "").startswith("image not")
+        }
         if not redo:
             return None
         backend = await self.backend()
-        new_rows, metrics = await process_shard(self.dataset, shard, self.cfg, self.task, backend, only_keys=redo)
+        new_rows, metrics = await process_shard(
+            self.dataset, shard, self.cfg, self.task, backend, only_keys=redo
+        )
         new = {r["key"]: r for r in new_rows}
         rows = [new.get(r["key"], r) for r in old_rows]
-        extra = {"code_version": code_version(), "model": self.model, "backend": self.cfg.backend,
-                 **metrics.as_stats(time.time() - started, len(new_rows)),
-                 "retried_rows": len(redo), "retried_ok": sum(1 for r in new_rows if r["status"] == LAYER_OK),
-                 "retry_rounds": int(old_stats.get("retry_rounds", 0)) + 1}  # fmt: skip
+        extra = {
+            "code_version": code_version(),
+            "model": self.model,
+            "backend": self.cfg.backend,
+            **metrics.as_stats(time.time() - started, len(new_rows)),
+            "retried_rows": len(redo),
+            "retried_ok": sum(1 for r in new_rows if r["status"] == LAYER_OK),
+            "retry_rounds": int(old_stats.get("retry_rounds", 0)) + 1,
+        }
 
         def commit() -> dict[str, Any]:
             with self.layer.store.staging(f"retry-{shard}") as staging:
@@ -411,7 +443,9 @@ async def _check_backend(cfg: RecaptionConfig) -> str:
         import os
 
         if not cfg.model or not os.path.isfile(os.path.join(cfg.model, "config.json")):
-            raise BackendError(f"--model must be a local model directory with a config.json (got {cfg.model!r})")
+            raise BackendError(
+                f"--model must be a local model directory with a config.json (got {cfg.model!r})"
+            )
         return cfg.model
     b = make_backend(cfg)
     try:
@@ -421,8 +455,12 @@ async def _check_backend(cfg: RecaptionConfig) -> str:
         await b.close()
 
 
-def recaption(dataset_root: str, run_cfg: RecaptionRunConfig | None = None, progress: bool | None = None,
-              on_event: Callable[[str], None] | None = None) -> RecaptionReport:  # fmt: skip
+def recaption(
+    dataset_root: str,
+    run_cfg: RecaptionRunConfig | None = None,
+    progress: bool | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> RecaptionReport:
     """Caption every committed shard of ``dataset_root`` into a layer; resumable, exactly once."""
     run_cfg = run_cfg or RecaptionRunConfig()
     cfg = run_cfg.recaption
@@ -437,7 +475,9 @@ def recaption(dataset_root: str, run_cfg: RecaptionRunConfig | None = None, prog
     if cfg.backend == "vllm":
         from recaption.backends.vllm_ray import run_vllm
 
-        return run_vllm(dataset, run_cfg, report, progress=cfg.progress if progress is None else progress, say=say)
+        return run_vllm(
+            dataset, run_cfg, report, progress=cfg.progress if progress is None else progress, say=say
+        )
 
     model = asyncio.run(_check_backend(cfg))
     layer = dataset.layer(name)
@@ -450,8 +490,11 @@ def recaption(dataset_root: str, run_cfg: RecaptionRunConfig | None = None, prog
     report.shards_planned = len(shards)
     committed = set(layer.committed())
     todo: list[tuple[str, str]] = []
-    prop_committed = set(dataset.layer(cfg.proposals_layer).committed()) if (
-        cfg.task == "regions" and cfg.region_mode == "proposals") else None  # fmt: skip
+    prop_committed = (
+        set(dataset.layer(cfg.proposals_layer).committed())
+        if (cfg.task == "regions" and cfg.region_mode == "proposals")
+        else None
+    )
     for s in shards:
         if prop_committed is not None and s not in prop_committed:
             report.shards_waiting.append(s)
@@ -463,7 +506,9 @@ def recaption(dataset_root: str, run_cfg: RecaptionRunConfig | None = None, prog
             continue
         todo.append((s, "shard"))
     if report.shards_waiting:
-        say(f"{len(report.shards_waiting)} shard(s) skipped: layer {cfg.proposals_layer!r} has not committed them")
+        say(
+            f"{len(report.shards_waiting)} shard(s) skipped: layer {cfg.proposals_layer!r} has not committed them"
+        )
     if todo:
         _run_on_ray(dataset, storage, run_cfg, model, todo, report, progress, say)
     report.seconds = time.time() - t0
@@ -481,13 +526,22 @@ def _run_on_ray(dataset, storage, run_cfg, model, todo, report, progress, say) -
     cpus = max(cfg.client_cpus, 1.0) if cfg.backend == "hf" else cfg.client_cpus
     n_clients = min(cfg.clients, len(todo))
     Worker = ray.remote(num_cpus=cpus, max_restarts=0)(ShardWorker)
-    workers = [Worker.options(max_concurrency=max(8, cfg.shards_in_flight * 4)).remote(
-        dataset.root, storage, cfg, model) for _ in range(n_clients)]  # fmt: skip
+    workers = [
+        Worker.options(max_concurrency=max(8, cfg.shards_in_flight * 4)).remote(
+            dataset.root, storage, cfg, model
+        )
+        for _ in range(n_clients)
+    ]
     load = [0] * n_clients
     pending: dict[Any, tuple[str, str, int]] = {}
     total = sum(int(dataset.shard_stats(s).get("count", 0)) for s, what in todo if what == "shard")
-    bar = tqdm(total=total or None, desc=f"recaption {report.layer}", unit="img",
-               disable=not (cfg.progress if progress is None else progress), dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total or None,
+        desc=f"recaption {report.layer}",
+        unit="img",
+        disable=not (cfg.progress if progress is None else progress),
+        dynamic_ncols=True,
+    )
     t0 = time.time()
 
     def collect(block: bool) -> None:
@@ -497,7 +551,7 @@ def _run_on_ray(dataset, storage, run_cfg, model, todo, report, progress, say) -
             load[w] -= 1
             try:
                 stats = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
+            except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 report.shards_failed[shard] = msg
                 say(f"shard {shard} failed: {msg}")
@@ -521,7 +575,11 @@ def _run_on_ray(dataset, storage, run_cfg, model, todo, report, progress, say) -
                 collect(block=True)
             w = min(range(n_clients), key=load.__getitem__)
             load[w] += 1
-            ref = workers[w].retry_shard.remote(shard) if what == "retry" else workers[w].run_shard.remote(shard)
+            ref = (
+                workers[w].retry_shard.remote(shard)
+                if what == "retry"
+                else workers[w].run_shard.remote(shard)
+            )
             pending[ref] = (shard, what, w)
         while pending:
             collect(block=True)

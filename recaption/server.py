@@ -49,9 +49,15 @@ def parse_chat_request(body: Any, default_max_tokens: int = 256) -> CaptionReque
             if kind == "text":
                 parts.append({"type": "text", "text": str(c.get("text", ""))})
             elif kind == "image_url":
-                url = (c.get("image_url") or {}).get("url", "") if isinstance(c.get("image_url"), dict) else str(c.get("image_url"))
+                url = (
+                    (c.get("image_url") or {}).get("url", "")
+                    if isinstance(c.get("image_url"), dict)
+                    else str(c.get("image_url"))
+                )
                 if not url.startswith("data:") or ";base64," not in url:
-                    raise BadRequest("images must be base64 data URLs (data:image/...;base64,...): this server fetches nothing")
+                    raise BadRequest(
+                        "images must be base64 data URLs (data:image/...;base64,...): this server fetches nothing"
+                    )
                 try:
                     images.append(base64.b64decode(url.split(";base64,", 1)[1], validate=True))
                 except (binascii.Error, ValueError):
@@ -71,8 +77,14 @@ def parse_chat_request(body: Any, default_max_tokens: int = 256) -> CaptionReque
     if sp.max_tokens < 1:
         raise BadRequest("max_tokens must be >= 1")
     rf = body.get("response_format") or {}
-    schema = (rf.get("json_schema") or {}).get("schema") if isinstance(rf, dict) and rf.get("type") == "json_schema" else None
-    return CaptionRequest(key=uuid.uuid4().hex, messages=messages, images=images, sampling=sp, json_schema=schema)
+    schema = (
+        (rf.get("json_schema") or {}).get("schema")
+        if isinstance(rf, dict) and rf.get("type") == "json_schema"
+        else None
+    )
+    return CaptionRequest(
+        key=uuid.uuid4().hex, messages=messages, images=images, sampling=sp, json_schema=schema
+    )
 
 
 def make_app(backend: HFBackend, model_name: str) -> web.Application:
@@ -88,20 +100,39 @@ def make_app(backend: HFBackend, model_name: str) -> web.Application:
         except BadRequest as e:
             return _error(400, str(e))
         if body.get("model") not in (None, model_name):
-            return _error(404, f"model {body.get('model')!r} is not served here; this server serves {model_name!r}", "not_found_error")
+            return _error(
+                404,
+                f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
+                "not_found_error",
+            )
         res = await backend.generate(req)
         if res.error:
             return _error(500, res.error, "server_error")
-        return web.json_response({
-            "id": f"chatcmpl-{req.key[:16]}", "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                         "finish_reason": res.finish_reason}],
-            "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                      "total_tokens": res.prompt_tokens + res.completion_tokens},
-        })  # fmt: skip
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{req.key[:16]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": res.text},
+                        "finish_reason": res.finish_reason,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": res.prompt_tokens,
+                    "completion_tokens": res.completion_tokens,
+                    "total_tokens": res.prompt_tokens + res.completion_tokens,
+                },
+            }
+        )
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "finevit"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "finevit"}]}
+        )
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -120,12 +151,27 @@ def make_app(backend: HFBackend, model_name: str) -> web.Application:
     return app
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          device: str = "auto", dtype: str = "auto", batch_size: int = 8, batch_wait_ms: float = 5.0) -> None:  # fmt: skip
+def serve(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 8,
+    batch_wait_ms: float = 5.0,
+) -> None:
     """Load the model, then serve until interrupted (prints one line when ready)."""
     import os
 
-    backend = HFBackend(model_dir, device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms)
+    backend = HFBackend(
+        model_dir, device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms
+    )
     name = model_name or os.path.basename(os.path.normpath(model_dir))
-    web.run_app(make_app(backend, name), host=host, port=port, access_log=None,
-                print=lambda *_: print(f"serve-captioner: {name} on http://{host}:{port}/v1", flush=True))  # fmt: skip
+    web.run_app(
+        make_app(backend, name),
+        host=host,
+        port=port,
+        access_log=None,
+        print=lambda *_: print(f"serve-captioner: {name} on http://{host}:{port}/v1", flush=True),
+    )

@@ -99,7 +99,9 @@ class Metrics:
 def judge_text(r: CaptionResult, keep_truncated: bool) -> str:
     text = (r.text or "").strip()
     if r.finish_reason in ("refusal", "content_filter") or _REFUSAL.match(text):
-        raise AnswerError(f"refusal ({r.finish_reason})" if r.finish_reason in ("refusal", "content_filter") else "refusal")
+        raise AnswerError(
+            f"refusal ({r.finish_reason})" if r.finish_reason in ("refusal", "content_filter") else "refusal"
+        )
     if not text:
         raise AnswerError("empty answer")
     if r.finish_reason == "length" and not keep_truncated:
@@ -107,8 +109,13 @@ def judge_text(r: CaptionResult, keep_truncated: bool) -> str:
     return text
 
 
-async def ask(backend: Backend, req: CaptionRequest, judge: Callable[[CaptionResult], Any], retries: int,
-              metrics: Metrics) -> tuple[Any, CaptionResult, str | None]:  # fmt: skip
+async def ask(
+    backend: Backend,
+    req: CaptionRequest,
+    judge: Callable[[CaptionResult], Any],
+    retries: int,
+    metrics: Metrics,
+) -> tuple[Any, CaptionResult, str | None]:
     """``(value, last result, error)``: asks again while the answer is bad, up to ``retries`` times."""
     r = CaptionResult(req.key, error="not attempted")
     for attempt in range(retries + 1):
@@ -154,7 +161,9 @@ class Task:
         raise NotImplementedError
 
     def _user(self, text: str, n_images: int = 1) -> list[dict[str, Any]]:
-        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+        return [
+            {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+        ]
 
 
 class GlobalTask(Task):
@@ -164,36 +173,81 @@ class GlobalTask(Task):
     def build(self, sample: Sample) -> CaptionRequest:
         assert sample.image is not None
         w, h = sample.image.size
-        return CaptionRequest(sample.key, self._user(self.prompt.render(width=w, height=h)), [sample.image.jpeg], self.s.sampling)
+        return CaptionRequest(
+            sample.key,
+            self._user(self.prompt.render(width=w, height=h)),
+            [sample.image.jpeg],
+            self.s.sampling,
+        )
 
-    def failed_row(self, key: str, error: str, raw: str | None = None, r: CaptionResult | None = None) -> dict[str, Any]:
-        return {"key": key, "caption": None, "model": self.s.model, "prompt_id": self.prompt.id,
-                "n_tokens": r.completion_tokens if r else None, "finish_reason": r.finish_reason if r else None,
-                "latency_ms": r.latency_ms if r and r.ok else None, "status": LAYER_FAILED, "error": error,
-                "raw": raw[:RAW_KEEP] if raw else None}  # fmt: skip
+    def failed_row(
+        self, key: str, error: str, raw: str | None = None, r: CaptionResult | None = None
+    ) -> dict[str, Any]:
+        return {
+            "key": key,
+            "caption": None,
+            "model": self.s.model,
+            "prompt_id": self.prompt.id,
+            "n_tokens": r.completion_tokens if r else None,
+            "finish_reason": r.finish_reason if r else None,
+            "latency_ms": r.latency_ms if r and r.ok else None,
+            "status": LAYER_FAILED,
+            "error": error,
+            "raw": raw[:RAW_KEEP] if raw else None,
+        }
 
     async def run(self, backend: Backend, sample: Sample, metrics: Metrics) -> dict[str, Any]:
         if sample.image is None:
             return self.failed_row(sample.key, sample.error or "image not available")
-        text, r, err = await ask(backend, self.build(sample), lambda r: judge_text(r, self.s.keep_truncated),
-                                 self.s.retries, metrics)  # fmt: skip
+        text, r, err = await ask(
+            backend,
+            self.build(sample),
+            lambda r: judge_text(r, self.s.keep_truncated),
+            self.s.retries,
+            metrics,
+        )
         if err is not None:
             return self.failed_row(sample.key, err, r.text, r)
-        return {"key": sample.key, "caption": text, "model": self.s.model, "prompt_id": self.prompt.id,
-                "n_tokens": r.completion_tokens, "finish_reason": r.finish_reason, "latency_ms": r.latency_ms,
-                "status": LAYER_OK, "error": None, "raw": None}  # fmt: skip
+        return {
+            "key": sample.key,
+            "caption": text,
+            "model": self.s.model,
+            "prompt_id": self.prompt.id,
+            "n_tokens": r.completion_tokens,
+            "finish_reason": r.finish_reason,
+            "latency_ms": r.latency_ms,
+            "status": LAYER_OK,
+            "error": None,
+            "raw": None,
+        }
 
 
 class RegionTask(Task):
     schema = REGION_LAYER_SCHEMA
 
-    def failed_row(self, key: str, error: str, raw: str | None = None, regions: list | None = None) -> dict[str, Any]:
-        return {"key": key, "regions": regions or [], "model": self.s.model, "prompt_id": self.prompt.id,
-                "status": LAYER_FAILED, "error": error, "raw": raw[:RAW_KEEP] if raw else None}  # fmt: skip
+    def failed_row(
+        self, key: str, error: str, raw: str | None = None, regions: list | None = None
+    ) -> dict[str, Any]:
+        return {
+            "key": key,
+            "regions": regions or [],
+            "model": self.s.model,
+            "prompt_id": self.prompt.id,
+            "status": LAYER_FAILED,
+            "error": error,
+            "raw": raw[:RAW_KEEP] if raw else None,
+        }
 
     def ok_row(self, key: str, regions: list) -> dict[str, Any]:
-        return {"key": key, "regions": regions, "model": self.s.model, "prompt_id": self.prompt.id,
-                "status": LAYER_OK, "error": None, "raw": None}  # fmt: skip
+        return {
+            "key": key,
+            "regions": regions,
+            "model": self.s.model,
+            "prompt_id": self.prompt.id,
+            "status": LAYER_OK,
+            "error": None,
+            "raw": None,
+        }
 
 
 class GroundedTask(RegionTask):
@@ -203,8 +257,14 @@ class GroundedTask(RegionTask):
         assert sample.image is not None
         w, h = sample.image.size
         text = self.prompt.render(width=w, height=h, bbox_convention=CONVENTION_TEXT[self.s.bbox_format])
-        return CaptionRequest(sample.key, self._user(text), [sample.image.jpeg], self.s.sampling,
-                              json_schema=GROUNDED_SCHEMA, schema_name="regions")  # fmt: skip
+        return CaptionRequest(
+            sample.key,
+            self._user(text),
+            [sample.image.jpeg],
+            self.s.sampling,
+            json_schema=GROUNDED_SCHEMA,
+            schema_name="regions",
+        )
 
     async def run(self, backend: Backend, sample: Sample, metrics: Metrics) -> dict[str, Any]:
         if sample.image is None:
@@ -216,8 +276,15 @@ class GroundedTask(RegionTask):
                 raise AnswerError("truncated (finish_reason=length)")
             if not (r.text or "").strip():
                 raise AnswerError("empty answer")
-            return parse_grounded(r.text, self.s.bbox_format, w, h, min_area=self.s.min_box_area,
-                                  dedup_iou=self.s.dedup_iou, max_regions=self.s.max_regions)  # fmt: skip
+            return parse_grounded(
+                r.text,
+                self.s.bbox_format,
+                w,
+                h,
+                min_area=self.s.min_box_area,
+                dedup_iou=self.s.dedup_iou,
+                max_regions=self.s.max_regions,
+            )
 
         value, r, err = await ask(backend, self.build(sample), judge, self.s.retries, metrics)
         if err is not None:
@@ -243,8 +310,12 @@ class ProposalTask(RegionTask):
     def build(self, sample: Sample, i: int, box: tuple[float, float, float, float]) -> CaptionRequest:
         assert sample.image is not None
         w, h = sample.image.size
-        text = self.prompt.render(width=w, height=h, box_hint=self.hint(box, w, h),
-                                  bbox_convention=CONVENTION_TEXT[self.s.bbox_format])  # fmt: skip
+        text = self.prompt.render(
+            width=w,
+            height=h,
+            box_hint=self.hint(box, w, h),
+            bbox_convention=CONVENTION_TEXT[self.s.bbox_format],
+        )
         q = self.s.jpeg_quality
         if self.s.box_hint == "draw":
             images = [draw_box(sample.image.image, box, q)]
@@ -264,14 +335,20 @@ class ProposalTask(RegionTask):
         props = sample.proposals
         boxes = [(float(p["x0"]), float(p["y0"]), float(p["x1"]), float(p["y1"])) for p in props]
         judge = lambda r: judge_text(r, self.s.keep_truncated)  # noqa: E731
-        outs = await asyncio.gather(*(ask(backend, self.build(sample, i, b), judge, self.s.retries, metrics)
-                                      for i, b in enumerate(boxes)))  # fmt: skip
+        outs = await asyncio.gather(
+            *(
+                ask(backend, self.build(sample, i, b), judge, self.s.retries, metrics)
+                for i, b in enumerate(boxes)
+            )
+        )
         regions, first_err = [], None
         for (text, r, err), b, p in zip(outs, boxes, props, strict=True):
             if err is not None:
                 first_err = first_err or (f"region: {err}", r.text)
                 continue
-            regions.append({"x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3], "caption": text, "label": p.get("label")})
+            regions.append(
+                {"x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3], "caption": text, "label": p.get("label")}
+            )
         if first_err is not None:
             return self.failed_row(sample.key, first_err[0], first_err[1], regions)
         return self.ok_row(sample.key, regions)

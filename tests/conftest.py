@@ -49,7 +49,10 @@ class S3:
         from engine.config import StorageConfig
 
         return StorageConfig(
-            endpoint_url=self.endpoint, access_key_id="testing", secret_access_key="testing", region="us-east-1"
+            endpoint_url=self.endpoint,
+            access_key_id="testing",
+            secret_access_key="testing",
+            region="us-east-1",
         )
 
     def uri(self, prefix: str = "") -> str:
@@ -151,7 +154,7 @@ def _make_handler(state: ImageServer):
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             path = self.path.lstrip("/")
             state.hits[path] += 1
             parts = path.split("/")

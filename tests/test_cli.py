@@ -11,13 +11,18 @@ from finevit.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finevit", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "finevit", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["ingest", "synthetic://scenes?n=5", "OUT", "--set", "ingest.samples_per_shard=-1"], "ingest.samples_per_shard"),
+        (
+            ["ingest", "synthetic://scenes?n=5", "OUT", "--set", "ingest.samples_per_shard=-1"],
+            "ingest.samples_per_shard",
+        ),
         (["ingest", "synthetic://scenes?n=5", "OUT", "--set", "ingest.bogus=1"], "ingest.bogus"),
         (["ingest", "synthetic://scenes?n=0", "OUT"], "n"),
         (["ingest", "synthetic://cubes?n=3", "OUT"], "cubes"),
@@ -42,7 +47,14 @@ def test_config_file_error_names_field(tmp_path, capsys):
 @pytest.mark.slow
 def test_ingest_and_info_end_to_end(tmp_path):
     out = tmp_path / "ds"
-    r = run_cli("ingest", "synthetic://scenes?n=12&seed=0&size=96", str(out), "--samples-per-shard", "5", "--no-progress")
+    r = run_cli(
+        "ingest",
+        "synthetic://scenes?n=12&seed=0&size=96",
+        str(out),
+        "--samples-per-shard",
+        "5",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert "12  ok 12  failed 0" in r.stdout
     r = run_cli("info", str(out))

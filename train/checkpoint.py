@@ -47,12 +47,20 @@ def latest(root: str) -> str | None:
     """The newest committed checkpoint folder under ``root``, or None."""
     if not os.path.isdir(root):
         return None
-    done = sorted(n for n in os.listdir(root) if n.startswith("step_") and os.path.exists(os.path.join(root, n, DONE)))
+    done = sorted(
+        n for n in os.listdir(root) if n.startswith("step_") and os.path.exists(os.path.join(root, n, DONE))
+    )
     return os.path.join(root, done[-1]) if done else None
 
 
-def save(root: str, step: int, model: torch.nn.Module, optim: torch.optim.Optimizer, extra: dict[str, Any],
-         keep: int = 2) -> str:
+def save(
+    root: str,
+    step: int,
+    model: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep: int = 2,
+) -> str:
     path = _step_dir(root, step)
     os.makedirs(path, exist_ok=True)
     msd, osd = get_state_dict(model, optim)

@@ -83,12 +83,18 @@ class LossConfig(StrictModel):
 class LoopConfig(StrictModel):
     steps: int = Field(default=1000, ge=1)
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="autocast; auto: bf16 on CUDA")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="autocast; auto: bf16 on CUDA"
+    )
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
-    stop_at: int | None = Field(default=None, ge=1, description="stop (with a checkpoint) after this step; "
-                                "the schedule still spans loop.steps: for job slots shorter than the run")
+    stop_at: int | None = Field(
+        default=None,
+        ge=1,
+        description="stop (with a checkpoint) after this step; "
+        "the schedule still spans loop.steps: for job slots shorter than the run",
+    )
     threads: int | None = Field(default=None, ge=1, description="torch threads per process")
     max_bad_steps: int = Field(default=20, ge=1, description="consecutive NaN/Inf steps before stopping")
 
@@ -123,9 +129,13 @@ def check_fits(cfg: Stage1Config) -> None:
     d, v, t = cfg.data, cfg.model.vision, cfg.model.text
     problems = []
     if d.max_patches > d.seq_len:
-        problems.append(f"data.max_patches ({d.max_patches}) > data.seq_len ({d.seq_len}): an image cannot fit a sequence")
+        problems.append(
+            f"data.max_patches ({d.max_patches}) > data.seq_len ({d.seq_len}): an image cannot fit a sequence"
+        )
     if d.max_images < d.rows:
-        problems.append(f"data.max_images ({d.max_images}) < data.rows ({d.rows}): some rows could hold no image")
+        problems.append(
+            f"data.max_images ({d.max_images}) < data.rows ({d.rows}): some rows could hold no image"
+        )
     for name, tower in (("vision", v), ("text", t)):
         if tower.width % tower.heads:
             problems.append(f"model.{name}.width ({tower.width}) is not divisible by heads ({tower.heads})")
@@ -136,6 +146,8 @@ def check_fits(cfg: Stage1Config) -> None:
     if not d.dataset:
         problems.append("data.dataset is empty: give a dataset root (local path or s3://...)")
     if not d.tokenizer:
-        problems.append("data.tokenizer is empty: train one with `finevit train-tokenizer` or give a local directory")
+        problems.append(
+            "data.tokenizer is empty: train one with `finevit train-tokenizer` or give a local directory"
+        )
     if problems:
         raise ConfigError("config cannot fit:\n  " + "\n  ".join(problems))

@@ -27,7 +27,11 @@ def init_from_env() -> tuple[int, int, torch.device]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device(f"cuda:{torch.cuda.current_device()}")
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     return rank(), world(), device
 
 
@@ -41,14 +45,14 @@ class _GatherWithGrad(torch.autograd.Function):
     runs on gloo, which has no reduce_scatter)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(world())]
         dist.all_gather(parts, x.contiguous())
         ctx.n = x.shape[0]
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         return grad[rank() * ctx.n : (rank() + 1) * ctx.n]
@@ -79,13 +83,13 @@ class _NeighbourExchange(torch.autograd.Function):
     """Send ``x`` to the right neighbour, receive the left one's; gradients travel back."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         r, w = rank(), world()
         ctx.right, ctx.left = (r + 1) % w, (r - 1) % w
         return _exchange(x, ctx.right, ctx.left)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return _exchange(grad, ctx.left, ctx.right)
 
 

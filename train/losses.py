@@ -40,8 +40,15 @@ def _finish(partial: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch
     return partial * world() / n, value / n
 
 
-def _sigmoid_block(img_BE: torch.Tensor, txt_CE: torch.Tensor, valid_B: torch.Tensor, valid_C: torch.Tensor,
-                   scale: torch.Tensor, bias: torch.Tensor, positives: bool) -> torch.Tensor:
+def _sigmoid_block(
+    img_BE: torch.Tensor,
+    txt_CE: torch.Tensor,
+    valid_B: torch.Tensor,
+    valid_C: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    positives: bool,
+) -> torch.Tensor:
     logits_BC = img_BE @ txt_CE.T * scale + bias
     sign_BC = -torch.ones_like(logits_BC)
     if positives:
@@ -50,8 +57,14 @@ def _sigmoid_block(img_BE: torch.Tensor, txt_CE: torch.Tensor, valid_B: torch.Te
     return torch.where(pair_BC, -F.logsigmoid(sign_BC * logits_BC), torch.zeros_like(logits_BC)).sum()
 
 
-def sigmoid_loss(img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tensor, logit_scale: torch.Tensor,
-                 logit_bias: torch.Tensor, mode: str = "all_gather") -> tuple[torch.Tensor, torch.Tensor]:
+def sigmoid_loss(
+    img_BE: torch.Tensor,
+    txt_BE: torch.Tensor,
+    valid_B: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    mode: str = "all_gather",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SigLIP: ``-log sigmoid(z_ij (t x_i.y_j + b))`` summed over pairs, over N images.
 
     Chunked over ranks: each rank's images meet one rank's texts at a time (a B x B block),
@@ -68,8 +81,9 @@ def sigmoid_loss(img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tens
         valid_WB = all_gather_nograd(valid_B.to(torch.uint8)).view(W, -1).bool()
         for other in range(W):
             if other != r:
-                partial = partial + _sigmoid_block(img_BE, txt_WBE[other], valid_B, valid_WB[other], scale,
-                                                   logit_bias, False)
+                partial = partial + _sigmoid_block(
+                    img_BE, txt_WBE[other], valid_B, valid_WB[other], scale, logit_bias, False
+                )
     elif W > 1 and mode == "ring":
         txt, valid = txt_BE, valid_B
         for _ in range(W - 1):
@@ -81,8 +95,9 @@ def sigmoid_loss(img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tens
     return _finish(partial, n)
 
 
-def softmax_loss(img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tensor, logit_scale: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_loss(
+    img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tensor, logit_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP: symmetric cross-entropy; local images/texts against gathered texts/images (with grads)."""
     n = _global_count(valid_B)
     scale = logit_scale.exp()
@@ -93,7 +108,8 @@ def softmax_loss(img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tens
     neg = torch.finfo(img_BE.dtype).min
     logits_i_BG = (img_BE @ txt_GE.T * scale).masked_fill(~valid_G[None], neg)
     logits_t_BG = (txt_BE @ img_GE.T * scale).masked_fill(~valid_G[None], neg)
-    ce = F.cross_entropy(logits_i_BG, target_B, reduction="none") + F.cross_entropy(logits_t_BG, target_B,
-                                                                                    reduction="none")
+    ce = F.cross_entropy(logits_i_BG, target_B, reduction="none") + F.cross_entropy(
+        logits_t_BG, target_B, reduction="none"
+    )
     partial = torch.where(valid_B, ce, torch.zeros_like(ce)).sum() / 2
     return _finish(partial, n)

@@ -56,8 +56,9 @@ def _tower_flops(width: int, depth: int, mlp_ratio: float, tokens: int, attn_pai
     return depth * (per_token * tokens + 4 * width * attn_pairs)
 
 
-def step_flops(cfg: ModelConfig, patch_tokens: int, doc_lengths: list[int], text_tokens: int,
-               text_lengths: list[int]) -> float:
+def step_flops(
+    cfg: ModelConfig, patch_tokens: int, doc_lengths: list[int], text_tokens: int, text_lengths: list[int]
+) -> float:
     """Training FLOPs (3 x forward) of one step: useful work only (padding not counted)."""
     v, t = cfg.vision, cfg.text
     fwd = _tower_flops(v.width, v.depth, v.mlp_ratio, patch_tokens, sum(n * n for n in doc_lengths))
@@ -69,8 +70,15 @@ def step_flops(cfg: ModelConfig, patch_tokens: int, doc_lengths: list[int], text
 class Logger:
     """Prints one line per log step (and a progress bar with tqdm when asked) and writes TensorBoard."""
 
-    def __init__(self, log_dir: str, tensorboard: bool, progress: bool, total: int, enabled: bool = True,
-                 start: int = 0) -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        tensorboard: bool,
+        progress: bool,
+        total: int,
+        enabled: bool = True,
+        start: int = 0,
+    ) -> None:
         self.enabled = enabled
         self.tb = None
         self.bar = None
@@ -85,8 +93,10 @@ class Logger:
 
                 self.tb = SummaryWriter(log_dir)
             except ImportError:
-                print("tensorboard is not installed (pip install tensorboard): logging to the console only",
-                      file=sys.stderr)
+                print(
+                    "tensorboard is not installed (pip install tensorboard): logging to the console only",
+                    file=sys.stderr,
+                )
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 

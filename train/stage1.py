@@ -39,7 +39,7 @@ class TrainResult:
     rank: int = 0
 
 
-def lr_lambda(cfg: Stage1Config):  # noqa: ANN201 - a LambdaLR function
+def lr_lambda(cfg: Stage1Config):
     o, total = cfg.optim, cfg.loop.steps
 
     def f(step: int) -> float:
@@ -54,8 +54,13 @@ def lr_lambda(cfg: Stage1Config):  # noqa: ANN201 - a LambdaLR function
 def build_model(cfg: Stage1Config, vocab_size: int, device: torch.device) -> Stage1Model:
     dtype = autocast_dtype(cfg, device)
     backend = pick_backend(cfg.model.attention, device, dtype or torch.float32)
-    model = Stage1Model(cfg.model, cfg.model.text.vocab_size or vocab_size, backend,
-                        cfg.loss.init_logit_scale, cfg.loss.init_logit_bias).to(device)
+    model = Stage1Model(
+        cfg.model,
+        cfg.model.text.vocab_size or vocab_size,
+        backend,
+        cfg.loss.init_logit_scale,
+        cfg.loss.init_logit_bias,
+    ).to(device)
     if cfg.loss.kind == "softmax":
         model.logit_bias.requires_grad_(False)
     model.set_checkpointing(cfg.loop.activation_checkpointing)
@@ -109,7 +114,7 @@ def _sum(x: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:  # noqa: ANN001, C901
+def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:
     """Run (or resume) stage 1 as configured; returns what the run did on this rank."""
     check_fits(cfg)
     rank, world, device = init_from_env()
@@ -128,7 +133,9 @@ def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:  # noqa: ANN
     fwd = torch.compile(net) if cfg.loop.compile else net
     optim = optimizer_for(net, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
-    loader = Stage1Loader(d.dataset, cfg.storage, d, cfg.model.vision.patch_size, cfg.model.text.context, rank, world)
+    loader = Stage1Loader(
+        d.dataset, cfg.storage, d, cfg.model.vision.patch_size, cfg.model.text.context, rank, world
+    )
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
     step = 0
     result = TrainResult()
@@ -142,11 +149,15 @@ def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:  # noqa: ANN
             on_event(f"resumed from {last} at step {step}")
     dtype = autocast_dtype(cfg, device)
     peak = peak_tflops(device, dtype or torch.float32)
-    logger = Logger(cfg.log.dir, cfg.log.tensorboard, cfg.log.progress, cfg.loop.steps, enabled=rank == 0, start=step)
+    logger = Logger(
+        cfg.log.dir, cfg.log.tensorboard, cfg.log.progress, cfg.loop.steps, enabled=rank == 0, start=step
+    )
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        on_event(f"stage1: {n_params / 1e6:.2f}M params, backend={model.vision.backend}, world={world}, "
-                 f"parallel={cfg.loop.parallel}, device={device}, peak={peak:.3g} TFLOP/s")
+        on_event(
+            f"stage1: {n_params / 1e6:.2f}M params, backend={model.vision.backend}, world={world}, "
+            f"parallel={cfg.loop.parallel}, device={device}, peak={peak:.3g} TFLOP/s"
+        )
     bad_in_a_row = 0
     window = {"t": time.perf_counter(), "images": 0.0, "tokens": 0.0, "slots": 0.0, "flops": 0.0, "steps": 0}
     t_start = time.perf_counter()
@@ -160,7 +171,9 @@ def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:  # noqa: ANN
         with amp:
             img_BE, txt_BE, logit_scale, logit_bias = fwd(vision, tokens_BL, mask_BL)
         if cfg.loss.kind == "sigmoid":
-            loss, value = sigmoid_loss(img_BE, txt_BE, valid_B, logit_scale, logit_bias, cfg.loss.sigmoid_dist)
+            loss, value = sigmoid_loss(
+                img_BE, txt_BE, valid_B, logit_scale, logit_bias, cfg.loss.sigmoid_dist
+            )
         else:
             loss, value = softmax_loss(img_BE, txt_BE, valid_B, logit_scale)
         optim.zero_grad(set_to_none=True)
@@ -189,7 +202,9 @@ def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:  # noqa: ANN
         n_img = int(valid_B.sum())
         real = int(batch["real_tokens"])
         text_lengths = mask_BL.sum(1).tolist()
-        flops = step_flops(cfg.model, real, _image_lengths(vision.img_T, n_img), sum(text_lengths), text_lengths)
+        flops = step_flops(
+            cfg.model, real, _image_lengths(vision.img_T, n_img), sum(text_lengths), text_lengths
+        )
         window["images"] += n_img
         window["tokens"] += real
         window["slots"] += vision.img_T.numel()
@@ -201,13 +216,29 @@ def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:  # noqa: ANN
             images, tokens = _sum(window["images"], device), _sum(window["tokens"], device)
             slots, flops_all = _sum(window["slots"], device), _sum(window["flops"], device)
             tflops = flops_all / dt / 1e12 / world
-            logger.log(step, {
-                "loss": float(value), "lr": sched.get_last_lr()[0], "images_per_s": images / dt,
-                "tokens_per_s": tokens / dt, "packing_efficiency": tokens / max(slots, 1.0),
-                "tflops_per_device": tflops, "mfu": tflops / peak, "logit_scale": logit_scale.detach().exp().item(),
-                "logit_bias": logit_bias.detach().item(), "grad_norm": float(norm),
-            })
-            window = {"t": time.perf_counter(), "images": 0.0, "tokens": 0.0, "slots": 0.0, "flops": 0.0, "steps": 0}
+            logger.log(
+                step,
+                {
+                    "loss": float(value),
+                    "lr": sched.get_last_lr()[0],
+                    "images_per_s": images / dt,
+                    "tokens_per_s": tokens / dt,
+                    "packing_efficiency": tokens / max(slots, 1.0),
+                    "tflops_per_device": tflops,
+                    "mfu": tflops / peak,
+                    "logit_scale": logit_scale.detach().exp().item(),
+                    "logit_bias": logit_bias.detach().item(),
+                    "grad_norm": float(norm),
+                },
+            )
+            window = {
+                "t": time.perf_counter(),
+                "images": 0.0,
+                "tokens": 0.0,
+                "slots": 0.0,
+                "flops": 0.0,
+                "steps": 0,
+            }
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop:
             result.checkpoint = _save(ckpt_dir, step, net, optim, sched, loader, cfg)
     if step > 0 and (not last or step > int(last.rsplit("_", 1)[-1])):
@@ -227,7 +258,14 @@ def _image_lengths(img_T: torch.Tensor, n_images: int) -> list[int]:
     return torch.bincount(keep, minlength=n_images)[:n_images].tolist() if keep.numel() else []
 
 
-def _save(root: str, step: int, net: torch.nn.Module, optim: torch.optim.Optimizer, sched: Any,
-          loader: Stage1Loader, cfg: Stage1Config) -> str:
+def _save(
+    root: str,
+    step: int,
+    net: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    sched: Any,
+    loader: Stage1Loader,
+    cfg: Stage1Config,
+) -> str:
     extra = {"step": step, "sched": sched.state_dict(), "loader": loader.state_dict()}
     return ckpt.save(root, step, net, optim, extra, keep=cfg.checkpoint.keep)

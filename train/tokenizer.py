@@ -29,8 +29,9 @@ def _captions(ds: Dataset, layers: list[str]) -> Iterator[str]:
             yield from (c for c, s in zip(table["caption"], table["status"], strict=True) if c and s == "ok")
 
 
-def train_tokenizer(dataset: str, layers: list[str], vocab_size: int, out: str,
-                    storage: StorageConfig | None = None) -> int:
+def train_tokenizer(
+    dataset: str, layers: list[str], vocab_size: int, out: str, storage: StorageConfig | None = None
+) -> int:
     """Train on the captions of ``layers`` (``alt-text``: the shards' own captions); returns the vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -39,13 +40,16 @@ def train_tokenizer(dataset: str, layers: list[str], vocab_size: int, out: str,
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(_captions(ds, layers), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))]
+        single="<s> $A </s>",
+        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
     )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.save_pretrained(out)
     return len(fast)

@@ -56,9 +56,14 @@ def _side(audit: Audit, lv: LayerView) -> Side:
     ).fetchall()[0]
     n, ok, cq, cm, wq, wm = r
     cq, wq = cq or [None] * 3, wq or [None] * 3
-    return Side(lv.name, int(n), int(ok), int(n) - int(ok),
-                {"p10": cq[0], "p50": cq[1], "p90": cq[2], "mean": cm},
-                {"p10": wq[0], "p50": wq[1], "p90": wq[2], "mean": wm})
+    return Side(
+        lv.name,
+        int(n),
+        int(ok),
+        int(n) - int(ok),
+        {"p10": cq[0], "p50": cq[1], "p90": cq[2], "mean": cm},
+        {"p10": wq[0], "p50": wq[1], "p90": wq[2], "mean": wm},
+    )
 
 
 def compare_layers(audit: Audit, layer_a: str, layer_b: str, n_pairs: int = 5, seed: int = 0) -> Comparison:
@@ -77,7 +82,8 @@ def compare_layers(audit: Audit, layer_a: str, layer_b: str, n_pairs: int = 5, s
     ).fetchall()[0]
     cmp.both, cmp.only_a, cmp.only_b, cmp.both_ok, cmp.identical, cmp.longer_b = (int(x or 0) for x in r)
     cmp.pairs = [
-        (k, ca, cb) for k, ca, cb in audit.con.execute(
+        (k, ca, cb)
+        for k, ca, cb in audit.con.execute(
             f"SELECT a.key, a.caption, b.caption FROM {va} a JOIN {vb} b ON a.key = b.key "
             f"WHERE a.status = 'ok' AND b.status = 'ok' "
             f"ORDER BY hash(a.key || {quote_str(str(seed))}), a.key LIMIT {int(n_pairs)}"

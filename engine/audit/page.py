@@ -102,58 +102,133 @@ class Doc:
 
 
 def build(data: ReportData, samples: list[Sample], out_dir: str) -> Doc:
-    P = os.path.join(out_dir, "plots")  # noqa: N806
+    P = os.path.join(out_dir, "plots")
     secs = {sid: Section(sid, title) for sid, title in SECTIONS}
     failed = data.samples - data.success
 
     # overview
     s = secs["overview"]
-    s.add(Table(["status", "samples", "share"],
-                [[st, num(n), pct(n, data.samples)] for st, n in data.by_status], {1, 2}, "samples by status"))
-    s.add(Table(["source", "status", "samples", "share"],
-                [[src, st, num(n), pct(n, data.samples)] for src, st, n in data.by_source[:20]], {2, 3},
-                "samples by source and status"))
+    s.add(
+        Table(
+            ["status", "samples", "share"],
+            [[st, num(n), pct(n, data.samples)] for st, n in data.by_status],
+            {1, 2},
+            "samples by status",
+        )
+    )
+    s.add(
+        Table(
+            ["source", "status", "samples", "share"],
+            [[src, st, num(n), pct(n, data.samples)] for src, st, n in data.by_source[:20]],
+            {2, 3},
+            "samples by source and status",
+        )
+    )
     layer_rows = []
     parts = {p[0]: p for p in data.stats_parts}
     for name, kind, view, shards, ok, problem in data.layers:
         p = parts.get(name)
-        layer_rows.append([name, kind, view, f"{shards} / {data.shards}", num(p[2]) if p else "—",
-                           num(p[4]) if p else "—", "ok" if ok else f"⚠ {problem}"])
+        layer_rows.append(
+            [
+                name,
+                kind,
+                view,
+                f"{shards} / {data.shards}",
+                num(p[2]) if p else "—",
+                num(p[4]) if p else "—",
+                "ok" if ok else f"⚠ {problem}",
+            ]
+        )
     if layer_rows:
-        s.add(Table(["layer", "kind", "view", "shards", "rows", "failed", "schema"], layer_rows, {3, 4, 5},
-                    "layers (committed parts only)"))
+        s.add(
+            Table(
+                ["layer", "kind", "view", "shards", "rows", "failed", "schema"],
+                layer_rows,
+                {3, 4, 5},
+                "layers (committed parts only)",
+            )
+        )
     else:
         s.add(Para("This dataset has no layer yet.", "note"))
     if data.stats_parts:
-        s.add(Table(["part", "committed shards", "rows", "ok", "failed", "work time"],
-                    [[p[0], num(p[1]), num(p[2]), num(p[3]), num(p[4]), _dur(p[5])] for p in data.stats_parts],
-                    {1, 2, 3, 4, 5}, "commit markers (_stats.json)"))
+        s.add(
+            Table(
+                ["part", "committed shards", "rows", "ok", "failed", "work time"],
+                [[p[0], num(p[1]), num(p[2]), num(p[3]), num(p[4]), _dur(p[5])] for p in data.stats_parts],
+                {1, 2, 3, 4, 5},
+                "commit markers (_stats.json)",
+            )
+        )
 
     # failures
     s = secs["failures"]
     if not data.reasons:
         s.add(Para(f"No failed sample among {num(data.samples)}.", "ok"))
     else:
-        s.add(Para(f"{num(failed)} of {num(data.samples)} samples failed ({pct(failed, data.samples)}). "
-                   "Top reasons:"))
-        s.add(Table(["status", "reason", "samples", "share of failures"],
-                    [[st, short(r, 140), num(n), pct(n, failed)] for st, r, n in data.reasons[:10]], {2, 3}))
-        s.add(Images([(_rel(plots.bars(f"{P}/failure_reasons.png", [(r, n) for _, r, n in data.reasons],
-                                       "top failure reasons", "samples", label_chars=34), out_dir),
-                       "top failure reasons")]))
+        s.add(
+            Para(
+                f"{num(failed)} of {num(data.samples)} samples failed ({pct(failed, data.samples)}). "
+                "Top reasons:"
+            )
+        )
+        s.add(
+            Table(
+                ["status", "reason", "samples", "share of failures"],
+                [[st, short(r, 140), num(n), pct(n, failed)] for st, r, n in data.reasons[:10]],
+                {2, 3},
+            )
+        )
+        s.add(
+            Images(
+                [
+                    (
+                        _rel(
+                            plots.bars(
+                                f"{P}/failure_reasons.png",
+                                [(r, n) for _, r, n in data.reasons],
+                                "top failure reasons",
+                                "samples",
+                                label_chars=34,
+                            ),
+                            out_dir,
+                        ),
+                        "top failure reasons",
+                    )
+                ]
+            )
+        )
 
     # sizes
     s = secs["sizes"]
     if data.width.total:
-        s.add(Para(f"Over {num(data.width.total)} successful samples: median {num(data.width.quantile(0.5))} × "
-                   f"{num(data.height.quantile(0.5))} px, aspect ratio (w/h) from {num(data.aspect.values[0])} "
-                   f"to {num(data.aspect.values[-1])}."))
-        s.add(Images([
-            (_rel(plots.hist(f"{P}/width.png", data.width, "width", "pixels"), out_dir), "width histogram"),
-            (_rel(plots.hist(f"{P}/height.png", data.height, "height", "pixels"), out_dir), "height histogram"),
-            (_rel(plots.hist(f"{P}/aspect.png", data.aspect, "aspect ratio", "width / height"), out_dir),
-             "aspect ratio histogram"),
-        ]))
+        s.add(
+            Para(
+                f"Over {num(data.width.total)} successful samples: median {num(data.width.quantile(0.5))} × "
+                f"{num(data.height.quantile(0.5))} px, aspect ratio (w/h) from {num(data.aspect.values[0])} "
+                f"to {num(data.aspect.values[-1])}."
+            )
+        )
+        s.add(
+            Images(
+                [
+                    (
+                        _rel(plots.hist(f"{P}/width.png", data.width, "width", "pixels"), out_dir),
+                        "width histogram",
+                    ),
+                    (
+                        _rel(plots.hist(f"{P}/height.png", data.height, "height", "pixels"), out_dir),
+                        "height histogram",
+                    ),
+                    (
+                        _rel(
+                            plots.hist(f"{P}/aspect.png", data.aspect, "aspect ratio", "width / height"),
+                            out_dir,
+                        ),
+                        "aspect ratio histogram",
+                    ),
+                ]
+            )
+        )
     else:
         s.add(Para("No successful sample: no size to show.", "note"))
 
@@ -173,16 +248,28 @@ def build(data: ReportData, samples: list[Sample], out_dir: str) -> Doc:
 
     # duplicates
     s = secs["duplicates"]
-    rows = [["image bytes (sha256)", data.success, data.sha_dups],
-            ["alt-text (shard caption)", data.success, data.alt_dups]]
+    rows = [
+        ["image bytes (sha256)", data.success, data.sha_dups],
+        ["alt-text (shard caption)", data.success, data.alt_dups],
+    ]
     rows += [[f"caption layer {c.layer.name}", c.ok, c.dups] for c in data.captions]
-    s.add(Table(["what", "values repeated", "rows holding a repeated value", "share of rows"],
-                [[w, num(d.groups), num(d.rows), pct(d.rows, tot)] for w, tot, d in rows], {1, 2, 3},
-                "exact duplicates"))
+    s.add(
+        Table(
+            ["what", "values repeated", "rows holding a repeated value", "share of rows"],
+            [[w, num(d.groups), num(d.rows), pct(d.rows, tot)] for w, tot, d in rows],
+            {1, 2, 3},
+            "exact duplicates",
+        )
+    )
     for what, _tot, d in rows:
         if d.top:
-            s.add(Table([f"most repeated: {what}", "times", "example key"],
-                        [[short(v, 120), num(n), ex] for v, n, ex in d.top[:5]], {1}))
+            s.add(
+                Table(
+                    [f"most repeated: {what}", "times", "example key"],
+                    [[short(v, 120), num(n), ex] for v, n, ex in d.top[:5]],
+                    {1},
+                )
+            )
 
     # filters
     s = secs["filters"]
@@ -194,10 +281,17 @@ def build(data: ReportData, samples: list[Sample], out_dir: str) -> Doc:
     # samples
     s = secs["samples"]
     if samples:
-        how = (f"boxes from region layer {samples[0].region_layer}" if any(x.region_layer for x in samples)
-               else "no region layer to draw")
-        s.add(Para(f"{len(samples)} successful samples in a random order fixed by the seed; thumbnails read "
-                   f"from the shard tars, long side {plots_max_side()} px; {how}."))
+        how = (
+            f"boxes from region layer {samples[0].region_layer}"
+            if any(x.region_layer for x in samples)
+            else "no region layer to draw"
+        )
+        s.add(
+            Para(
+                f"{len(samples)} successful samples in a random order fixed by the seed; thumbnails read "
+                f"from the shard tars, long side {plots_max_side()} px; {how}."
+            )
+        )
         s.add(Gallery(samples))
     else:
         s.add(Para("No successful sample to show.", "note"))
@@ -216,7 +310,9 @@ def build(data: ReportData, samples: list[Sample], out_dir: str) -> Doc:
         "Report queries took " + _dur(sum(data.timings.values())) + ".",
     ]
     gen = _dt.datetime.fromtimestamp(data.generated_at).strftime("%Y-%m-%d %H:%M")
-    return Doc("FineViT audit", data.root, gen, cards, data.warnings, [secs[sid] for sid, _ in SECTIONS], footer)
+    return Doc(
+        "FineViT audit", data.root, gen, cards, data.warnings, [secs[sid] for sid, _ in SECTIONS], footer
+    )
 
 
 def plots_max_side() -> int:
@@ -244,8 +340,16 @@ def _layer_sub(info: dict | None) -> str | None:
 
 
 def _dist_row(name: str, c: Counts, unit: str = "") -> list[Any]:
-    return [name, num(c.quantile(0.1)), num(c.quantile(0.5)), num(c.mean()), num(c.quantile(0.9)),
-            num(c.quantile(0.99)), num(c.values[-1] if c.values else None), unit]
+    return [
+        name,
+        num(c.quantile(0.1)),
+        num(c.quantile(0.5)),
+        num(c.mean()),
+        num(c.quantile(0.9)),
+        num(c.quantile(0.99)),
+        num(c.values[-1] if c.values else None),
+        unit,
+    ]
 
 
 def _caption_section(s: Section, c: CaptionStats, data: ReportData, base: str, out_dir: str) -> None:
@@ -255,23 +359,78 @@ def _caption_section(s: Section, c: CaptionStats, data: ReportData, base: str, o
     if missing > 0:
         line += f"; {num(missing)} samples have no row yet (their layer part is not committed)"
     s.add(Para(line + "."))
-    s.add(Table(["length", "p10", "median", "mean", "p90", "p99", "max", ""],
-                [_dist_row("characters", c.chars), _dist_row("words", c.words),
-                 ["latency", "", num(c.latency.get("p50")), "", num(c.latency.get("p90")), num(c.latency.get("p99")),
-                  num(c.latency.get("max")), "ms"],
-                 ["tokens", "", num(c.tokens.get("p50")), "", num(c.tokens.get("p90")), num(c.tokens.get("p99")),
-                  num(c.tokens.get("max")), f"total {num(c.tokens.get('total'))}"]],
-                {1, 2, 3, 4, 5, 6}, "ok rows"))
-    s.add(Images([
-        (_rel(plots.hist(f"{base}_chars.png", c.chars, "caption length (characters)", "characters", integer=True), out_dir),
-         f"{c.layer.name}: caption length in characters"),
-        (_rel(plots.hist(f"{base}_words.png", c.words, "caption length (words)", "words", integer=True), out_dir),
-         f"{c.layer.name}: caption length in words"),
-    ]))
-    s.add(Table(["finish reason", "rows", "share"], [[r, num(n), pct(n, c.ok)] for r, n in c.finish[:8]], {1, 2}))
+    s.add(
+        Table(
+            ["length", "p10", "median", "mean", "p90", "p99", "max", ""],
+            [
+                _dist_row("characters", c.chars),
+                _dist_row("words", c.words),
+                [
+                    "latency",
+                    "",
+                    num(c.latency.get("p50")),
+                    "",
+                    num(c.latency.get("p90")),
+                    num(c.latency.get("p99")),
+                    num(c.latency.get("max")),
+                    "ms",
+                ],
+                [
+                    "tokens",
+                    "",
+                    num(c.tokens.get("p50")),
+                    "",
+                    num(c.tokens.get("p90")),
+                    num(c.tokens.get("p99")),
+                    num(c.tokens.get("max")),
+                    f"total {num(c.tokens.get('total'))}",
+                ],
+            ],
+            {1, 2, 3, 4, 5, 6},
+            "ok rows",
+        )
+    )
+    s.add(
+        Images(
+            [
+                (
+                    _rel(
+                        plots.hist(
+                            f"{base}_chars.png",
+                            c.chars,
+                            "caption length (characters)",
+                            "characters",
+                            integer=True,
+                        ),
+                        out_dir,
+                    ),
+                    f"{c.layer.name}: caption length in characters",
+                ),
+                (
+                    _rel(
+                        plots.hist(
+                            f"{base}_words.png", c.words, "caption length (words)", "words", integer=True
+                        ),
+                        out_dir,
+                    ),
+                    f"{c.layer.name}: caption length in words",
+                ),
+            ]
+        )
+    )
+    s.add(
+        Table(
+            ["finish reason", "rows", "share"], [[r, num(n), pct(n, c.ok)] for r, n in c.finish[:8]], {1, 2}
+        )
+    )
     if c.errors:
-        s.add(Table(["failure reason", "rows", "share of failures"],
-                    [[short(r, 140), num(n), pct(n, c.failed)] for r, n in c.errors[:10]], {1, 2}))
+        s.add(
+            Table(
+                ["failure reason", "rows", "share of failures"],
+                [[short(r, 140), num(n), pct(n, c.failed)] for r, n in c.errors[:10]],
+                {1, 2},
+            )
+        )
     else:
         s.add(Para("No failed row in this layer.", "ok"))
 
@@ -279,26 +438,76 @@ def _caption_section(s: Section, c: CaptionStats, data: ReportData, base: str, o
 def _region_section(s: Section, r: RegionStats, base: str, out_dir: str) -> None:
     s.add(Heading(f"region layer {r.layer.name}", _layer_sub(r.layer.info)))
     mean = r.per_image.mean()
-    line = (f"{num(r.rows)} images: {num(r.ok)} ok, {num(r.failed)} failed; {num(r.boxes)} boxes "
-            f"({num(mean)} per ok image), {num(r.n_labels)} labels")
+    line = (
+        f"{num(r.rows)} images: {num(r.ok)} ok, {num(r.failed)} failed; {num(r.boxes)} boxes "
+        f"({num(mean)} per ok image), {num(r.n_labels)} labels"
+    )
     s.add(Para(line + "."))
     if r.invalid:
-        s.add(Para(f"{num(r.invalid)} boxes ({pct(r.invalid, r.boxes)}) are outside [0,1] or empty "
-                   "(x0 ≥ x1 or y0 ≥ y1).", "warn"))
-    s.add(Images([
-        (_rel(plots.hist(f"{base}_per_image.png", r.per_image, "boxes per image", "boxes", integer=True), out_dir),
-         f"{r.layer.name}: boxes per image"),
-        (_rel(plots.hist(f"{base}_area.png", r.area, "box area", "fraction of the image", bins=25,
-                         clip_quantile=1.0), out_dir), f"{r.layer.name}: box area"),
-        (_rel(plots.bars(f"{base}_labels.png", [(lb, n) for lb, n, *_ in r.labels], "boxes per label", "boxes"),
-              out_dir), f"{r.layer.name}: boxes per label"),
-    ]))
-    s.add(Table(["label", "boxes", "captions", "mean area", "example caption"],
-                [[lb, num(n), num(nc), f"{a:.3f}", short(ex, 90)] for lb, n, nc, a, ex in r.labels[:12]],
-                {1, 2, 3}, f"captions per label (top {min(12, len(r.labels))} of {num(r.n_labels)})"))
+        s.add(
+            Para(
+                f"{num(r.invalid)} boxes ({pct(r.invalid, r.boxes)}) are outside [0,1] or empty "
+                "(x0 ≥ x1 or y0 ≥ y1).",
+                "warn",
+            )
+        )
+    s.add(
+        Images(
+            [
+                (
+                    _rel(
+                        plots.hist(
+                            f"{base}_per_image.png", r.per_image, "boxes per image", "boxes", integer=True
+                        ),
+                        out_dir,
+                    ),
+                    f"{r.layer.name}: boxes per image",
+                ),
+                (
+                    _rel(
+                        plots.hist(
+                            f"{base}_area.png",
+                            r.area,
+                            "box area",
+                            "fraction of the image",
+                            bins=25,
+                            clip_quantile=1.0,
+                        ),
+                        out_dir,
+                    ),
+                    f"{r.layer.name}: box area",
+                ),
+                (
+                    _rel(
+                        plots.bars(
+                            f"{base}_labels.png",
+                            [(lb, n) for lb, n, *_ in r.labels],
+                            "boxes per label",
+                            "boxes",
+                        ),
+                        out_dir,
+                    ),
+                    f"{r.layer.name}: boxes per label",
+                ),
+            ]
+        )
+    )
+    s.add(
+        Table(
+            ["label", "boxes", "captions", "mean area", "example caption"],
+            [[lb, num(n), num(nc), f"{a:.3f}", short(ex, 90)] for lb, n, nc, a, ex in r.labels[:12]],
+            {1, 2, 3},
+            f"captions per label (top {min(12, len(r.labels))} of {num(r.n_labels)})",
+        )
+    )
     if r.errors:
-        s.add(Table(["failure reason", "images", "share of failures"],
-                    [[short(e, 140), num(n), pct(n, r.failed)] for e, n in r.errors[:10]], {1, 2}))
+        s.add(
+            Table(
+                ["failure reason", "images", "share of failures"],
+                [[short(e, 140), num(n), pct(n, r.failed)] for e, n in r.errors[:10]],
+                {1, 2},
+            )
+        )
 
 
 def _filter_section(s: Section, f: FilterStats, base: str, out_dir: str) -> None:
@@ -307,17 +516,35 @@ def _filter_section(s: Section, f: FilterStats, base: str, out_dir: str) -> None
     s.add(Para(f"keeps {num(f.kept)} of {num(f.rows)} rows ({pct(f.kept, f.rows)}); drops {num(dropped)}."))
     imgs = []
     if f.reasons:
-        s.add(Table(["drop reason", "rows", "share of drops"],
-                    [[short(r, 140), num(n), pct(n, dropped)] for r, n in f.reasons], {1, 2}))
-        imgs.append((_rel(plots.bars(f"{base}_reasons.png", f.reasons, "top drop reasons", "rows"), out_dir),
-                     f"{f.layer.name}: drop reasons"))
+        s.add(
+            Table(
+                ["drop reason", "rows", "share of drops"],
+                [[short(r, 140), num(n), pct(n, dropped)] for r, n in f.reasons],
+                {1, 2},
+            )
+        )
+        imgs.append(
+            (
+                _rel(plots.bars(f"{base}_reasons.png", f.reasons, "top drop reasons", "rows"), out_dir),
+                f"{f.layer.name}: drop reasons",
+            )
+        )
     for col, sc in f.scores.items():
         k, d = sc["kept"] or [None] * 3, sc["dropped"] or [None] * 3
-        s.add(Table([f"score {col}", "p10", "median", "p90"],
-                     [["kept", *(num(x) for x in k)], ["dropped", *(num(x) for x in d)]], {1, 2, 3}))
+        s.add(
+            Table(
+                [f"score {col}", "p10", "median", "p90"],
+                [["kept", *(num(x) for x in k)], ["dropped", *(num(x) for x in d)]],
+                {1, 2, 3},
+            )
+        )
         safe = "".join(ch if ch.isalnum() else "_" for ch in col)
-        imgs.append((_rel(plots.keep_drop_hist(f"{base}_{safe}.png", sc["hist"], f"score {col}", col), out_dir),
-                     f"{f.layer.name}: {col}"))
+        imgs.append(
+            (
+                _rel(plots.keep_drop_hist(f"{base}_{safe}.png", sc["hist"], f"score {col}", col), out_dir),
+                f"{f.layer.name}: {col}",
+            )
+        )
     if imgs:
         s.add(Images(imgs))
 
@@ -378,25 +605,37 @@ def _esc(s: Any) -> str:
 
 
 def to_html(doc: Doc) -> str:
-    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{_esc(doc.title)}: {_esc(doc.root)}</title><style>{CSS}</style></head><body>",
-           f'<header><h1>{_esc(doc.title)}</h1><div class="root">{_esc(doc.root)} · generated {_esc(doc.generated)}'
-           "</div>", '<div class="cards">']
+    out = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(doc.title)}: {_esc(doc.root)}</title><style>{CSS}</style></head><body>",
+        f'<header><h1>{_esc(doc.title)}</h1><div class="root">{_esc(doc.root)} · generated {_esc(doc.generated)}'
+        "</div>",
+        '<div class="cards">',
+    ]
     out += [f'<div class="card"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>' for k, v in doc.cards]
     out.append("</div>")
     if doc.warnings:
         out.append('<div class="warnings"><b>Warnings</b><ul>')
         out += [f"<li>{_esc(w)}</li>" for w in doc.warnings]
         out.append("</ul></div>")
-    out.append("</header><nav>" + "".join(f'<a href="#{s.id}">{_esc(s.title)}</a>' for s in doc.sections) + "</nav>")
+    out.append(
+        "</header><nav>" + "".join(f'<a href="#{s.id}">{_esc(s.title)}</a>' for s in doc.sections) + "</nav>"
+    )
     out.append("<main>")
     for s in doc.sections:
         out.append(f'<section id="{s.id}"><h2>{_esc(s.title)}</h2>')
         out += [_html_block(b) for b in s.blocks]
         out.append("</section>")
-    out.append("</main><footer>" + "".join(f"<p><code>{_esc(x)}</code></p>" if x.startswith("Query") else
-                                              f"<p>{_esc(x)}</p>" for x in doc.footer) + "</footer></body></html>")
+    out.append(
+        "</main><footer>"
+        + "".join(
+            f"<p><code>{_esc(x)}</code></p>" if x.startswith("Query") else f"<p>{_esc(x)}</p>"
+            for x in doc.footer
+        )
+        + "</footer></body></html>"
+    )
     return "\n".join(out) + "\n"
 
 
@@ -409,16 +648,24 @@ def _html_block(b: Any) -> str:
         return f"<p{cls}>{_esc(b.text)}</p>"
     if isinstance(b, Table):
         cap = f"<caption>{_esc(b.caption)}</caption>" if b.caption else ""
-        head = "".join(f'<th{" class=n" if i in b.numeric else ""}>{_esc(h)}</th>' for i, h in enumerate(b.head))
+        head = "".join(
+            f"<th{' class=n' if i in b.numeric else ''}>{_esc(h)}</th>" for i, h in enumerate(b.head)
+        )
         body = "".join(
-            "<tr>" + "".join(f'<td{" class=n" if i in b.numeric else ""}>{_esc(v)}</td>' for i, v in enumerate(r))
-            + "</tr>" for r in b.rows)
+            "<tr>"
+            + "".join(f"<td{' class=n' if i in b.numeric else ''}>{_esc(v)}</td>" for i, v in enumerate(r))
+            + "</tr>"
+            for r in b.rows
+        )
         if not b.rows:
             body = f'<tr><td colspan="{len(b.head)}" class="note">none</td></tr>'
         return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     if isinstance(b, Images):
-        return '<div class="plots">' + "".join(
-            f'<img src="{_esc(p)}" alt="{_esc(a)}" loading="lazy">' for p, a in b.paths) + "</div>"
+        return (
+            '<div class="plots">'
+            + "".join(f'<img src="{_esc(p)}" alt="{_esc(a)}" loading="lazy">' for p, a in b.paths)
+            + "</div>"
+        )
     if isinstance(b, Gallery):
         return '<div class="gallery">' + "".join(_html_sample(x) for x in b.samples) + "</div>"
     raise TypeError(f"unknown block {b!r}")
@@ -432,18 +679,27 @@ def _clip(text: str | None, n: int = 220) -> str:
 
 
 def _html_sample(s: Sample) -> str:
-    img = (f'<img src="{_esc(s.thumb)}" alt="sample {_esc(s.key)}">' if s.thumb
-           else f'<span class="note">{_esc(s.problem or "no image")}</span>')
+    img = (
+        f'<img src="{_esc(s.thumb)}" alt="sample {_esc(s.key)}">'
+        if s.thumb
+        else f'<span class="note">{_esc(s.problem or "no image")}</span>'
+    )
     size = f" · {s.width}×{s.height}" if s.width and s.height else ""
-    parts = [f'<div class="sample"><div class="img">{img}</div><div class="key">{_esc(s.key)}{_esc(size)}</div>',
-             '<div class="lbl">alt-text</div>', _clip(s.alt_text, 120)]
+    parts = [
+        f'<div class="sample"><div class="img">{img}</div><div class="key">{_esc(s.key)}{_esc(size)}</div>',
+        '<div class="lbl">alt-text</div>',
+        _clip(s.alt_text, 120),
+    ]
     for layer, cap, status in s.captions:
         parts.append(f'<div class="lbl">{_esc(layer)}</div>')
         parts.append(_clip(cap) if status == "ok" else f'<p class="note">({_esc(status)})</p>')
     if s.boxes:
         parts.append(f'<div class="lbl">{_esc(s.region_layer)}: {len(s.boxes)} boxes</div><ul>')
-        parts += [f'<li><span class="sw" style="background:{b.colour}"></span>{_esc(short(b.caption or b.label, 80))}'
-                  "</li>" for b in s.boxes[:8]]
+        parts += [
+            f'<li><span class="sw" style="background:{b.colour}"></span>{_esc(short(b.caption or b.label, 80))}'
+            "</li>"
+            for b in s.boxes[:8]
+        ]
         if len(s.boxes) > 8:
             parts.append(f'<li class="note">and {len(s.boxes) - 8} more</li>')
         parts.append("</ul>")
@@ -460,8 +716,12 @@ def _md(s: Any) -> str:
 
 def to_markdown(doc: Doc) -> str:
     out = [f"# {doc.title}: `{doc.root}`", "", f"Generated {doc.generated}.", ""]
-    out += ["| " + " | ".join(k for k, _ in doc.cards) + " |", "|" + "---|" * len(doc.cards),
-            "| " + " | ".join(v for _, v in doc.cards) + " |", ""]
+    out += [
+        "| " + " | ".join(k for k, _ in doc.cards) + " |",
+        "|" + "---|" * len(doc.cards),
+        "| " + " | ".join(v for _, v in doc.cards) + " |",
+        "",
+    ]
     if doc.warnings:
         out += ["> **Warnings**", ">"] + [f"> - {_md(w)}" for w in doc.warnings] + [""]
     out += ["Sections: " + " · ".join(f"[{s.title}](#{s.id})" for s in doc.sections), ""]
@@ -496,8 +756,10 @@ def _md_block(b: Any) -> list[str]:
         rows = []
         for x in b.samples:
             img = f"![{x.key}]({x.thumb})" if x.thumb else _md(x.problem or "no image")
-            caps = "<br>".join(f"**{_md(layer)}**: {_md(short(c, 300)) if st == 'ok' else '(' + str(st) + ')'}"
-                               for layer, c, st in x.captions)
+            caps = "<br>".join(
+                f"**{_md(layer)}**: {_md(short(c, 300)) if st == 'ok' else '(' + str(st) + ')'}"
+                for layer, c, st in x.captions
+            )
             boxes = ", ".join(_md(b.label or "?") for b in x.boxes)
             rows.append([img, f"`{x.key}`", _md(short(x.alt_text, 120)), caps, boxes])
         return _md_table(["image", "key", "alt-text", "captions", "boxes"], rows, set())

@@ -9,11 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FuncFormatter
 
-from engine.audit.report import Counts  # noqa: E402
+from engine.audit.report import Counts
 
 ACCENT = "#3b6ea8"
 SECOND = "#d9822b"
@@ -51,8 +51,15 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def hist(path: str, counts: Counts, title: str, xlabel: str, bins: int = 40, integer: bool = False,
-         clip_quantile: float = 0.995) -> str:
+def hist(
+    path: str,
+    counts: Counts,
+    title: str,
+    xlabel: str,
+    bins: int = 40,
+    integer: bool = False,
+    clip_quantile: float = 0.995,
+) -> str:
     """A histogram from (value, count) pairs; the far tail is folded into the last bar (named in the title)."""
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     v = np.asarray(counts.values, dtype=float)
@@ -77,8 +84,14 @@ def hist(path: str, counts: Counts, title: str, xlabel: str, bins: int = 40, int
     return _save(fig, path)
 
 
-def bars(path: str, items: Sequence[tuple[str, float]], title: str, xlabel: str = "count",
-         max_items: int = 12, label_chars: int = 28) -> str:
+def bars(
+    path: str,
+    items: Sequence[tuple[str, float]],
+    title: str,
+    xlabel: str = "count",
+    max_items: int = 12,
+    label_chars: int = 28,
+) -> str:
     """Horizontal bars, largest on top; long labels are shortened."""
     items = list(items)[:max_items]
     fig, ax = plt.subplots(figsize=(WIDTH_IN, max(1.4, 0.26 * len(items) + 0.8)))

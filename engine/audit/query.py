@@ -46,8 +46,9 @@ def _json_default(v: Any) -> Any:
     return str(v)
 
 
-def run_sql(audit: Audit, sql: str, fmt: str = "table", out: str | None = None,
-            stdout: IO[str] | None = None) -> int:
+def run_sql(
+    audit: Audit, sql: str, fmt: str = "table", out: str | None = None, stdout: IO[str] | None = None
+) -> int:
     """Run ``sql`` and write its result to ``out`` (a local file) or ``stdout``. Returns the row count.
 
     ``table`` is DuckDB's own box rendering (long results are elided in the middle);

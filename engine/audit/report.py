@@ -18,8 +18,19 @@ from typing import Any
 from engine.audit.views import Audit, LayerView, quote_ident, quote_str
 
 TOP = 10  # rows in "top" tables
-NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE", "UTINYINT",
-                 "USMALLINT", "UINTEGER", "UBIGINT")
+NUMERIC_TYPES = (
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "HUGEINT",
+    "FLOAT",
+    "DOUBLE",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+)
 SECTIONS = [
     ("overview", "Overview"),
     ("failures", "Failures"),
@@ -102,7 +113,9 @@ class FilterStats:
     rows: int = 0
     kept: int = 0
     reasons: list[tuple[str, int]] = field(default_factory=list)
-    scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # col -> {kept: [...], dropped: [...], hist}
+    scores: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # col -> {kept: [...], dropped: [...], hist}
 
 
 @dataclass
@@ -212,9 +225,15 @@ def collect(audit: Audit) -> ReportData:
             ar = round(w / h, 2)
             ac[ar] = ac.get(ar, 0) + n
     data.by_status = sorted(by_status.items(), key=lambda kv: (-kv[1], kv[0] or ""))
-    data.by_source = sorted(((s, st, n) for (s, st), n in by_source.items()), key=lambda r: (-r[2], r[0], r[1] or ""))
+    data.by_source = sorted(
+        ((s, st, n) for (s, st), n in by_source.items()), key=lambda r: (-r[2], r[0], r[1] or "")
+    )
     data.reasons = sorted(((st, r, n) for (st, r), n in reasons.items()), key=lambda r: (-r[2], r[1]))
-    data.width, data.height, data.aspect = _counts(list(wc.items())), _counts(list(hc.items())), _counts(list(ac.items()))
+    data.width, data.height, data.aspect = (
+        _counts(list(wc.items())),
+        _counts(list(hc.items())),
+        _counts(list(ac.items())),
+    )
     data.samples = sum(by_status.values())
     data.success = by_status.get("success", 0)
 
@@ -340,30 +359,45 @@ def _region_stats(audit: Audit, lv: LayerView) -> RegionStats:
 def _filter_stats(audit: Audit, lv: LayerView) -> FilterStats:
     v = quote_ident(lv.view)
     st = FilterStats(lv)
-    st.rows, st.kept = (int(x or 0) for x in _rows(audit, f"SELECT count(*), count(*) FILTER (WHERE keep) FROM {v}")[0])
+    st.rows, st.kept = (
+        int(x or 0) for x in _rows(audit, f"SELECT count(*), count(*) FILTER (WHERE keep) FROM {v}")[0]
+    )
     st.reasons = [
-        (r, int(n)) for r, n in _rows(
+        (r, int(n))
+        for r, n in _rows(
             audit,
             f"SELECT coalesce(reason, '(no reason)'), count(*) FROM (SELECT UNNEST(CASE WHEN len(reasons) > 0 "
             f"THEN reasons ELSE [NULL] END) AS reason FROM {v} WHERE NOT keep) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {TOP}",
         )
     ]
-    scores = [c for c, t in lv.columns.items() if c not in ("key", "keep", "reasons", "shard")
-              and t.upper() in NUMERIC_TYPES]
+    scores = [
+        c
+        for c, t in lv.columns.items()
+        if c not in ("key", "keep", "reasons", "shard") and t.upper() in NUMERIC_TYPES
+    ]
     for col in scores[:6]:
         c = quote_ident(col)
-        qs = _rows(audit, f"SELECT keep, quantile_cont({c}, [0.1, 0.5, 0.9]), min({c}), max({c}) FROM {v} "
-                          f"WHERE {c} IS NOT NULL GROUP BY keep")
+        qs = _rows(
+            audit,
+            f"SELECT keep, quantile_cont({c}, [0.1, 0.5, 0.9]), min({c}), max({c}) FROM {v} "
+            f"WHERE {c} IS NOT NULL GROUP BY keep",
+        )
         by = {bool(k): (q, lo, hi) for k, q, lo, hi in qs}
         if not by:
             continue
         lo = min(x[1] for x in by.values())
         hi = max(x[2] for x in by.values())
         span = (hi - lo) or 1.0
-        hist = _rows(audit, f"SELECT keep, least(floor(({c} - {lo}) / {span} * 30), 29) AS b, count(*) FROM {v} "
-                            f"WHERE {c} IS NOT NULL GROUP BY ALL")
+        hist = _rows(
+            audit,
+            f"SELECT keep, least(floor(({c} - {lo}) / {span} * 30), 29) AS b, count(*) FROM {v} "
+            f"WHERE {c} IS NOT NULL GROUP BY ALL",
+        )
         st.scores[col] = {
-            "kept": by.get(True, (None,))[0], "dropped": by.get(False, (None,))[0], "lo": lo, "hi": hi,
+            "kept": by.get(True, (None,))[0],
+            "dropped": by.get(False, (None,))[0],
+            "lo": lo,
+            "hi": hi,
             "hist": [(bool(k), lo + (b + 0.5) * span / 30, int(n)) for k, b, n in hist],
         }
     return st

@@ -67,8 +67,17 @@ def pick(audit: Audit, n: int = 20, seed: int = 0) -> list[Sample]:
             s = by_key[key]
             s.region_layer = lv.name
             for i, r in enumerate(regs or []):
-                s.boxes.append(Box(r["x0"], r["y0"], r["x1"], r["y1"], r.get("label"), r.get("caption"),
-                                   BOX_COLOURS[i % len(BOX_COLOURS)]))
+                s.boxes.append(
+                    Box(
+                        r["x0"],
+                        r["y0"],
+                        r["x1"],
+                        r["y1"],
+                        r.get("label"),
+                        r.get("caption"),
+                        BOX_COLOURS[i % len(BOX_COLOURS)],
+                    )
+                )
     return samples
 
 
@@ -109,7 +118,7 @@ def render(audit: Audit, samples: list[Sample], out_dir: str, rel_dir: str = "th
             try:
                 s.thumb = _thumbnail(data, s.boxes, os.path.join(out_dir, rel_dir, f"{s.key}.png"))
                 s.thumb = f"{rel_dir}/{s.key}.png"
-            except Exception as e:  # noqa: BLE001 - a broken image is reported, not fatal
+            except Exception as e:
                 s.problem = f"cannot decode the image of {s.key}: {e}"
 
 

@@ -152,7 +152,9 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
     except LayoutError as e:
         raise AuditError(str(e)) from None
     if not shards:
-        raise AuditError(f"no committed shard under {ds.shards.root} (no <shard>_stats.json): nothing to audit")
+        raise AuditError(
+            f"no committed shard under {ds.shards.root} (no <shard>_stats.json): nothing to audit"
+        )
     con = connect(ds.store.storage, not ds.store.is_local)
     view_sql: dict[str, str] = {}
     warnings: list[str] = []
@@ -171,7 +173,9 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
         raise _read_error(ds.shards.root, e) from None
     missing = [c for c in REQUIRED_SHARD_COLUMNS if c not in cols]
     if missing:
-        raise AuditError(f"shards under {ds.shards.root} lack column(s) {', '.join(missing)}: not img2dataset shards")
+        raise AuditError(
+            f"shards under {ds.shards.root} lack column(s) {', '.join(missing)}: not img2dataset shards"
+        )
     select = [quote_ident(c) for c in cols if c != "filename"]
     shard_types = _duck_types(con, SHARD_SCHEMA)
     for c, t in shard_types.items():
@@ -201,8 +205,14 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
             info = None
             warnings.append(f"layer {name}: layer.json is not valid JSON ({e})")
         lshards = [s for s in layer.committed() if s in committed]
-        lv = LayerView(name, str((info or {}).get("kind") or "unknown"), view, lshards,
-                       [layer.store.uri(layer.parquet(s)) for s in lshards], info=info)
+        lv = LayerView(
+            name,
+            str((info or {}).get("kind") or "unknown"),
+            view,
+            lshards,
+            [layer.store.uri(layer.parquet(s)) for s in lshards],
+            info=info,
+        )
         layers.append(lv)
         if not lshards:
             lv.schema_ok, lv.problem = False, "no committed part"
@@ -244,12 +254,17 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
             f"FROM ({inner})",
         )
     else:
-        create("regions", "SELECT * FROM (SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS key, NULL::VARCHAR AS shard, "
-               "NULL::BIGINT AS idx, NULL::FLOAT AS x0, NULL::FLOAT AS y0, NULL::FLOAT AS x1, NULL::FLOAT AS y1, "
-               "NULL::DOUBLE AS area, NULL::VARCHAR AS caption, NULL::VARCHAR AS label) WHERE false")
+        create(
+            "regions",
+            "SELECT * FROM (SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS key, NULL::VARCHAR AS shard, "
+            "NULL::BIGINT AS idx, NULL::FLOAT AS x0, NULL::FLOAT AS y0, NULL::FLOAT AS x1, NULL::FLOAT AS y1, "
+            "NULL::DOUBLE AS area, NULL::VARCHAR AS caption, NULL::VARCHAR AS label) WHERE false",
+        )
 
     caption_layers = [lv for lv in layers if lv.kind == "caption" and lv.schema_ok]
-    sample_cols = "s.key, s.shard, s.source, s.status AS sample_status, s.caption AS alt_text, s.width, s.height"
+    sample_cols = (
+        "s.key, s.shard, s.source, s.status AS sample_status, s.caption AS alt_text, s.width, s.height"
+    )
     parts = [
         f"SELECT {sample_cols}, {quote_str(lv.name)} AS layer, c.caption, c.model, c.prompt_id, c.n_tokens, "
         f"c.finish_reason, c.latency_ms, c.status, c.error "
@@ -259,10 +274,13 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
     if parts:
         create("captions", " UNION ALL ".join(parts))
     else:
-        create("captions", f"SELECT {sample_cols}, NULL::VARCHAR AS layer, NULL::VARCHAR AS caption, "
-               "NULL::VARCHAR AS model, NULL::VARCHAR AS prompt_id, NULL::INTEGER AS n_tokens, "
-               "NULL::VARCHAR AS finish_reason, NULL::FLOAT AS latency_ms, NULL::VARCHAR AS status, "
-               "NULL::VARCHAR AS error FROM samples s WHERE false")
+        create(
+            "captions",
+            f"SELECT {sample_cols}, NULL::VARCHAR AS layer, NULL::VARCHAR AS caption, "
+            "NULL::VARCHAR AS model, NULL::VARCHAR AS prompt_id, NULL::INTEGER AS n_tokens, "
+            "NULL::VARCHAR AS finish_reason, NULL::FLOAT AS latency_ms, NULL::VARCHAR AS status, "
+            "NULL::VARCHAR AS error FROM samples s WHERE false",
+        )
 
     # ---- stats ------------------------------------------------------------------------------------
     stat_parts = [_stats_part("shards", [ds.shards.uri(f"{s}_stats.json") for s in shards])]
@@ -287,8 +305,10 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
         f"{str(lv.schema_ok).lower()}, {quote_str(lv.problem) if lv.problem else 'NULL'})"
         for lv in layers
     ]
-    typed = ("SELECT NULL::VARCHAR AS name, NULL::VARCHAR AS kind, NULL::VARCHAR AS view, NULL::INTEGER AS shards, "
-             "NULL::BOOLEAN AS schema_ok, NULL::VARCHAR AS problem WHERE false")
+    typed = (
+        "SELECT NULL::VARCHAR AS name, NULL::VARCHAR AS kind, NULL::VARCHAR AS view, NULL::INTEGER AS shards, "
+        "NULL::BOOLEAN AS schema_ok, NULL::VARCHAR AS problem WHERE false"
+    )
     body = typed + (f" UNION ALL SELECT * FROM (VALUES {', '.join(rows)})" if rows else "")
     sql = f"CREATE OR REPLACE TABLE layers AS {body}"
     con.execute(sql)
@@ -297,7 +317,9 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
 
 
 def _stats_part(part: str, files: list[str]) -> str:
-    return f"SELECT {quote_str(part)} AS part, filename, content::JSON AS j FROM read_text({_file_list(files)})"
+    return (
+        f"SELECT {quote_str(part)} AS part, filename, content::JSON AS j FROM read_text({_file_list(files)})"
+    )
 
 
 def _guess_kind(cols: dict[str, str]) -> str:

@@ -129,7 +129,9 @@ def chunked(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield buf
 
 
-def segment_plan(counts: Iterator[tuple[Any, int]], samples_per_shard: int) -> Iterator[list[tuple[Any, int, int]]]:
+def segment_plan(
+    counts: Iterator[tuple[Any, int]], samples_per_shard: int
+) -> Iterator[list[tuple[Any, int, int]]]:
     """Cut a stream of ``(file, n_samples)`` into shards of ``(file, start, count)`` segments.
 
     Used by sources whose files hold many samples (tars, Parquet): a shard may span files

@@ -38,7 +38,9 @@ class ExistingShardsSource(Source):
 
     @classmethod
     def matches(cls, uri: str, cfg: FineVitConfig) -> bool:
-        if uri.startswith("synthetic://") or uri.lower().endswith((".tar", ".parquet", ".txt", ".csv", ".tsv")):
+        if uri.startswith("synthetic://") or uri.lower().endswith(
+            (".tar", ".parquet", ".txt", ".csv", ".tsv")
+        ):
             return False
         store = Store(uri, cfg.storage)
         try:

@@ -15,7 +15,9 @@ from engine.config import FineVitConfig
 from engine.sources.base import RawSample, Source, SourceError, chunked, register
 from engine.store import Store, is_s3
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "avif"})
+IMAGE_EXTENSIONS = frozenset(
+    {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "avif"}
+)
 CAPTION_EXTENSIONS = frozenset({"txt", "caption"})
 
 
@@ -69,7 +71,9 @@ class FolderSource(Source):
             found = True
             yield chunk
         if not found:
-            raise SourceError(f"no image files under {self.uri} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise SourceError(
+                f"no image files under {self.uri} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
 
     def read(self, payload: list[tuple[str, str | None]]) -> Iterator[RawSample]:
         for rel, caption_rel in payload:
@@ -78,11 +82,11 @@ class FolderSource(Source):
             if caption_rel is not None:
                 try:
                     caption = self.store.read_bytes(caption_rel).decode("utf-8", "replace").strip()
-                except Exception:  # noqa: BLE001 - a missing caption is not a failed image
+                except Exception:
                     caption = None
             try:
                 data = self.store.read_bytes(rel)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 yield RawSample(url=url, caption=caption, error=f"cannot read file: {e}")
                 continue
             yield RawSample(url=url, data=data, caption=caption, meta={"path": posixpath.normpath(rel)})

@@ -42,7 +42,9 @@ def parquet_url_column(uri: str, cfg: FineVitConfig) -> str | None:
     fs, path = filesystem_for(uri, cfg.storage)
     with fs.open(path, "rb") as f:
         schema = pq.ParquetFile(f).schema_arrow
-    if any(pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t) for t in schema.types):
+    if any(
+        pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t) for t in schema.types
+    ):
         return None
     return _pick(schema.names, URL_COLUMNS)
 
@@ -84,8 +86,13 @@ class UrlListSource(Source):
                         raise SourceError(f"{uri}:{n}: not valid JSON: {e}") from None
                     url = next((obj[c] for c in URL_COLUMNS if c in obj), None)
                     if url is None:
-                        raise SourceError(f"{uri}:{n}: no url field (expected one of {', '.join(URL_COLUMNS)})")
-                    yield str(url), next((str(obj[c]) for c in CAPTION_COLUMNS if obj.get(c) is not None), None)
+                        raise SourceError(
+                            f"{uri}:{n}: no url field (expected one of {', '.join(URL_COLUMNS)})"
+                        )
+                    yield (
+                        str(url),
+                        next((str(obj[c]) for c in CAPTION_COLUMNS if obj.get(c) is not None), None),
+                    )
             return
         if low.endswith(".parquet"):
             with fs.open(path, "rb") as f:
@@ -109,12 +116,16 @@ class UrlListSource(Source):
             names = reader.schema.names
             url_col, cap_col = _pick(names, URL_COLUMNS), _pick(names, CAPTION_COLUMNS)
             if url_col is None:
-                raise SourceError(f"{uri}: no url column in header {names} (expected one of {', '.join(URL_COLUMNS)})")
+                raise SourceError(
+                    f"{uri}: no url column in header {names} (expected one of {', '.join(URL_COLUMNS)})"
+                )
             for batch in reader:
                 yield from self._batch_rows(batch, url_col, cap_col)
 
     @staticmethod
-    def _batch_rows(batch: pa.RecordBatch, url_col: str, cap_col: str | None) -> Iterator[tuple[str, str | None]]:
+    def _batch_rows(
+        batch: pa.RecordBatch, url_col: str, cap_col: str | None
+    ) -> Iterator[tuple[str, str | None]]:
         urls = batch.column(url_col).to_pylist()
         caps = batch.column(cap_col).to_pylist() if cap_col else [None] * len(urls)
         for u, c in zip(urls, caps, strict=True):

@@ -89,7 +89,9 @@ def count_tar_samples(uri: str, cfg: FineVitConfig) -> int:
     return n
 
 
-def sample_from_members(tar_uri: str, key: str, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> RawSample:
+def sample_from_members(
+    tar_uri: str, key: str, members: list[tuple[tarfile.TarInfo, bytes | None]]
+) -> RawSample:
     url = f"{tar_uri}#{key}"
     for m, _ in members:
         reason = _unsafe(m)
@@ -116,7 +118,11 @@ def sample_from_members(tar_uri: str, key: str, members: list[tuple[tarfile.TarI
                 except json.JSONDecodeError:
                     pass
             meta[ext] = text.strip()
-    if caption is None and isinstance(meta.get("json"), dict) and isinstance(meta["json"].get("caption"), str):
+    if (
+        caption is None
+        and isinstance(meta.get("json"), dict)
+        and isinstance(meta["json"].get("caption"), str)
+    ):
         caption = meta["json"]["caption"]
     meta["key"] = key
     if image is None:

@@ -22,15 +22,27 @@ def make_backend(cfg, model: str | None = None) -> Backend:
         from recaption.backends.openai_http import OpenAIBackend
 
         return OpenAIBackend(
-            cfg.endpoints, model or cfg.model, max_in_flight=cfg.max_in_flight, timeout=cfg.timeout,
-            retries=cfg.retries, backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max,
-            eject_after=cfg.eject_after, probe_interval=cfg.probe_interval, api_key=cfg.api_key,
-        )  # fmt: skip
+            cfg.endpoints,
+            model or cfg.model,
+            max_in_flight=cfg.max_in_flight,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            backoff_base=cfg.backoff_base,
+            backoff_max=cfg.backoff_max,
+            eject_after=cfg.eject_after,
+            probe_interval=cfg.probe_interval,
+            api_key=cfg.api_key,
+        )
     if cfg.backend == "hf":
         from recaption.backends.hf_local import HFBackend
 
         if not cfg.model:
             raise BackendError("the hf backend needs --model /path/to/local/model/dir")
-        return HFBackend(cfg.model, device=cfg.hf.device, dtype=cfg.hf.dtype, batch_size=cfg.hf.batch_size,
-                         batch_wait_ms=cfg.hf.batch_wait_ms)  # fmt: skip
+        return HFBackend(
+            cfg.model,
+            device=cfg.hf.device,
+            dtype=cfg.hf.dtype,
+            batch_size=cfg.hf.batch_size,
+            batch_wait_ms=cfg.hf.batch_wait_ms,
+        )
     raise BackendError(f"backend {cfg.backend!r} has no async client: it runs as a Ray Data pipeline")

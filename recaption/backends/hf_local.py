@@ -27,10 +27,18 @@ from recaption.backends.base import Backend, BackendError, CaptionRequest, Capti
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-                 batch_wait_ms: float = 5.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+    ) -> None:
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise BackendError(f"{model_dir} is not a model directory (no config.json): the hf backend loads local models only")
+            raise BackendError(
+                f"{model_dir} is not a model directory (no config.json): the hf backend loads local models only"
+            )
         self.model_dir = model_dir
         self.model = model_dir
         self.device_name = device
@@ -59,12 +67,16 @@ class HFBackend(Backend):
         dev = self.device_name
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype_name]  # fmt: skip
+        dtype = {
+            "auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[self.dtype_name]
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_dir)
             self.net = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype).to(dev).eval()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise BackendError(f"cannot load a VLM from {self.model_dir}: {type(e).__name__}: {e}") from e
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
@@ -118,8 +130,11 @@ class HFBackend(Backend):
                 reqs = [r for r, _ in items]
                 try:
                     results = await loop.run_in_executor(self._pool, self.generate_batch, reqs)
-                except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the loop
-                    results = [CaptionResult(r.key, error=f"generation failed: {type(e).__name__}: {e}") for r in reqs]
+                except Exception as e:
+                    results = [
+                        CaptionResult(r.key, error=f"generation failed: {type(e).__name__}: {e}")
+                        for r in reqs
+                    ]
                 for (_, fut), res in zip(items, results, strict=True):
                     if not fut.done():
                         fut.set_result(res)
@@ -131,7 +146,9 @@ class HFBackend(Backend):
 
         t0 = time.perf_counter()
         proc, net = self.processor, self.net
-        texts = [proc.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) for r in reqs]
+        texts = [
+            proc.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) for r in reqs
+        ]
         images = [Image.open(io.BytesIO(b)).convert("RGB") for r in reqs for b in r.images]
         inputs = proc(images=images or None, text=texts, padding=True, return_tensors="pt").to(self.device)
         if "pixel_values" in inputs:
@@ -156,5 +173,9 @@ class HFBackend(Backend):
             used = new if stop_at is None else new[:stop_at]
             text = tok.decode(used, skip_special_tokens=True)
             finish = "stop" if stop_at is not None else "length"
-            results.append(CaptionResult(r.key, text, finish, int(prompt_tokens[i]), len(used), latency, 1, None, "local"))
+            results.append(
+                CaptionResult(
+                    r.key, text, finish, int(prompt_tokens[i]), len(used), latency, 1, None, "local"
+                )
+            )
         return results

@@ -65,7 +65,10 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
 
 
 def image_part(data: bytes) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode()}}
+    return {
+        "type": "image_url",
+        "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode()},
+    }
 
 
 def build_payload(req: CaptionRequest, model: str) -> dict[str, Any]:
@@ -121,8 +124,13 @@ class Endpoint:
         return f"{self.url}/v1/chat/completions"
 
     def snapshot(self) -> dict[str, Any]:
-        return {"requests": self.requests, "ok": self.ok, "failures": self.failures,
-                "ejections": self.ejections, "ejected": self.ejected}  # fmt: skip
+        return {
+            "requests": self.requests,
+            "ok": self.ok,
+            "failures": self.failures,
+            "ejections": self.ejections,
+            "ejected": self.ejected,
+        }
 
 
 class NoEndpoint(RuntimeError):
@@ -132,8 +140,15 @@ class NoEndpoint(RuntimeError):
 class EndpointPool:
     """Bounded in-flight per endpoint, least-outstanding choice, ejection and probing back."""
 
-    def __init__(self, urls: list[str], max_in_flight: int, eject_after: int, probe_interval: float,
-                 probe, wait_limit: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        urls: list[str],
+        max_in_flight: int,
+        eject_after: int,
+        probe_interval: float,
+        probe,
+        wait_limit: float,
+    ) -> None:
         if not urls:
             raise BackendError("no endpoint given: pass --endpoint http://HOST:PORT (repeatable)")
         self.endpoints = [Endpoint(normalize_endpoint(u)) for u in urls]
@@ -150,7 +165,11 @@ class EndpointPool:
         n = len(self.endpoints)
         for i in range(n):  # start after the last choice so ties rotate
             e = self.endpoints[(self._rr + i) % n]
-            if not e.ejected and e.outstanding < self.max_in_flight and (best is None or e.outstanding < best.outstanding):
+            if (
+                not e.ejected
+                and e.outstanding < self.max_in_flight
+                and (best is None or e.outstanding < best.outstanding)
+            ):
                 best = e
         return best
 
@@ -215,10 +234,22 @@ class EndpointPool:
 class OpenAIBackend(Backend):
     name = "openai"
 
-    def __init__(self, endpoints: list[str], model: str | None = None, *, max_in_flight: int = 64,
-                 timeout: float = 120.0, retries: int = 3, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 eject_after: int = 5, probe_interval: float = 2.0, api_key: str | None = None,
-                 check_timeout: float = 10.0, seed: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        endpoints: list[str],
+        model: str | None = None,
+        *,
+        max_in_flight: int = 64,
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        eject_after: int = 5,
+        probe_interval: float = 2.0,
+        api_key: str | None = None,
+        check_timeout: float = 10.0,
+        seed: int | None = None,
+    ) -> None:
         self.urls = [normalize_endpoint(u) for u in endpoints]
         if not self.urls:
             raise BackendError("no endpoint given: pass --endpoint http://HOST:PORT (repeatable)")
@@ -254,10 +285,18 @@ class OpenAIBackend(Backend):
 
         if self._session is None:
             # we bound concurrency ourselves; the connector must not add a second, smaller bound
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+            )
             self._session = aiohttp.ClientSession(connector=connector, headers=self.headers)
-            self.pool = EndpointPool(self.urls, self.max_in_flight, self.eject_after, self.probe_interval,
-                                     self._probe, wait_limit=max(self.timeout, self.probe_interval * 3))  # fmt: skip
+            self.pool = EndpointPool(
+                self.urls,
+                self.max_in_flight,
+                self.eject_after,
+                self.probe_interval,
+                self._probe,
+                wait_limit=max(self.timeout, self.probe_interval * 3),
+            )
 
     async def _get(self, url: str) -> tuple[int, Any]:
         import aiohttp
@@ -273,7 +312,7 @@ class OpenAIBackend(Backend):
         for path in ("/health", "/v1/models"):
             try:
                 status, _ = await self._get(e.url + path)
-            except Exception:  # noqa: BLE001 - any failure means not back yet
+            except Exception:
                 continue
             if status == 200:
                 return True
@@ -292,7 +331,7 @@ class OpenAIBackend(Backend):
             raise BackendError(f"{url}: /v1/models answered HTTP {status}, /health HTTP {status2}")
         except BackendError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise BackendError(f"{url}: {type(e).__name__}: {e or 'no answer'}") from None
 
     async def start(self) -> None:
@@ -310,7 +349,9 @@ class OpenAIBackend(Backend):
                 raise BackendError(f"{self.urls[0]} lists no model: pass --model NAME")
             self.model = served[0]
         elif served and self.model not in served:
-            raise BackendError(f"model {self.model!r} is not served by {self.urls}: they serve {sorted(set(served))}")
+            raise BackendError(
+                f"model {self.model!r} is not served by {self.urls}: they serve {sorted(set(served))}"
+            )
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -354,7 +395,9 @@ class OpenAIBackend(Backend):
                         error = f"bad response: not a chat completion ({str(e)[:120]}): {raw[:80]!r}"
                     else:
                         await self.pool.release(ep, "ok")
-                        return CaptionResult(request.key, text, finish, pt, ct, latency, attempt + 1, None, ep.url)
+                        return CaptionResult(
+                            request.key, text, finish, pt, ct, latency, attempt + 1, None, ep.url
+                        )
                 elif status == 429:
                     outcome = "neutral"
                     error = "HTTP 429 rate limited"
@@ -363,9 +406,19 @@ class OpenAIBackend(Backend):
                     error = f"HTTP {status} server error"
                 else:  # 4xx other than 429: the request itself is wrong; asking again cannot help
                     await self.pool.release(ep, "neutral")
-                    return CaptionResult(request.key, error=f"HTTP {status}: {raw[:300].decode(errors='replace')}",
-                                         attempts=attempt + 1, endpoint=ep.url)  # fmt: skip
+                    return CaptionResult(
+                        request.key,
+                        error=f"HTTP {status}: {raw[:300].decode(errors='replace')}",
+                        attempts=attempt + 1,
+                        endpoint=ep.url,
+                    )
             await self.pool.release(ep, outcome)
             if attempt < self.retries:
-                await asyncio.sleep(delay if delay is not None else backoff_delay(attempt, self.backoff_base, self.backoff_max, self._rng))
-        return CaptionResult(request.key, error=f"{error} (after {self.retries + 1} attempts)", attempts=self.retries + 1)
+                await asyncio.sleep(
+                    delay
+                    if delay is not None
+                    else backoff_delay(attempt, self.backoff_base, self.backoff_max, self._rng)
+                )
+        return CaptionResult(
+            request.key, error=f"{error} (after {self.retries + 1} attempts)", attempts=self.retries + 1
+        )

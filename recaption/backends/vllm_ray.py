@@ -63,8 +63,11 @@ def processor_config(cfg: RecaptionConfig):
 
 
 def sampling_params(req: CaptionRequest) -> dict[str, Any]:
-    sp: dict[str, Any] = {"max_tokens": req.sampling.max_tokens, "temperature": req.sampling.temperature,
-                          "top_p": req.sampling.top_p}  # fmt: skip
+    sp: dict[str, Any] = {
+        "max_tokens": req.sampling.max_tokens,
+        "temperature": req.sampling.temperature,
+        "top_p": req.sampling.top_p,
+    }
     if req.sampling.seed is not None:
         sp["seed"] = req.sampling.seed
     if req.json_schema is not None:
@@ -79,8 +82,13 @@ def request_row(req: CaptionRequest, shard: str, key: str) -> dict[str, Any]:
     def pil(data: bytes) -> dict[str, Any]:
         return {"type": "image", "image": Image.open(io.BytesIO(data)).convert("RGB")}
 
-    return {"shard": shard, "key": key, "req_key": req.key, "messages": fill_images(req.messages, req.images, pil),
-            "sampling_params": sampling_params(req)}  # fmt: skip
+    return {
+        "shard": shard,
+        "key": key,
+        "req_key": req.key,
+        "messages": fill_images(req.messages, req.images, pil),
+        "sampling_params": sampling_params(req),
+    }
 
 
 def result_from_row(row: dict[str, Any]) -> CaptionResult:
@@ -91,13 +99,30 @@ def result_from_row(row: dict[str, Any]) -> CaptionResult:
     if err:
         return CaptionResult(row["req_key"], error=f"engine error: {str(err)[:200]}")
     finish = "length" if max_tokens and n_out >= max_tokens else "stop"
-    return CaptionResult(row["req_key"], row.get("generated_text") or "", finish, int(row.get("num_input_tokens") or 0),
-                         n_out, float(row.get("time_taken_llm") or 0.0) * 1000, 1, None, "vllm")  # fmt: skip
+    return CaptionResult(
+        row["req_key"],
+        row.get("generated_text") or "",
+        finish,
+        int(row.get("num_input_tokens") or 0),
+        n_out,
+        float(row.get("time_taken_llm") or 0.0) * 1000,
+        1,
+        None,
+        "vllm",
+    )
 
 
 def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-    keep = ("shard", "key", "req_key", "generated_text", "num_generated_tokens", "num_input_tokens", "time_taken_llm",
-            "__inference_error__")  # fmt: skip
+    keep = (
+        "shard",
+        "key",
+        "req_key",
+        "generated_text",
+        "num_generated_tokens",
+        "num_input_tokens",
+        "time_taken_llm",
+        "__inference_error__",
+    )
     out = {k: row.get(k) for k in keep}
     out["max_tokens"] = (row.get("sampling_params") or {}).get("max_tokens")
     return out
@@ -183,7 +208,8 @@ def run_vllm(dataset, run_cfg, report, progress: bool = True, say=print):
     task = make_task(cfg, cfg.model)
     processor = build_processor(processor_config(cfg), postprocess=postprocess)
     src = ray.data.from_items([{"shard": s} for s in todo]).flat_map(
-        expand_shard, fn_kwargs={"root": dataset.root, "storage": storage, "cfg": cfg})  # fmt: skip
+        expand_shard, fn_kwargs={"root": dataset.root, "storage": storage, "cfg": cfg}
+    )
     # expected answers per shard: the same task logic, without images (cheap: Parquet only)
     expected: dict[str, int] = {}
     for s in todo:
@@ -197,7 +223,10 @@ def run_vllm(dataset, run_cfg, report, progress: bool = True, say=print):
         no_retry = make_task(cfg.model_copy(update={"retries": 0}), cfg.model)
 
         async def rows_of():
-            return {s.key: await no_retry.run(replay, s, metrics) for s in shard_samples(dataset, shard, cfg, task)}
+            return {
+                s.key: await no_retry.run(replay, s, metrics)
+                for s in shard_samples(dataset, shard, cfg, task)
+            }
 
         by_key = asyncio.run(rows_of())
         rows = [by_key[k] for k in shard_keys(dataset, shard)]

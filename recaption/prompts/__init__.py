@@ -70,5 +70,7 @@ def load_prompt(ref: str) -> Prompt:
         return Prompt(f"{p.stem}@{prompt.sha}", prompt.text, prompt.task)
     p = HERE / f"{ref}.txt"
     if not p.is_file():
-        raise PromptError(f"unknown prompt id {ref!r}: use one of {', '.join(available())} or a path to a text file")
+        raise PromptError(
+            f"unknown prompt id {ref!r}: use one of {', '.join(available())} or a path to a text file"
+        )
     return _parse(ref, p.read_text())

@@ -45,7 +45,9 @@ def _jpeg(i: int, w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-def _commit_shard(ds: Dataset, shard: int, rows: list[dict], images: dict[str, bytes], commit: bool = True) -> None:
+def _commit_shard(
+    ds: Dataset, shard: int, rows: list[dict], images: dict[str, bytes], commit: bool = True
+) -> None:
     name = f"{shard:05d}"
     with tempfile.TemporaryDirectory() as tmp:
         tar_path = os.path.join(tmp, "s.tar")
@@ -74,7 +76,12 @@ def make_dataset(root: str, storage=None) -> Dataset:
     """
     ds = Dataset(root, storage)
     ds.write_manifest({"name": "hand", "samples_per_shard": SPS, "shard_root": "shards", "sources": []})
-    for layer, kind in (("recap", "caption"), ("recap-v2", "caption"), ("regions", "regions"), ("quality", "filter")):
+    for layer, kind in (
+        ("recap", "caption"),
+        ("recap-v2", "caption"),
+        ("regions", "regions"),
+        ("quality", "filter"),
+    ):
         ds.layer(layer).write_info({"kind": kind, "stage": "test", "model": f"m-{layer}"})
     with tempfile.TemporaryDirectory() as staging:
         for shard in range(3):
@@ -83,36 +90,75 @@ def make_dataset(root: str, storage=None) -> Dataset:
                 key = make_key(shard, i, SPS)
                 failed = shard == 0 and i == 3
                 w, h = (64, 32) if i % 2 else (48, 48)
-                rows.append({
-                    "url": f"file://{key}", "caption": "a photo" if i < 2 else f"alt {key}",
-                    "source": "hand" if shard < 1 else "other", "meta": None, "key": key,
-                    "status": "failed_to_download" if failed else "success",
-                    "error_message": "HTTP Error 404" if failed else None,
-                    "width": None if failed else w, "height": None if failed else h,
-                    "original_width": None, "original_height": None,
-                    "sha256": None if failed else ("same" if i == 4 else f"sha{key}"),
-                })
+                rows.append(
+                    {
+                        "url": f"file://{key}",
+                        "caption": "a photo" if i < 2 else f"alt {key}",
+                        "source": "hand" if shard < 1 else "other",
+                        "meta": None,
+                        "key": key,
+                        "status": "failed_to_download" if failed else "success",
+                        "error_message": "HTTP Error 404" if failed else None,
+                        "width": None if failed else w,
+                        "height": None if failed else h,
+                        "original_width": None,
+                        "original_height": None,
+                        "sha256": None if failed else ("same" if i == 4 else f"sha{key}"),
+                    }
+                )
                 if not failed:
                     images[key] = _jpeg(i, w, h)
                 cap_failed = shard == 1 and i == 2
-                caps.append({
-                    "key": key, "caption": None if cap_failed else f"a dense caption of sample {key} with words",
-                    "model": "m", "prompt_id": "p", "n_tokens": None if cap_failed else 9,
-                    "finish_reason": None if cap_failed else "stop", "latency_ms": 100.0 + i,
-                    "status": "failed" if cap_failed else "ok", "error": "timeout after 60 s" if cap_failed else None,
-                })
+                caps.append(
+                    {
+                        "key": key,
+                        "caption": None if cap_failed else f"a dense caption of sample {key} with words",
+                        "model": "m",
+                        "prompt_id": "p",
+                        "n_tokens": None if cap_failed else 9,
+                        "finish_reason": None if cap_failed else "stop",
+                        "latency_ms": 100.0 + i,
+                        "status": "failed" if cap_failed else "ok",
+                        "error": "timeout after 60 s" if cap_failed else None,
+                    }
+                )
                 caps2.append({**caps[-1], "caption": f"v2 {key}", "status": "ok", "error": None})
-                regs.append({
-                    "key": key, "model": "m", "prompt_id": "r", "status": "ok", "error": None,
-                    "regions": [
-                        {"x0": 0.1, "y0": 0.1, "x1": 0.5, "y1": 0.5, "caption": "a blue square", "label": "square"},
-                        {"x0": 0.5, "y0": 0.5, "x1": 0.9 if key != "000001" else 1.2, "y1": 0.9,
-                         "caption": "a red circle", "label": "circle"},
-                    ],
-                })
+                regs.append(
+                    {
+                        "key": key,
+                        "model": "m",
+                        "prompt_id": "r",
+                        "status": "ok",
+                        "error": None,
+                        "regions": [
+                            {
+                                "x0": 0.1,
+                                "y0": 0.1,
+                                "x1": 0.5,
+                                "y1": 0.5,
+                                "caption": "a blue square",
+                                "label": "square",
+                            },
+                            {
+                                "x0": 0.5,
+                                "y0": 0.5,
+                                "x1": 0.9 if key != "000001" else 1.2,
+                                "y1": 0.9,
+                                "caption": "a red circle",
+                                "label": "circle",
+                            },
+                        ],
+                    }
+                )
                 drop = key[-1] in "01"
-                filt.append({"key": key, "keep": not drop, "reasons": ["too_dark"] if drop else [],
-                             "score": 0.1 if drop else 0.9})
+                filt.append(
+                    {
+                        "key": key,
+                        "keep": not drop,
+                        "reasons": ["too_dark"] if drop else [],
+                        "score": 0.1 if drop else 0.9,
+                    }
+                )
             committed = shard < 2
             _commit_shard(ds, shard, rows, images, commit=committed)
             name = f"{shard:05d}"
@@ -152,18 +198,36 @@ def test_views_read_only_committed_parts(hand_ds):
     # recap part 00002 is committed but its image shard is not: invisible as well
     assert one(a, "SELECT count(*), max(shard) FROM layer_recap") == (10, "00001")
     # regions part 00001 has no _stats.json: only shard 00000's boxes
-    assert one(a, "SELECT count(*), count(DISTINCT key), min(shard), max(shard) FROM regions") == (10, 5, "00000",
-                                                                                                      "00000")
+    assert one(a, "SELECT count(*), count(DISTINCT key), min(shard), max(shard) FROM regions") == (
+        10,
+        5,
+        "00000",
+        "00000",
+    )
     assert one(a, "SELECT count(*) FROM stats WHERE shard = '00002'") == (0,)
-    assert sorted(a.views()) == sorted(["samples", "layer_recap", "layer_recap_v2", "layer_regions", "layer_quality",
-                                        "regions", "captions", "stats", "layers"])
+    assert sorted(a.views()) == sorted(
+        [
+            "samples",
+            "layer_recap",
+            "layer_recap_v2",
+            "layer_regions",
+            "layer_quality",
+            "regions",
+            "captions",
+            "stats",
+            "layers",
+        ]
+    )
     assert a.warnings == []
 
 
 def test_views_are_lazy_and_offline(hand_ds):
     a = open_audit(str(hand_ds))
-    assert one(a, "SELECT current_setting('autoinstall_known_extensions'), "
-                  "current_setting('autoload_known_extensions')") == (False, False)
+    assert one(
+        a,
+        "SELECT current_setting('autoinstall_known_extensions'), "
+        "current_setting('autoload_known_extensions')",
+    ) == (False, False)
     # views, not tables: nothing is loaded until queried; the file list is explicit, never a glob
     kinds = dict(a.con.execute("SELECT table_name, table_type FROM information_schema.tables").fetchall())
     assert kinds["samples"] == "VIEW" and kinds["layer_recap"] == "VIEW" and kinds["regions"] == "VIEW"
@@ -178,12 +242,18 @@ def test_regions_captions_stats_layers(hand_ds):
     # captions: one row per (sample, caption layer), LEFT JOIN keeps the failed download
     assert one(a, "SELECT count(*), count(DISTINCT layer) FROM captions") == (20, 2)
     assert one(a, "SELECT status, error FROM captions WHERE layer = 'recap' AND key = '000012'") == (
-        "failed", "timeout after 60 s")
+        "failed",
+        "timeout after 60 s",
+    )
     assert one(a, "SELECT sum(count), sum(ok), sum(failed) FROM stats WHERE part = 'shards'") == (10, 9, 1)
     assert one(a, "SELECT sum(failed) FROM stats WHERE part = 'recap'") == (1,)
     rows = a.con.execute("SELECT name, kind, view, shards, schema_ok FROM layers ORDER BY name").fetchall()
-    assert rows == [("quality", "filter", "layer_quality", 2, True), ("recap", "caption", "layer_recap", 2, True),
-                    ("recap-v2", "caption", "layer_recap_v2", 2, True), ("regions", "regions", "layer_regions", 1, True)]
+    assert rows == [
+        ("quality", "filter", "layer_quality", 2, True),
+        ("recap", "caption", "layer_recap", 2, True),
+        ("recap-v2", "caption", "layer_recap_v2", 2, True),
+        ("regions", "regions", "layer_regions", 1, True),
+    ]
 
 
 def test_missing_root_and_no_committed_shard(tmp_path, capsys):
@@ -229,8 +299,10 @@ def test_sql_formats(hand_ds, tmp_path, capsys):
     assert lines[0] == "key,status,width" and lines[4] == "000003,failed_to_download,"
     run_sql(a, sql + " LIMIT 2", "json")
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert rows == [{"key": "000000", "status": "success", "width": 48},
-                    {"key": "000001", "status": "success", "width": 64}]
+    assert rows == [
+        {"key": "000000", "status": "success", "width": 48},
+        {"key": "000001", "status": "success", "width": 64},
+    ]
     assert run_sql(a, "SELECT * FROM regions", "parquet", str(tmp_path / "r.parquet")) == 10
     assert pq.read_table(tmp_path / "r.parquet").num_rows == 10
     run_sql(a, "SELECT count(*) AS n FROM samples", "table")
@@ -250,8 +322,19 @@ def test_bad_sql_prints_duckdb_message_and_views(hand_ds, capsys):
 
 
 def test_cli_sql_and_list(hand_ds, capsys):
-    assert cli.main(["audit", str(hand_ds), "--sql", "SELECT count(*) AS n FROM layer_quality WHERE keep",
-                     "--format", "csv"]) == 0
+    assert (
+        cli.main(
+            [
+                "audit",
+                str(hand_ds),
+                "--sql",
+                "SELECT count(*) AS n FROM layer_quality WHERE keep",
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines() == ["n", "6"]
     assert cli.main(["audit", str(hand_ds)]) == 0
     out = capsys.readouterr().out
@@ -262,8 +345,9 @@ def test_python_shell_has_the_views(hand_ds, monkeypatch, capsys):
     import shutil
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr("sys.stdin", io.StringIO("print('ROWS', con.execute('SELECT count(*) FROM samples')"
-                                                 ".fetchall())\n"))
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("print('ROWS', con.execute('SELECT count(*) FROM samples').fetchall())\n")
+    )
     assert cli.main(["audit", str(hand_ds), "--shell"]) == 0
     assert "ROWS [(10,)]" in capsys.readouterr().out
 
@@ -353,8 +437,16 @@ def test_compare_layers(hand_ds):
 
 
 def _s3_args(s3) -> list[str]:
-    return ["--s3-endpoint-url", s3.endpoint, "--set", "storage.access_key_id=testing",
-            "--set", "storage.secret_access_key=testing", "--set", "storage.region=us-east-1"]
+    return [
+        "--s3-endpoint-url",
+        s3.endpoint,
+        "--set",
+        "storage.access_key_id=testing",
+        "--set",
+        "storage.secret_access_key=testing",
+        "--set",
+        "storage.region=us-east-1",
+    ]
 
 
 def test_s3_views_report_offline(s3, tmp_path, capsys):
@@ -367,8 +459,12 @@ def test_s3_views_report_offline(s3, tmp_path, capsys):
     files = write_report(a, str(tmp_path / "rep"))
     check_report(tmp_path / "rep", n_thumbs=9)
     assert files.data.samples == 10
-    assert cli.main(["audit", root, *_s3_args(s3), "--sql", "SELECT count(*) AS n FROM captions", "--format",
-                     "csv"]) == 0
+    assert (
+        cli.main(
+            ["audit", root, *_s3_args(s3), "--sql", "SELECT count(*) AS n FROM captions", "--format", "csv"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines() == ["n", "20"]
 
 
@@ -417,8 +513,20 @@ def test_e2e_ingested_local(ingested, tmp_path, capsys):
 def test_e2e_ingested_s3(ingested, s3, tmp_path, capsys):
     root = s3.upload_dir(ingested, "ingested")
     args = _s3_args(s3)
-    assert cli.main(["audit", root, *args, "--sql", "SELECT count(*) AS n FROM regions WHERE layer = 'gt-regions'",
-                     "--format", "json"]) == 0
+    assert (
+        cli.main(
+            [
+                "audit",
+                root,
+                *args,
+                "--sql",
+                "SELECT count(*) AS n FROM regions WHERE layer = 'gt-regions'",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     n_boxes = json.loads(capsys.readouterr().out)["n"]
     assert n_boxes >= 40
     assert cli.main(["audit", root, *args, "--report", str(tmp_path / "rep"), "--samples", "6"]) == 0

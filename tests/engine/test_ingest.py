@@ -76,7 +76,9 @@ def test_synthetic_scenes_with_ground_truth_layers(where, tmp_path, request):
         out, storage = s3.uri("ds"), s3.storage
     else:
         out, storage = str(tmp_path / "ds"), None
-    report = ingest("synthetic://scenes?n=25&seed=3&size=128", out, cfg_for(storage, samples_per_shard=10), progress=False)
+    report = ingest(
+        "synthetic://scenes?n=25&seed=3&size=128", out, cfg_for(storage, samples_per_shard=10), progress=False
+    )
     assert (report.shards_written, report.count, report.failed) == (3, 25, 0)
     ds = Dataset(out, storage)
     assert ds.committed_shards() == ["00000", "00001", "00002"]
@@ -96,7 +98,9 @@ def test_synthetic_scenes_with_ground_truth_layers(where, tmp_path, request):
         assert sorted(keys) == sorted(r["key"] for r in rows)
         assert lay.info()["kind"] in ("caption", "regions")
     # deterministic: the same seed gives the same bytes, and a rerun is a no-op
-    again = ingest("synthetic://scenes?n=25&seed=3&size=128", out, cfg_for(storage, samples_per_shard=10), progress=False)
+    again = ingest(
+        "synthetic://scenes?n=25&seed=3&size=128", out, cfg_for(storage, samples_per_shard=10), progress=False
+    )
     assert (again.shards_written, again.shards_skipped) == (0, 3)
 
 
@@ -169,9 +173,13 @@ def test_url_list_formats(fmt, tmp_path, http_images):
         lst.write_text("\n".join(urls) + "\n")
     elif fmt in ("csv", "tsv"):
         sep = "," if fmt == "csv" else "\t"
-        lst.write_text(f"url{sep}caption\n" + "".join(f"{u}{sep}{c}\n" for u, c in zip(urls, caps, strict=True)))
+        lst.write_text(
+            f"url{sep}caption\n" + "".join(f"{u}{sep}{c}\n" for u, c in zip(urls, caps, strict=True))
+        )
     elif fmt == "jsonl":
-        lst.write_text("".join(json.dumps({"url": u, "caption": c}) + "\n" for u, c in zip(urls, caps, strict=True)))
+        lst.write_text(
+            "".join(json.dumps({"url": u, "caption": c}) + "\n" for u, c in zip(urls, caps, strict=True))
+        )
     else:
         pq.write_table(pa.table({"url": urls, "caption": caps}), lst)
     out = tmp_path / "out"
@@ -189,7 +197,10 @@ def test_url_list_formats(fmt, tmp_path, http_images):
 
 
 def test_private_addresses_are_refused_by_default(tmp_path, http_images):
-    urls = _serve(http_images, 2, "private") + ["http://169.254.169.254/latest/meta-data/", "http://localhost:9/x.jpg"]
+    urls = _serve(http_images, 2, "private") + [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://localhost:9/x.jpg",
+    ]
     lst = tmp_path / "l.txt"
     lst.write_text("\n".join(urls))
     ingest(str(lst), str(tmp_path / "out"), cfg_for(samples_per_shard=10, timeout=2), progress=False)
@@ -242,11 +253,15 @@ def _tar(path: Path, members: list[tuple[str, bytes]], links: tuple[str, ...] = 
 
 
 def test_shared_testdata_tars(tmp_path):
-    report = ingest(str(TESTDATA / "sample.tgz"), str(tmp_path / "a"), cfg_for(samples_per_shard=40), progress=False)
+    report = ingest(
+        str(TESTDATA / "sample.tgz"), str(tmp_path / "a"), cfg_for(samples_per_shard=40), progress=False
+    )
     assert (report.count, report.successes) == (90, 90)
     rows = assert_exactly_once(Dataset(str(tmp_path / "a")), 90)
     assert all("cls" in json.loads(r["meta"]) for r in rows), "the .cls member is carried into meta"
-    report = ingest(str(TESTDATA / "mpdata.tar"), str(tmp_path / "b"), cfg_for(samples_per_shard=40), progress=False)
+    report = ingest(
+        str(TESTDATA / "mpdata.tar"), str(tmp_path / "b"), cfg_for(samples_per_shard=40), progress=False
+    )
     assert report.count > 0 and report.successes == 0
     for r in rows_of(Dataset(str(tmp_path / "b"))):
         assert r["status"] == "failed_to_download" and r["error_message"].startswith("no image member")
@@ -325,8 +340,12 @@ def test_tars_and_parquet_on_s3(tmp_path, s3):
     c = s3.client()
     c.upload_file(str(tmp_path / "t.tar"), s3.bucket, "in/t.tar")
     c.upload_file(str(tmp_path / "p.parquet"), s3.bucket, "in/p.parquet")
-    r1 = ingest(s3.uri("in/t.tar"), str(tmp_path / "o1"), cfg_for(s3.storage, samples_per_shard=2), progress=False)
-    r2 = ingest(s3.uri("in/p.parquet"), str(tmp_path / "o2"), cfg_for(s3.storage, samples_per_shard=2), progress=False)
+    r1 = ingest(
+        s3.uri("in/t.tar"), str(tmp_path / "o1"), cfg_for(s3.storage, samples_per_shard=2), progress=False
+    )
+    r2 = ingest(
+        s3.uri("in/p.parquet"), str(tmp_path / "o2"), cfg_for(s3.storage, samples_per_shard=2), progress=False
+    )
     assert (r1.successes, r2.successes) == (3, 1)
 
 
@@ -349,7 +368,9 @@ def test_readback_with_webdataset_pyarrow_and_ray(tmp_path):
     ingest("synthetic://scenes?n=12&seed=1&size=96", str(out), cfg_for(samples_per_shard=5), progress=False)
     ds = Dataset(str(out))
     tars = [ds.shard_tar(s) for s in ds.committed_shards()]
-    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json"))
+    samples = list(
+        wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json")
+    )
     assert len(samples) == 12
     key, img, txt, meta = samples[0]
     assert img.size == (meta["width"], meta["height"]) and meta["key"] == key and txt == meta["caption"]
@@ -370,12 +391,14 @@ def i2d_output(tmp_path_factory, http_images) -> Path:
     lst.write_text("\n".join(urls))
     out = tmp / "i2d"
     cmd = [
-        sys.executable, "-c",
+        sys.executable,
+        "-c",
         "import sys; from img2dataset import download; download(url_list=sys.argv[1], output_folder=sys.argv[2], "
         "output_format='webdataset', processes_count=1, thread_count=4, number_sample_per_shard=3, "
         "image_size=64, resize_mode='keep_ratio', distributor='multiprocessing', enable_wandb=False)",
-        str(lst), str(out),
-    ]  # fmt: skip
+        str(lst),
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=_env())
     return out
 
@@ -422,9 +445,16 @@ def test_second_source_appends_shards_and_mismatches_are_refused(tmp_path):
     assert [s["first_shard"] for s in ds.manifest["sources"]] == [0, 2]
     assert_exactly_once(ds, 11)
     with pytest.raises(LayoutError, match="samples_per_shard=5"):
-        ingest("synthetic://scenes?n=4&seed=9&size=64", str(out), cfg_for(samples_per_shard=6), progress=False)
+        ingest(
+            "synthetic://scenes?n=4&seed=9&size=64", str(out), cfg_for(samples_per_shard=6), progress=False
+        )
     with pytest.raises(LayoutError, match="image settings"):
-        ingest("synthetic://scenes?n=4&seed=9&size=64", str(out), cfg_for(samples_per_shard=5, **{"image.image_size": 77}), progress=False)
+        ingest(
+            "synthetic://scenes?n=4&seed=9&size=64",
+            str(out),
+            cfg_for(samples_per_shard=5, **{"image.image_size": 77}),
+            progress=False,
+        )
 
 
 # ---------------------------------------------------------------- every source form, written to S3
@@ -449,7 +479,10 @@ def test_every_source_form_to_s3(form, tmp_path, s3, http_images, i2d_output):
         _tar(tmp_path / "a.tar", [(f"k{i}.png", _png(i)) for i in range(3)])
         source = str(tmp_path / "a.tar")
     elif form == "parquet":
-        pq.write_table(pa.table({"image": [{"bytes": jpeg(20, 20, i), "path": None} for i in range(3)]}), tmp_path / "p.parquet")
+        pq.write_table(
+            pa.table({"image": [{"bytes": jpeg(20, 20, i), "path": None} for i in range(3)]}),
+            tmp_path / "p.parquet",
+        )
         source = str(tmp_path / "p.parquet")
     else:
         source = s3.upload_dir(i2d_output, "i2d")
@@ -461,7 +494,9 @@ def test_every_source_form_to_s3(form, tmp_path, s3, http_images, i2d_output):
     assert Dataset(out, storage).summary()["successes"] == n_ok
     if form != "img2dataset":
         assert_exactly_once(ds, n_ok)
-        keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"out-{form}/")["Contents"]]
+        keys = [
+            o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=f"out-{form}/")["Contents"]
+        ]
         assert not any(".staging" in k or "tmp" in k for k in keys), keys
     else:
         assert ds.manifest["shard_root"] == "."

@@ -22,10 +22,23 @@ SOURCE = f"synthetic://scenes?n={N}&seed=7&size=160"
 
 
 def _run(out: Path, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "finevit", "ingest", SOURCE, str(out), "--samples-per-shard", str(SPS),
-           "--workers", "2", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "finevit",
+        "ingest",
+        SOURCE,
+        str(out),
+        "--samples-per-shard",
+        str(SPS),
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    return subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
+    )
 
 
 def _committed(out: Path) -> int:
@@ -40,7 +53,11 @@ def test_sigkill_then_rerun_is_exactly_once(tmp_path, kill_after_commits):
     if kill_after_commits == 0:
         # as soon as the first shard is being staged: mid-write, nothing committed yet
         staging = out / "shards" / ".staging"
-        while time.time() < deadline and proc.poll() is None and not (staging.exists() and any(staging.iterdir())):
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and not (staging.exists() and any(staging.iterdir()))
+        ):
             time.sleep(0.02)
     else:
         while time.time() < deadline and _committed(out) < kill_after_commits and proc.poll() is None:

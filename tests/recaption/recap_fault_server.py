@@ -146,18 +146,43 @@ class FaultServer:
             return web.Response(status=200, text="<html>502 Bad Gateway</html>", content_type="text/html")
         grounded = bool(body.get("response_format"))
         content, finish = self._content(body, mode, grounded)
-        return web.json_response({
-            "id": f"chatcmpl-{h[:12]}", "object": "chat.completion", "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": len(content.split()) if content else 0,
-                      "total_tokens": 100 + (len(content.split()) if content else 0)},
-        })  # fmt: skip
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{h[:12]}",
+                "object": "chat.completion",
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 100,
+                    "completion_tokens": len(content.split()) if content else 0,
+                    "total_tokens": 100 + (len(content.split()) if content else 0),
+                },
+            }
+        )
 
     def _boxes(self, scale: float) -> list[dict[str, Any]]:
         return [
-            {"bbox": [0.05 * scale, 0.05 * scale, 0.4 * scale, 0.45 * scale], "label": "circle", "caption": "a large red striped circle"},
-            {"bbox": [0.6 * scale, 0.6 * scale, 0.95 * scale, 0.9 * scale], "label": "square", "caption": "a small blue square"},
-            {"bbox": [0.6 * scale, 0.6 * scale, 0.95 * scale, 0.9 * scale], "label": "square", "caption": "a duplicate box"},
+            {
+                "bbox": [0.05 * scale, 0.05 * scale, 0.4 * scale, 0.45 * scale],
+                "label": "circle",
+                "caption": "a large red striped circle",
+            },
+            {
+                "bbox": [0.6 * scale, 0.6 * scale, 0.95 * scale, 0.9 * scale],
+                "label": "square",
+                "caption": "a small blue square",
+            },
+            {
+                "bbox": [0.6 * scale, 0.6 * scale, 0.95 * scale, 0.9 * scale],
+                "label": "square",
+                "caption": "a duplicate box",
+            },
         ]
 
     def _content(self, body: dict[str, Any], mode: str, grounded: bool) -> tuple[str, str]:
@@ -169,11 +194,19 @@ class FaultServer:
             return CAPTION[:40], "length"
         if not grounded:
             return CAPTION, "stop"
-        scale = {"norm1000": 1000.0, "norm1": 1.0}.get(self.bbox_format, 100.0)  # pixels: the tests use 100 px images
+        scale = {"norm1000": 1000.0, "norm1": 1.0}.get(
+            self.bbox_format, 100.0
+        )  # pixels: the tests use 100 px images
         if mode == "malformed_json":
             return '{"regions": [{"bbox": [10, 20, 30', "stop"
         if mode == "wrong_json":
             return json.dumps({"objects": ["circle"]}), "stop"
         if mode == "out_of_range":
-            return json.dumps({"regions": [{"bbox": [5 * scale, 5 * scale, 9 * scale, 9 * scale], "label": "x", "caption": "y"}]}), "stop"
+            return json.dumps(
+                {
+                    "regions": [
+                        {"bbox": [5 * scale, 5 * scale, 9 * scale, 9 * scale], "label": "x", "caption": "y"}
+                    ]
+                }
+            ), "stop"
         return json.dumps({"regions": self._boxes(scale)}), "stop"

@@ -21,7 +21,11 @@ pytestmark = pytest.mark.slow
 
 def _keys(root) -> list[str]:
     ds = Dataset(str(root))
-    return [k for s in ds.committed_shards() for k in pq.read_table(ds.shard_parquet(s), columns=["key"]).column("key").to_pylist()]
+    return [
+        k
+        for s in ds.committed_shards()
+        for k in pq.read_table(ds.shard_parquet(s), columns=["key"]).column("key").to_pylist()
+    ]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -29,8 +33,11 @@ def test_recaption_on_ray(scenes, fault_server, s3, where):
     srv = fault_server(plan={"503": 0.1, "429": 0.1, "reset": 0.05}, retry_after=0.05)
     storage = s3.storage if where == "s3" else None
     root = s3.upload_dir(scenes, "ds") if where == "s3" else str(scenes)
-    cfg = RecaptionRunConfig(recaption=RecaptionConfig(endpoints=[srv.url], layer="recap", timeout=5, backoff_base=0.01,
-                                                       clients=2, shards_in_flight=1))  # fmt: skip
+    cfg = RecaptionRunConfig(
+        recaption=RecaptionConfig(
+            endpoints=[srv.url], layer="recap", timeout=5, backoff_base=0.01, clients=2, shards_in_flight=1
+        )
+    )
     if storage is not None:
         cfg = cfg.model_copy(update={"storage": storage})
     report = recaption(root, cfg, progress=False)
@@ -41,7 +48,11 @@ def test_recaption_on_ray(scenes, fault_server, s3, where):
     assert sorted(t.column("key").to_pylist()) == sorted(_keys(scenes))
     ds = Dataset(root, storage)
     info = ds.layer("recap").info()
-    assert info["model"] == "fake-vlm" and info["prompt_id"] == "dense-v1" and "Describe this image" in info["prompt_text"]
+    assert (
+        info["model"] == "fake-vlm"
+        and info["prompt_id"] == "dense-v1"
+        and "Describe this image" in info["prompt_text"]
+    )
     # a rerun skips everything and sends nothing
     before = sum(srv.modes.values())
     again = recaption(root, cfg, progress=False)
@@ -49,10 +60,25 @@ def test_recaption_on_ray(scenes, fault_server, s3, where):
 
 
 def _cli(root, srv, *extra) -> subprocess.Popen:
-    cmd = [*CLI, "recaption", str(root), "--endpoint", srv.url, "--layer", "recap", "--no-progress",
-           "--max-in-flight", "2", "--timeout", "10", *extra]  # fmt: skip
+    cmd = [
+        *CLI,
+        "recaption",
+        str(root),
+        "--endpoint",
+        srv.url,
+        "--layer",
+        "recap",
+        "--no-progress",
+        "--max-in-flight",
+        "2",
+        "--timeout",
+        "10",
+        *extra,
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 @pytest.mark.parametrize("kill_after_commits", [0, 1])
@@ -66,10 +92,14 @@ def test_sigkill_then_rerun_is_exactly_once(scenes, fault_server, kill_after_com
         return len(list(layer_dir.glob("*_stats.json"))) if layer_dir.exists() else 0
 
     while time.time() < deadline and proc.poll() is None:
-        if (kill_after_commits == 0 and sum(srv.modes.values()) > 0) or (kill_after_commits and committed() >= kill_after_commits):
+        if (kill_after_commits == 0 and sum(srv.modes.values()) > 0) or (
+            kill_after_commits and committed() >= kill_after_commits
+        ):
             break
         time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()[-2000:]
+    assert proc.poll() is None, (
+        "the run finished before it could be killed: " + proc.stdout.read().decode()[-2000:]
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     n_before = committed()
@@ -97,6 +127,10 @@ def test_cli_unreachable_endpoint_exits_2(scenes):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = subprocess.run([*CLI, "recaption", str(scenes), "--endpoint", f"http://127.0.0.1:{port}", "--no-progress"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [*CLI, "recaption", str(scenes), "--endpoint", f"http://127.0.0.1:{port}", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr, r.stderr

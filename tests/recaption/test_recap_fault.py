@@ -28,12 +28,23 @@ def _jpeg(i: int) -> bytes:
 
 
 def _req(i: int) -> CaptionRequest:
-    return CaptionRequest(f"k{i}", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
-                          [_jpeg(i)], SamplingParams(32))  # fmt: skip
+    return CaptionRequest(
+        f"k{i}",
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
+        [_jpeg(i)],
+        SamplingParams(32),
+    )
 
 
 def _backend(urls, **kw) -> OpenAIBackend:
-    kw = {"timeout": 0.5, "retries": 4, "backoff_base": 0.01, "backoff_max": 0.05, "probe_interval": 0.1, **kw}
+    kw = {
+        "timeout": 0.5,
+        "retries": 4,
+        "backoff_base": 0.01,
+        "backoff_max": 0.05,
+        "probe_interval": 0.1,
+        **kw,
+    }
     return OpenAIBackend(urls, **kw)
 
 
@@ -53,7 +64,9 @@ def test_transient_faults_succeed_on_retry(fault_server):
     for mode in TRANSIENT:  # every fault was injected at least once ...
         assert srv.modes[mode] > 0, srv.modes
     retried = sum(r.attempts - 1 for r in results)
-    assert retried == sum(n for m, n in srv.modes.items() if m != "ok")  # ... and each one cost exactly one retry
+    assert retried == sum(
+        n for m, n in srv.modes.items() if m != "ok"
+    )  # ... and each one cost exactly one retry
     # Retry-After was honoured: the retry of a 429'd request came no sooner than it said
     gaps = [t[1] - t[0] for h, t in srv.times.items() if len(t) > 1 and srv._mode(h, 1) == "429"]
     assert gaps and min(gaps) >= 0.2 * 0.95
@@ -63,7 +76,9 @@ def test_persistent_faults_end_with_a_reason(fault_server):
     srv = fault_server(plan={"503": 0.5}, persistent={"503"})
     results = asyncio.run(_run_all(_backend([srv.url], retries=2, eject_after=1000), 30))
     failed = [r for r in results if not r.ok]
-    assert failed and all(r.error == "HTTP 503 server error (after 3 attempts)" and r.attempts == 3 for r in failed)
+    assert failed and all(
+        r.error == "HTTP 503 server error (after 3 attempts)" and r.attempts == 3 for r in failed
+    )
     assert all(r.ok for r in results if r not in failed)
 
 
@@ -115,7 +130,9 @@ def test_bounded_in_flight_and_least_outstanding(fault_server):
 
 def test_endpoint_restart_and_ejection(fault_server):
     a, b = fault_server(service_s=0.02), fault_server(service_s=0.02)
-    backend = _backend([a.url, b.url], max_in_flight=4, eject_after=2, retries=6, backoff_base=0.05, backoff_max=0.2)
+    backend = _backend(
+        [a.url, b.url], max_in_flight=4, eject_after=2, retries=6, backoff_base=0.05, backoff_max=0.2
+    )
 
     async def go():
         await backend.start()
@@ -140,8 +157,15 @@ def test_endpoint_restart_and_ejection(fault_server):
 
 
 def _cfg(srv, **kw) -> RecaptionConfig:
-    base = dict(endpoints=[srv.url], timeout=0.5, retries=3, backoff_base=0.01, backoff_max=0.05, max_in_flight=8,
-                image_max_side=64)  # fmt: skip
+    base = dict(
+        endpoints=[srv.url],
+        timeout=0.5,
+        retries=3,
+        backoff_base=0.01,
+        backoff_max=0.05,
+        max_in_flight=8,
+        image_max_side=64,
+    )
     return RecaptionConfig(**{**base, **kw})
 
 
@@ -167,8 +191,12 @@ def _rows(layer, shard="00000"):
 
 
 def test_global_layer_reasons_raw_and_retry_failed(scenes, fault_server):
-    srv = fault_server(plan={**TRANSIENT, "empty": 0.08, "refusal": 0.08, "length": 0.08},
-                       persistent={"empty", "refusal", "length"}, slow_s=1.0, retry_after=0.05)  # fmt: skip
+    srv = fault_server(
+        plan={**TRANSIENT, "empty": 0.08, "refusal": 0.08, "length": 0.08},
+        persistent={"empty", "refusal", "length"},
+        slow_s=1.0,
+        retry_after=0.05,
+    )
     stats, layer = _run_shards(scenes, _cfg(srv, layer="cap"))
     assert [s["count"] for s in stats] == [8, 8, 8]
     rows = [r for s in layer.committed() for r in _rows(layer, s)]
@@ -176,7 +204,10 @@ def test_global_layer_reasons_raw_and_retry_failed(scenes, fault_server):
     by_err = {r["error"] for r in rows if r["status"] == "failed"}
     assert "image not available (ingest status failed_to_download: HTTP Error 404)" in by_err
     assert by_err - {"image not available (ingest status failed_to_download: HTTP Error 404)"} <= {
-        "empty answer (after 4 answers)", "refusal (after 4 answers)", "truncated (finish_reason=length) (after 4 answers)"}
+        "empty answer (after 4 answers)",
+        "refusal (after 4 answers)",
+        "truncated (finish_reason=length) (after 4 answers)",
+    }
     assert len(by_err) >= 3  # the persistent answer faults did happen
     for r in rows:
         assert r["status"] in ("ok", "failed")
@@ -188,10 +219,21 @@ def test_global_layer_reasons_raw_and_retry_failed(scenes, fault_server):
             if "refusal" in r["error"]:
                 assert r["raw"].startswith("I'm sorry")
     st = stats[0]
-    for k in ("requests", "retries", "prompt_tokens", "completion_tokens", "latency_ms_p50", "latency_ms_p95",
-              "latency_ms_p99", "images_per_s", "error_reasons"):  # fmt: skip
+    for k in (
+        "requests",
+        "retries",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "latency_ms_p99",
+        "images_per_s",
+        "error_reasons",
+    ):
         assert k in st, k
-    assert sum(s["retries"] for s in stats) > 0 and sum(s["failed"] for s in stats) == sum(1 for r in rows if r["status"] == "failed")
+    assert sum(s["retries"] for s in stats) > 0 and sum(s["failed"] for s in stats) == sum(
+        1 for r in rows if r["status"] == "failed"
+    )
 
     # --retry-failed: the server is healthy now; every failed row with an image ends ok
     srv.plan, srv.persistent = {}, set()
@@ -200,15 +242,20 @@ def test_global_layer_reasons_raw_and_retry_failed(scenes, fault_server):
     rows2 = [r for s in layer.committed() for r in _rows(layer, s)]
     assert [r["key"] for r in rows2] == [r["key"] for r in rows]
     assert [r["error"] for r in rows2 if r["status"] == "failed"] == [
-        "image not available (ingest status failed_to_download: HTTP Error 404)"]
+        "image not available (ingest status failed_to_download: HTTP Error 404)"
+    ]
     # ok rows of the first run were kept as they were
     assert all(a == b for a, b in zip(rows, rows2, strict=True) if a["status"] == "ok")
 
 
 @pytest.mark.parametrize("fmt", ["norm1000", "norm1"])
 def test_grounded_regions(scenes, fault_server, fmt):
-    srv = fault_server(plan={"malformed_json": 0.15, "out_of_range": 0.15, "wrong_json": 0.1, "503": 0.1},
-                       persistent={"malformed_json", "out_of_range", "wrong_json"}, bbox_format=fmt, keep_bodies=True)  # fmt: skip
+    srv = fault_server(
+        plan={"malformed_json": 0.15, "out_of_range": 0.15, "wrong_json": 0.1, "503": 0.1},
+        persistent={"malformed_json", "out_of_range", "wrong_json"},
+        bbox_format=fmt,
+        keep_bodies=True,
+    )
     cfg = _cfg(srv, task="regions", region_mode="grounded", bbox_format=fmt, retries=1)
     stats, layer = _run_shards(scenes, cfg)
     rows = [r for s in layer.committed() for r in _rows(layer, s)]
@@ -216,12 +263,19 @@ def test_grounded_regions(scenes, fault_server, fmt):
     ok = [r for r in rows if r["status"] == "ok"]
     errs = {r["error"] for r in rows if r["status"] == "failed"}
     assert ok and len(errs) >= 3, errs
-    assert {e.split(":")[0] for e in errs} <= {"malformed JSON", "wrong JSON", "invalid boxes", "image not available (ingest status failed_to_download"}
+    assert {e.split(":")[0] for e in errs} <= {
+        "malformed JSON",
+        "wrong JSON",
+        "invalid boxes",
+        "image not available (ingest status failed_to_download",
+    }
     for r in ok:
         assert len(r["regions"]) == 2  # the duplicate box was dropped
         c = r["regions"][0]
         assert (c["x0"], c["y0"], c["label"]) == (pytest.approx(0.05), pytest.approx(0.05), "circle")
-    assert any(r["raw"] and r["raw"].startswith('{"regions": [{"bbox": [10') for r in rows if r["status"] == "failed")
+    assert any(
+        r["raw"] and r["raw"].startswith('{"regions": [{"bbox": [10') for r in rows if r["status"] == "failed"
+    )
     assert sum(s["dropped_boxes"].get("duplicate", 0) for s in stats) == len(ok)
     rf = srv.bodies[0]["response_format"]
     assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["required"] == ["regions"]
@@ -240,9 +294,16 @@ def test_proposals_from_gt_regions(scenes, fault_server, hint):
             if m["status"] != "ok":
                 assert m["error"].startswith("image not available")
                 continue
-            assert [(r["label"], round(r["x0"], 4)) for r in m["regions"]] == [(r["label"], round(r["x0"], 4)) for r in t["regions"]]
+            assert [(r["label"], round(r["x0"], 4)) for r in m["regions"]] == [
+                (r["label"], round(r["x0"], 4)) for r in t["regions"]
+            ]
             assert all(r["caption"].startswith("A large red") for r in m["regions"])
-    n_boxes = sum(len(r["regions"]) for s in gt.committed() for r in _rows(gt, s) if r["key"] != _rows(gt, "00000")[1]["key"])
+    n_boxes = sum(
+        len(r["regions"])
+        for s in gt.committed()
+        for r in _rows(gt, s)
+        if r["key"] != _rows(gt, "00000")[1]["key"]
+    )
     assert len(srv.bodies) == n_boxes  # one request per proposed box
     images = [sum(1 for c in b["messages"][0]["content"] if c["type"] == "image_url") for b in srv.bodies]
     assert set(images) == ({2} if hint == "crop" else {1})
@@ -258,7 +319,9 @@ def test_layer_info_mismatch_is_refused(scenes, fault_server):
     cfg = _cfg(srv, layer="cap2")
     check_or_write_info(ds.layer("cap2"), layer_info(cfg, "fake-vlm"))
     with pytest.raises(LayoutError, match="prompt_id"):
-        check_or_write_info(ds.layer("cap2"), layer_info(_cfg(srv, layer="cap2", prompt="short-v1"), "fake-vlm"))
+        check_or_write_info(
+            ds.layer("cap2"), layer_info(_cfg(srv, layer="cap2", prompt="short-v1"), "fake-vlm")
+        )
     assert os.path.exists(scenes / "layers" / "cap2" / "layer.json")
 
 

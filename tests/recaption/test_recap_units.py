@@ -71,7 +71,14 @@ def test_validation_clamps_drops_and_dedups():
     kept, dropped = validate_regions(items, "norm1000", 100, 100)
     assert [k["caption"] for k in kept] == ["clamped", "same box, other label: kept"]
     assert kept[0]["x0"] == 0.0 and kept[0]["x1"] == 0.5
-    assert dropped == {"out_of_image": 1, "degenerate": 1, "too_small": 1, "duplicate": 1, "bad_bbox": 1, "no_caption": 1}
+    assert dropped == {
+        "out_of_image": 1,
+        "degenerate": 1,
+        "too_small": 1,
+        "duplicate": 1,
+        "bad_bbox": 1,
+        "no_caption": 1,
+    }
 
 
 def test_parse_grounded_reasons():
@@ -83,7 +90,12 @@ def test_parse_grounded_reasons():
     with pytest.raises(RegionError, match="wrong JSON"):
         parse_grounded('{"objects": []}', "pixels", 100, 100)
     with pytest.raises(RegionError, match="invalid boxes: none of 1 kept \\(1 out of image\\)"):
-        parse_grounded(json.dumps({"regions": [{"bbox": [500, 500, 900, 900], "label": "x", "caption": "y"}]}), "pixels", 100, 100)
+        parse_grounded(
+            json.dumps({"regions": [{"bbox": [500, 500, 900, 900], "label": "x", "caption": "y"}]}),
+            "pixels",
+            100,
+            100,
+        )
     assert parse_grounded('{"regions": []}', "pixels", 100, 100) == ([], {})
 
 
@@ -109,8 +121,14 @@ def test_judge_text(text, finish, keep, reason):
 
 
 def test_payload_uses_response_format_json_schema_and_data_urls():
-    req = CaptionRequest("k", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                         [b"\xff\xd8jpeg"], SamplingParams(64, 0.2, 0.9), json_schema=GROUNDED_SCHEMA, schema_name="regions")  # fmt: skip
+    req = CaptionRequest(
+        "k",
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+        [b"\xff\xd8jpeg"],
+        SamplingParams(64, 0.2, 0.9),
+        json_schema=GROUNDED_SCHEMA,
+        schema_name="regions",
+    )
     body = build_payload(req, "m")
     assert body["model"] == "m" and body["max_tokens"] == 64 and body["temperature"] == 0.2
     part = body["messages"][0]["content"][0]
@@ -122,13 +140,23 @@ def test_payload_uses_response_format_json_schema_and_data_urls():
 
 
 def test_parse_completion_and_helpers():
-    assert parse_completion({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
-                             "usage": {"prompt_tokens": 3, "completion_tokens": 1}}) == ("hi", "stop", 3, 1)  # fmt: skip
-    assert parse_completion({"choices": [{"message": {"content": None, "refusal": "no"}, "finish_reason": "stop"}]})[:2] == ("no", "refusal")
+    assert parse_completion(
+        {
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+        }
+    ) == ("hi", "stop", 3, 1)
+    assert parse_completion(
+        {"choices": [{"message": {"content": None, "refusal": "no"}, "finish_reason": "stop"}]}
+    )[:2] == ("no", "refusal")
     with pytest.raises(ValueError):
         parse_completion({"error": "x"})
     assert normalize_endpoint("127.0.0.1:8000/v1/") == "http://127.0.0.1:8000"
-    assert parse_retry_after("2.5") == 2.5 and parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert (
+        parse_retry_after("2.5") == 2.5
+        and parse_retry_after(None) is None
+        and parse_retry_after("soon") is None
+    )
     assert 0 < parse_retry_after("Wed, 21 Oct 2099 07:28:00 GMT") <= 300
     rng = random.Random(0)
     ds = [backoff_delay(a, 0.5, 4.0, rng) for a in range(6)]
@@ -147,9 +175,29 @@ def test_cli_flags_build_the_config(monkeypatch):
 
     cli = _parser()
     args = cli.build_parser().parse_args(
-        ["recaption", "DS", "--endpoint", "http://a:1", "--endpoint", "http://b:2/v1", "--shards", "00000,00002",
-         "--task", "regions", "--region-mode", "proposals", "--prompt", "short-v1", "--max-in-flight", "7",
-         "--retry-failed", "--keep-truncated", "--model", "org/model:v1"])  # fmt: skip
+        [
+            "recaption",
+            "DS",
+            "--endpoint",
+            "http://a:1",
+            "--endpoint",
+            "http://b:2/v1",
+            "--shards",
+            "00000,00002",
+            "--task",
+            "regions",
+            "--region-mode",
+            "proposals",
+            "--prompt",
+            "short-v1",
+            "--max-in-flight",
+            "7",
+            "--retry-failed",
+            "--keep-truncated",
+            "--model",
+            "org/model:v1",
+        ]
+    )
     assert args.func is cr.cmd_recaption
     seen = {}
 
@@ -167,15 +215,25 @@ def test_cli_flags_build_the_config(monkeypatch):
     assert seen["root"] == "DS"
     assert r.endpoints == ["http://a:1", "http://b:2/v1"] and r.shards == ["00000", "00002"]
     assert (r.task, r.region_mode, r.prompt, r.max_in_flight, r.retry_failed, r.keep_truncated, r.model) == (
-        "regions", "proposals", "short-v1", 7, True, True, "org/model:v1")
+        "regions",
+        "proposals",
+        "short-v1",
+        7,
+        True,
+        True,
+        "org/model:v1",
+    )
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["recaption", "DS", "--set", "recaption.bogus=1"], "recaption.bogus"),
-    (["recaption", "DS", "--set", "recaption.bbox_format=inches"], "recaption.bbox_format"),
-    (["recaption", "/no/such/dataset", "--endpoint", "http://127.0.0.1:9"], "dataset.json not found"),
-    (["recaption", "/no/such/dataset", "--prompt", "nope-v0"], "dataset.json not found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["recaption", "DS", "--set", "recaption.bogus=1"], "recaption.bogus"),
+        (["recaption", "DS", "--set", "recaption.bbox_format=inches"], "recaption.bbox_format"),
+        (["recaption", "/no/such/dataset", "--endpoint", "http://127.0.0.1:9"], "dataset.json not found"),
+        (["recaption", "/no/such/dataset", "--prompt", "nope-v0"], "dataset.json not found"),
+    ],
+)
 def test_cli_bad_input_is_one_clear_line(argv, needle, capsys):
     cli = _parser()
     assert cli.main(argv) == 2

@@ -29,10 +29,23 @@ def stage1_data(tmp_path_factory: pytest.TempPathFactory) -> Stage1Data:
     base = tmp_path_factory.mktemp("stage1")
     root = base / "scenes"
     subprocess.run(
-        [sys.executable, "-m", "finevit", "ingest", "synthetic://scenes?n=48&seed=0&size=128", str(root),
-         "--samples-per-shard", "16", "--no-progress"],
-        check=True, cwd=REPO, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "finevit",
+            "ingest",
+            "synthetic://scenes?n=48&seed=0&size=128",
+            str(root),
+            "--samples-per-shard",
+            "16",
+            "--no-progress",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
     )
     tok = base / "tok"
-    assert finevit_cli(["train-tokenizer", str(root), "--layer", "gt-global", "--vocab", "384", str(tok)]) == 0
+    assert (
+        finevit_cli(["train-tokenizer", str(root), "--layer", "gt-global", "--vocab", "384", str(tok)]) == 0
+    )
     return Stage1Data(root, tok)

@@ -28,7 +28,7 @@ def _packed(seed: int = 0, dtype: torch.dtype = torch.float64):
     return q, k, v, meta
 
 
-def _per_document(q, k, v, meta):  # noqa: ANN001, ANN202
+def _per_document(q, k, v, meta):
     cu = meta.cu_seqlens_N.tolist()
     outs = []
     for a, b in zip(cu[:-1], cu[1:], strict=True):
@@ -70,7 +70,7 @@ def test_tokens_do_not_attend_across_documents() -> None:
 OTHER = [b for b in BACKENDS if b != "sdpa_dense"]
 
 
-def _setup(backend: str):  # noqa: ANN202
+def _setup(backend: str):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not backend_available(backend, device):
         pytest.skip(f"{backend} is not available on {device} here")

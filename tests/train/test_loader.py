@@ -21,14 +21,25 @@ from train.data.loader import ShardReader, Stage1Loader
 PATCH, CONTEXT = 16, 64
 
 
-def _data(ds, **kw) -> DataConfig:  # noqa: ANN001
-    base = {"dataset": str(ds.root), "tokenizer": str(ds.tokenizer), "captions": [CaptionSource(source="gt-global")],
-            "max_patches": 32, "seq_len": 64, "rows": 2, "max_images": 8, "shuffle_buffer": 8, "pack_buffer": 6}
+def _data(ds, **kw) -> DataConfig:
+    base = {
+        "dataset": str(ds.root),
+        "tokenizer": str(ds.tokenizer),
+        "captions": [CaptionSource(source="gt-global")],
+        "max_patches": 32,
+        "seq_len": 64,
+        "rows": 2,
+        "max_images": 8,
+        "shuffle_buffer": 8,
+        "pack_buffer": 6,
+    }
     base.update(kw)
     return DataConfig(**base)
 
 
-def _loader(data: DataConfig, rank: int = 0, world: int = 1, storage: StorageConfig | None = None) -> Stage1Loader:
+def _loader(
+    data: DataConfig, rank: int = 0, world: int = 1, storage: StorageConfig | None = None
+) -> Stage1Loader:
     return Stage1Loader(data.dataset, storage or StorageConfig(), data, PATCH, CONTEXT, rank, world)
 
 
@@ -40,7 +51,7 @@ def _gt(root: Path) -> dict[str, str]:
     return out
 
 
-def test_batches_join_captions_by_key(stage1_data) -> None:  # noqa: ANN001
+def test_batches_join_captions_by_key(stage1_data) -> None:
     loader = _loader(_data(stage1_data))
     gt = _gt(stage1_data.root)
     b = loader.next()
@@ -55,17 +66,24 @@ def test_batches_join_captions_by_key(stage1_data) -> None:  # noqa: ANN001
     assert b["stats"]["truncated_captions"] > 0 and b["mask_BL"][:n].all(1).any()
 
 
-def test_caption_mixing_weights(stage1_data) -> None:  # noqa: ANN001
-    data = _data(stage1_data, captions=[CaptionSource(source="gt-global", weight=0.8),
-                                        CaptionSource(source="alt-text", weight=0.2)])
+def test_caption_mixing_weights(stage1_data) -> None:
+    data = _data(
+        stage1_data,
+        captions=[
+            CaptionSource(source="gt-global", weight=0.8),
+            CaptionSource(source="alt-text", weight=0.2),
+        ],
+    )
     reader = ShardReader(Dataset(data.dataset), data, PATCH, Counter())
-    picks = Counter(reader.choose_caption(f"k{i}", {"gt-global": "G", "alt-text": "A"}, 0) for i in range(2000))
+    picks = Counter(
+        reader.choose_caption(f"k{i}", {"gt-global": "G", "alt-text": "A"}, 0) for i in range(2000)
+    )
     assert 0.75 < picks["G"] / 2000 < 0.85
     assert reader.choose_caption("x", {"alt-text": "A"}, 0) == "A"  # only the available source
     assert reader.choose_caption("x", {}, 0) is None
 
 
-def test_ranks_see_disjoint_samples(stage1_data) -> None:  # noqa: ANN001
+def test_ranks_see_disjoint_samples(stage1_data) -> None:
     data = _data(stage1_data)
     seen = []
     for r in range(2):
@@ -78,7 +96,7 @@ def test_ranks_see_disjoint_samples(stage1_data) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_exact_resume(stage1_data, workers: int) -> None:  # noqa: ANN001
+def test_exact_resume(stage1_data, workers: int) -> None:
     data = _data(stage1_data, workers=workers)
     a = _loader(data)
     for _ in range(5):
@@ -100,7 +118,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_drops_failed_filtered_and_corrupt(stage1_data, tmp_path: Path) -> None:  # noqa: ANN001
+def test_drops_failed_filtered_and_corrupt(stage1_data, tmp_path: Path) -> None:
     root = _copy(stage1_data.root, tmp_path / "ds")
     shard = "00000"
     meta = pq.read_table(root / "shards" / f"{shard}.parquet")
@@ -108,8 +126,10 @@ def test_drops_failed_filtered_and_corrupt(stage1_data, tmp_path: Path) -> None:
     # a failed row, a filter layer rejecting two keys, a corrupt image
     status = meta.column("status").to_pylist()
     status[0] = "failed_to_download"
-    pq.write_table(meta.set_column(meta.schema.get_field_index("status"), "status", pa.array(status)),
-                   root / "shards" / f"{shard}.parquet")
+    pq.write_table(
+        meta.set_column(meta.schema.get_field_index("status"), "status", pa.array(status)),
+        root / "shards" / f"{shard}.parquet",
+    )
     flt = root / "layers" / "nsfw"
     flt.mkdir()
     for s in ("00000", "00001", "00002"):
@@ -128,8 +148,9 @@ def test_drops_failed_filtered_and_corrupt(stage1_data, tmp_path: Path) -> None:
                 data = b"\xff\xd8\xff garbage, not a jpeg"
                 m.size = len(data)
             t.addfile(m, io.BytesIO(data))
-    data = _data(stage1_data, dataset=str(root), filters=["nsfw"], max_images=48, rows=12, seq_len=128,
-                 max_patches=64)
+    data = _data(
+        stage1_data, dataset=str(root), filters=["nsfw"], max_images=48, rows=12, seq_len=128, max_patches=64
+    )
     loader = _loader(data)
     seen: set[str] = set()
     for _ in range(4):
@@ -140,7 +161,7 @@ def test_drops_failed_filtered_and_corrupt(stage1_data, tmp_path: Path) -> None:
     assert len(seen) >= 40  # everything else arrives
 
 
-def test_clear_errors(stage1_data, tmp_path: Path) -> None:  # noqa: ANN001
+def test_clear_errors(stage1_data, tmp_path: Path) -> None:
     with pytest.raises(LayoutError, match="no-such-layer"):
         _loader(_data(stage1_data, captions=[CaptionSource(source="no-such-layer")])).next()
     (tmp_path / "empty").mkdir()
@@ -150,7 +171,7 @@ def test_clear_errors(stage1_data, tmp_path: Path) -> None:  # noqa: ANN001
 
 
 @pytest.mark.s3
-def test_reads_from_s3(stage1_data, s3) -> None:  # noqa: ANN001
+def test_reads_from_s3(stage1_data, s3) -> None:
     uri = s3.upload_dir(stage1_data.root, "scenes")
     data = _data(stage1_data, dataset=uri)
     b = _loader(data, storage=s3.storage).next()

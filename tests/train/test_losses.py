@@ -16,8 +16,10 @@ from train.losses import sigmoid_loss, softmax_loss
 
 def _feats(n: int, e: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1),
-            F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1))
+    return (
+        F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1),
+        F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1),
+    )
 
 
 def test_sigmoid_matches_formula_and_ignores_padding() -> None:
@@ -43,8 +45,12 @@ def test_softmax_matches_clip() -> None:
     t = torch.arange(6)
     expected = (F.cross_entropy(logits, t) + F.cross_entropy(logits.T, t)) / 2
     valid = torch.tensor([1] * 6 + [0] * 2, dtype=torch.bool)
-    _, value = softmax_loss(torch.cat([img, torch.zeros(2, 8, dtype=torch.float64)]),
-                            torch.cat([txt, torch.zeros(2, 8, dtype=torch.float64)]), valid, scale)
+    _, value = softmax_loss(
+        torch.cat([img, torch.zeros(2, 8, dtype=torch.float64)]),
+        torch.cat([txt, torch.zeros(2, 8, dtype=torch.float64)]),
+        valid,
+        scale,
+    )
     torch.testing.assert_close(value, expected)
 
 
@@ -54,12 +60,12 @@ SLOTS, E = 5, 8
 PER_RANK = [3, 5]  # images per rank differ: padding + masks
 
 
-def _global_batch():  # noqa: ANN202
+def _global_batch():
     img, txt = _feats(sum(PER_RANK), E, seed=1)
     return img.float(), txt.float()
 
 
-def _run_loss(kind: str, img, txt, valid, scale, bias):  # noqa: ANN001, ANN202
+def _run_loss(kind: str, img, txt, valid, scale, bias):
     if kind == "softmax":
         return softmax_loss(img, txt, valid, scale)
     return sigmoid_loss(img, txt, valid, scale, bias, mode=kind.split(":")[1])
@@ -86,8 +92,12 @@ def _rank_main(r: int, port: int, kind: str, out: dict) -> None:
     sgrad = scale.grad.clone()
     dist.all_reduce(sgrad)
     # each rank backpropagates W x its share (DDP divides by W): feature grads are W x the global ones
-    out[r] = {"value": float(value), "img_grad": img.grad[:n] / 2, "txt_grad": txt.grad[:n] / 2,
-              "scale_grad": float(sgrad) / 2}
+    out[r] = {
+        "value": float(value),
+        "img_grad": img.grad[:n] / 2,
+        "txt_grad": txt.grad[:n] / 2,
+        "scale_grad": float(sgrad) / 2,
+    }
     dist.destroy_process_group()
 
 
@@ -109,5 +119,9 @@ def test_distributed_equals_single_process(kind: str) -> None:
     for r in range(2):
         assert out[r]["value"] == pytest.approx(float(value), rel=1e-5)
         assert out[r]["scale_grad"] == pytest.approx(float(scale.grad), rel=1e-4)
-    torch.testing.assert_close(torch.cat([out[0]["img_grad"], out[1]["img_grad"]]), img.grad, atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(torch.cat([out[0]["txt_grad"], out[1]["txt_grad"]]), txt.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([out[0]["img_grad"], out[1]["img_grad"]]), img.grad, atol=1e-6, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        torch.cat([out[0]["txt_grad"], out[1]["txt_grad"]]), txt.grad, atol=1e-6, rtol=1e-4
+    )

@@ -15,7 +15,9 @@ from train.model.towers import Stage1Model
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
-@pytest.mark.parametrize("w,h,budget", [(1024, 512, 256), (4000, 3000, 256), (64, 1000, 64), (128, 128, 1024), (7, 5, 16)])
+@pytest.mark.parametrize(
+    "w,h,budget", [(1024, 512, 256), (4000, 3000, 256), (64, 1000, 64), (128, 128, 1024), (7, 5, 16)]
+)
 def test_grid_fits_budget_keeps_aspect_never_upscales(w: int, h: int, budget: int) -> None:
     gh, gw = grid_for(w, h, 16, budget)
     assert 1 <= gh * gw <= budget
@@ -30,7 +32,14 @@ def test_grid_fits_budget_keeps_aspect_never_upscales(w: int, h: int, budget: in
 def test_patchify_shapes_and_positions() -> None:
     im = Image.new("RGB", (96, 64), (255, 0, 0))
     patches_NP, pos_N2 = patchify(im, (2, 3), 16, MEAN, STD)
-    assert patches_NP.shape == (6, 768) and pos_N2.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert patches_NP.shape == (6, 768) and pos_N2.tolist() == [
+        [0, 0],
+        [0, 1],
+        [0, 2],
+        [1, 0],
+        [1, 1],
+        [1, 2],
+    ]
     assert torch.allclose(patches_NP.view(6, 16, 16, 3)[..., 0], torch.ones(6, 16, 16))
 
 
@@ -63,8 +72,11 @@ def test_plan_rows_best_fit() -> None:
 
 def _model() -> Stage1Model:
     torch.manual_seed(0)
-    cfg = ModelConfig(vision=VisionConfig(width=32, depth=2, heads=2, patch_size=8),
-                      text=TextConfig(width=32, depth=1, heads=2, context=16), embed_dim=16)
+    cfg = ModelConfig(
+        vision=VisionConfig(width=32, depth=2, heads=2, patch_size=8),
+        text=TextConfig(width=32, depth=1, heads=2, context=16),
+        embed_dim=16,
+    )
     return Stage1Model(cfg, 50).eval()
 
 

@@ -18,17 +18,41 @@ from train.config import Stage1Config, check_fits
 REPO = Path(__file__).resolve().parents[2]
 
 TINY = [
-    "model.vision.width=32", "model.vision.depth=2", "model.vision.heads=2", "model.text.width=32",
-    "model.text.depth=1", "model.text.heads=2", "model.text.context=96", "model.embed_dim=32",
-    "data.max_patches=32", "data.seq_len=64", "data.rows=2", "data.max_images=8", "data.shuffle_buffer=16",
-    "data.pack_buffer=8", "optim.warmup_steps=2", "optim.lr=3e-3", "log.every=1", "log.progress=false",
+    "model.vision.width=32",
+    "model.vision.depth=2",
+    "model.vision.heads=2",
+    "model.text.width=32",
+    "model.text.depth=1",
+    "model.text.heads=2",
+    "model.text.context=96",
+    "model.embed_dim=32",
+    "data.max_patches=32",
+    "data.seq_len=64",
+    "data.rows=2",
+    "data.max_images=8",
+    "data.shuffle_buffer=16",
+    "data.pack_buffer=8",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "log.every=1",
+    "log.progress=false",
 ]
 
 
-def _args(ds, log_dir: Path, steps: int, *extra: str) -> list[str]:  # noqa: ANN001
+def _args(ds, log_dir: Path, steps: int, *extra: str) -> list[str]:
     sets = [*TINY, f"data.tokenizer={ds.tokenizer}", *extra]
-    return ["train", "stage1", "--config", str(REPO / "configs" / "stage1_tiny_cpu.yaml"), "--dataset",
-            str(ds.root), "--steps", str(steps), "--log-dir", str(log_dir)] + [a for s in sets for a in ("--set", s)]
+    return [
+        "train",
+        "stage1",
+        "--config",
+        str(REPO / "configs" / "stage1_tiny_cpu.yaml"),
+        "--dataset",
+        str(ds.root),
+        "--steps",
+        str(steps),
+        "--log-dir",
+        str(log_dir),
+    ] + [a for s in sets for a in ("--set", s)]
 
 
 def _losses(log_dir: Path) -> dict[int, float]:
@@ -37,8 +61,11 @@ def _losses(log_dir: Path) -> dict[int, float]:
 
 
 def test_config_that_cannot_fit_stops_with_reason() -> None:
-    cfg = load_config(REPO / "configs" / "stage1_tiny_cpu.yaml", ["data.dataset=x", "data.tokenizer=y",
-                                                                  "data.max_patches=512"], Stage1Config)
+    cfg = load_config(
+        REPO / "configs" / "stage1_tiny_cpu.yaml",
+        ["data.dataset=x", "data.tokenizer=y", "data.max_patches=512"],
+        Stage1Config,
+    )
     with pytest.raises(ConfigError, match=r"data.max_patches \(512\) > data.seq_len"):
         check_fits(cfg)
     with pytest.raises(ConfigError, match="model.vision.widht"):
@@ -47,12 +74,14 @@ def test_config_that_cannot_fit_stops_with_reason() -> None:
 
 @pytest.mark.parametrize("recipe", ["stage1_tiny_cpu", "stage1_vit_b16", "stage1_vit_l16", "stage1_vit_0p9b"])
 def test_recipes_load(recipe: str) -> None:
-    cfg = load_config(REPO / "configs" / f"{recipe}.yaml", ["data.dataset=x", "data.tokenizer=y"], Stage1Config)
+    cfg = load_config(
+        REPO / "configs" / f"{recipe}.yaml", ["data.dataset=x", "data.tokenizer=y"], Stage1Config
+    )
     check_fits(cfg)
     assert (REPO / "configs" / f"{recipe}.yaml").read_text().startswith("#")
 
 
-def test_train_resume_reproduces_uninterrupted_losses(stage1_data, tmp_path: Path) -> None:  # noqa: ANN001
+def test_train_resume_reproduces_uninterrupted_losses(stage1_data, tmp_path: Path) -> None:
     full = tmp_path / "full"
     assert finevit_cli(_args(stage1_data, full, 6, "data.workers=1")) == 0
     want = _losses(full)
@@ -66,7 +95,7 @@ def test_train_resume_reproduces_uninterrupted_losses(stage1_data, tmp_path: Pat
     assert [got[s] for s in range(1, 7)] == [want[s] for s in range(1, 7)]  # bit-exact
 
 
-def test_optimizer_makes_progress(stage1_data, tmp_path: Path) -> None:  # noqa: ANN001
+def test_optimizer_makes_progress(stage1_data, tmp_path: Path) -> None:
     """The loop updates what it should: the sigmoid loss falls from its init (~10) within 30 steps.
     (Learning to match scenes takes the recipe's hundreds of steps; see configs/stage1_tiny_cpu.yaml.)"""
     log = tmp_path / "fall"
@@ -76,16 +105,29 @@ def test_optimizer_makes_progress(stage1_data, tmp_path: Path) -> None:  # noqa:
     assert last < 0.6 * first, (first, last)
 
 
-def _torchrun(ds, log_dir: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:  # noqa: ANN001
+def _torchrun(ds, log_dir: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "finevit",
-                           *_args(ds, log_dir, steps, *extra)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "finevit",
+            *_args(ds, log_dir, steps, *extra),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_and_fsdp_agree_and_fsdp_resumes(stage1_data, tmp_path: Path) -> None:  # noqa: ANN001
+def test_torchrun_ddp_and_fsdp_agree_and_fsdp_resumes(stage1_data, tmp_path: Path) -> None:
     ddp = tmp_path / "ddp"
     r = _torchrun(stage1_data, ddp, 3, "loop.parallel=ddp")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -101,7 +143,7 @@ def test_torchrun_ddp_and_fsdp_agree_and_fsdp_resumes(stage1_data, tmp_path: Pat
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_non_finite_step_is_skipped_and_logged(stage1_data, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_non_finite_step_is_skipped_and_logged(stage1_data, tmp_path: Path, monkeypatch) -> None:
     import torch
 
     from train import stage1
@@ -109,7 +151,7 @@ def test_non_finite_step_is_skipped_and_logged(stage1_data, tmp_path: Path, monk
     real = stage1.sigmoid_loss
     calls = {"n": 0}
 
-    def flaky(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def flaky(*a, **k):
         loss, value = real(*a, **k)
         calls["n"] += 1
         if calls["n"] == 2:
@@ -117,8 +159,15 @@ def test_non_finite_step_is_skipped_and_logged(stage1_data, tmp_path: Path, monk
         return loss, value
 
     monkeypatch.setattr(stage1, "sigmoid_loss", flaky)
-    sets = [*TINY, f"data.tokenizer={stage1_data.tokenizer}", f"data.dataset={stage1_data.root}",
-            "loss.kind=sigmoid", "loop.steps=3", f"log.dir={tmp_path}", "log.tensorboard=false"]
+    sets = [
+        *TINY,
+        f"data.tokenizer={stage1_data.tokenizer}",
+        f"data.dataset={stage1_data.root}",
+        "loss.kind=sigmoid",
+        "loop.steps=3",
+        f"log.dir={tmp_path}",
+        "log.tensorboard=false",
+    ]
     cfg = load_config(REPO / "configs" / "stage1_tiny_cpu.yaml", sets, Stage1Config)
     result = stage1.train_stage1(cfg, on_event=lambda m: None)
     assert result.steps == 3 and result.skipped_steps == 1

@@ -77,10 +77,13 @@ class ShardReader:
         self.ds, self.data, self.patch, self.stats = ds, data, patch, stats
 
     def metadata(self, shard: str) -> dict[str, tuple[int, int, dict[str, str]]]:
-        rows = _read_parquet(self.ds.shards, f"{shard}.parquet", ["key", "status", "caption", "width", "height"])
+        rows = _read_parquet(
+            self.ds.shards, f"{shard}.parquet", ["key", "status", "caption", "width", "height"]
+        )
         meta: dict[str, tuple[int, int, dict[str, str]]] = {}
-        for key, status, alt, w, h in zip(rows["key"], rows["status"], rows["caption"], rows["width"],
-                                         rows["height"], strict=True):
+        for key, status, alt, w, h in zip(
+            rows["key"], rows["status"], rows["caption"], rows["width"], rows["height"], strict=True
+        ):
             if status != "success" or not w or not h:
                 self.stats["dropped_failed"] += 1
                 continue
@@ -133,8 +136,17 @@ class ShardReader:
 class Stage1Stream(torch.utils.data.IterableDataset):
     """Never-ending stream of packed steps for one rank; see the module docstring."""
 
-    def __init__(self, root: str, storage: StorageConfig, data: DataConfig, patch: int, context: int,
-                 rank: int = 0, world: int = 0, skip_batches: int = 0) -> None:
+    def __init__(
+        self,
+        root: str,
+        storage: StorageConfig,
+        data: DataConfig,
+        patch: int,
+        context: int,
+        rank: int = 0,
+        world: int = 0,
+        skip_batches: int = 0,
+    ) -> None:
         super().__init__()
         self.root, self.storage, self.data, self.patch, self.context = root, storage, data, patch, context
         self.rank, self.world = rank, max(world, 1)
@@ -192,7 +204,9 @@ class Stage1Stream(torch.utils.data.IterableDataset):
                 continue
             yield self._materialize(plan, tokenizer, stats, wid)
 
-    def _materialize(self, plan: list[list[Record]], tokenizer: Any, stats: Counter, wid: int) -> dict[str, Any]:
+    def _materialize(
+        self, plan: list[list[Record]], tokenizer: Any, stats: Counter, wid: int
+    ) -> dict[str, Any]:
         d, p = self.data, self.patch
         rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         captions: list[str] = []
@@ -205,7 +219,7 @@ class Stage1Stream(torch.utils.data.IterableDataset):
                         im.load()
                         grid = grid_for(rec.width, rec.height, p, d.max_patches)
                         out.append(patchify(im, grid, p, d.mean, d.std))
-                except Exception:  # noqa: BLE001 - a corrupt image is skipped and counted, never fatal
+                except Exception:
                     stats["corrupt_images"] += 1
                     continue
                 captions.append(rec.caption)
@@ -217,8 +231,17 @@ class Stage1Stream(torch.utils.data.IterableDataset):
         stats["images"] += len(captions)
         valid_B = torch.zeros(d.max_images, dtype=torch.bool)
         valid_B[: len(captions)] = True
-        return {"vision": vision, "tokens_BL": tokens_BL, "mask_BL": mask_BL, "valid_B": valid_B,
-                "real_tokens": real, "worker": wid, "stats": dict(stats), "keys": keys, "captions": captions}
+        return {
+            "vision": vision,
+            "tokens_BL": tokens_BL,
+            "mask_BL": mask_BL,
+            "valid_B": valid_B,
+            "real_tokens": real,
+            "worker": wid,
+            "stats": dict(stats),
+            "keys": keys,
+            "captions": captions,
+        }
 
 
 def load_tokenizer(path: str) -> Any:
@@ -226,11 +249,13 @@ def load_tokenizer(path: str) -> Any:
 
     try:
         return PreTrainedTokenizerFast.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise LayoutError(f"cannot load a tokenizer from {path!r}: {e}") from None
 
 
-def tokenize(tokenizer: Any, texts: list[str], context: int, slots: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def tokenize(
+    tokenizer: Any, texts: list[str], context: int, slots: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(tokens_BL, mask_BL, n_truncated)``: ``slots`` rows of ``context`` ids, longer captions truncated."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens_BL = torch.full((slots, context), pad, dtype=torch.long)
@@ -249,8 +274,16 @@ def tokenize(tokenizer: Any, texts: list[str], context: int, slots: int) -> tupl
 class Stage1Loader:
     """The rank's loader: a DataLoader over :class:`Stage1Stream`, counting consumed batches."""
 
-    def __init__(self, root: str, storage: StorageConfig, data: DataConfig, patch: int, context: int,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        root: str,
+        storage: StorageConfig,
+        data: DataConfig,
+        patch: int,
+        context: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.args = (root, storage, data, patch, context, rank, world)
         self.data, self.rank, self.world = data, rank, world
         self.consumed = 0
@@ -258,20 +291,32 @@ class Stage1Loader:
         self._it: Iterator[dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.consumed, "seed": self.data.seed, "world": self.world, "workers": self.data.workers}
+        return {
+            "batches": self.consumed,
+            "seed": self.data.seed,
+            "world": self.world,
+            "workers": self.data.workers,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in ("seed", "world", "workers"):
             if int(state[k]) != int(self.state_dict()[k]):
-                raise ValueError(f"loader state was saved with {k}={state[k]}, now {k}={self.state_dict()[k]}: "
-                                 "exact resume needs the same seed, world size and workers")
+                raise ValueError(
+                    f"loader state was saved with {k}={state[k]}, now {k}={self.state_dict()[k]}: "
+                    "exact resume needs the same seed, world size and workers"
+                )
         self.consumed = int(state["batches"])
         self._it = None
 
     def _make(self) -> Iterator[dict[str, Any]]:
         stream = Stage1Stream(*self.args[:5], rank=self.rank, world=self.world, skip_batches=self.consumed)
-        dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.data.workers,
-                                         persistent_workers=False, prefetch_factor=2 if self.data.workers else None)
+        dl = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.data.workers,
+            persistent_workers=False,
+            prefetch_factor=2 if self.data.workers else None,
+        )
         return iter(dl)
 
     def next(self) -> dict[str, Any]:

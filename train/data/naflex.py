@@ -32,14 +32,21 @@ def grid_for(width: int, height: int, patch: int, max_patches: int) -> tuple[int
     return gh, gw
 
 
-def patchify(image: Image.Image, grid: tuple[int, int], patch: int, mean: tuple[float, float, float],
-             std: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def patchify(
+    image: Image.Image,
+    grid: tuple[int, int],
+    patch: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize ``image`` to ``grid`` patches; returns ``(patches_NP float32, pos_N2 int64 (row, col))``."""
     gh, gw = grid
     im = image.convert("RGB")
     if im.size != (gw * patch, gh * patch):
         im = im.resize((gw * patch, gh * patch), Image.BICUBIC)
-    a = (np.asarray(im, dtype=np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    a = (np.asarray(im, dtype=np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32
+    )
     # (gh*p, gw*p, 3) -> (gh, gw, p, p, 3) -> (N, P)
     a = a.reshape(gh, patch, gw, patch, 3).transpose(0, 2, 1, 3, 4).reshape(gh * gw, patch * patch * 3)
     rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")

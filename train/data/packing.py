@@ -19,8 +19,14 @@ from train.model.attention import meta_from_segments
 from train.model.towers import VisionBatch
 
 
-def plan_rows(pool: list[Any], size: Callable[[Any], int], refill: Callable[[], None], rows: int, seq_len: int,
-              max_images: int) -> list[list[Any]]:
+def plan_rows(
+    pool: list[Any],
+    size: Callable[[Any], int],
+    refill: Callable[[], None],
+    rows: int,
+    seq_len: int,
+    max_images: int,
+) -> list[list[Any]]:
     """Take items from ``pool`` (refilled by ``refill()``) into ``rows`` rows of ``seq_len`` tokens."""
     out: list[list[Any]] = []
     n_images = 0
@@ -46,8 +52,9 @@ def plan_rows(pool: list[Any], size: Callable[[Any], int], refill: Callable[[], 
     return out
 
 
-def assemble(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], seq_len: int, max_images: int,
-             patch_values: int) -> tuple[VisionBatch, int]:
+def assemble(
+    rows: list[list[tuple[torch.Tensor, torch.Tensor]]], seq_len: int, max_images: int, patch_values: int
+) -> tuple[VisionBatch, int]:
     """Pack rows of ``(patches_NP, pos_N2)`` into a :class:`VisionBatch`; returns it and the real token count.
 
     Images get slots 0.. in row order; padding at a row's end is its own document

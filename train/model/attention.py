@@ -63,7 +63,9 @@ def meta_from_segments(seg_RS: torch.Tensor, max_seqlen: int | None = None) -> P
 # ---------------------------------------------------------------------------- backends
 
 
-def _sdpa_dense(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+def _sdpa_dense(
+    q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: PackedMeta
+) -> torch.Tensor:
     R, S = meta.seg_RS.shape
     T, H, K = q_THK.shape
 
@@ -81,20 +83,23 @@ def _flex(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: P
     doc_T = meta.seg_RS.reshape(-1)
     T = doc_T.numel()
 
-    def document(b, h, q_idx, kv_idx):  # noqa: ANN001 - flex mask_mod signature
+    def document(b, h, q_idx, kv_idx):
         return doc_T[q_idx] == doc_T[kv_idx]
 
     block = create_block_mask(document, None, None, T, T, device=q_THK.device)
     # on CUDA the fused kernel needs torch.compile (eager materializes T x T scores)
     attn = _compiled_flex() if q_THK.is_cuda else flex_attention
     o_1HTK = attn(
-        q_THK.transpose(0, 1)[None], k_THK.transpose(0, 1)[None], v_THK.transpose(0, 1)[None], block_mask=block
+        q_THK.transpose(0, 1)[None],
+        k_THK.transpose(0, 1)[None],
+        v_THK.transpose(0, 1)[None],
+        block_mask=block,
     )
     return o_1HTK[0].transpose(0, 1)
 
 
 @functools.cache
-def _compiled_flex():  # noqa: ANN202
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
@@ -114,11 +119,20 @@ def _varlen(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta:
     cu = meta.cu_seqlens_N.to(torch.int32)
     if "cu_seq_q" in names:
         return varlen_attn(q_THK, k_THK, v_THK, cu, cu, meta.max_seqlen, meta.max_seqlen)
-    return varlen_attn(q_THK, k_THK, v_THK, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=meta.max_seqlen,
-                       max_seqlen_k=meta.max_seqlen)
+    return varlen_attn(
+        q_THK,
+        k_THK,
+        v_THK,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=meta.max_seqlen,
+        max_seqlen_k=meta.max_seqlen,
+    )
 
 
-def _flash_attn(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+def _flash_attn(
+    q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: PackedMeta
+) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
     cu = meta.cu_seqlens_N.to(torch.int32)
@@ -154,7 +168,9 @@ def pick_backend(requested: str, device: torch.device | str, dtype: torch.dtype 
     """Resolve ``auto`` down the ladder; check an explicit choice can run."""
     if requested != "auto":
         if not backend_available(requested, device):
-            raise RuntimeError(f"attention backend {requested!r} is not available on {device} (not installed or CPU)")
+            raise RuntimeError(
+                f"attention backend {requested!r} is not available on {device} (not installed or CPU)"
+            )
         return requested
     if torch.device(device).type != "cuda":
         return "sdpa_dense"
@@ -166,7 +182,11 @@ def pick_backend(requested: str, device: torch.device | str, dtype: torch.dtype 
 
 
 def packed_attention(
-    q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: PackedMeta, backend: str = "sdpa_dense"
+    q_THK: torch.Tensor,
+    k_THK: torch.Tensor,
+    v_THK: torch.Tensor,
+    meta: PackedMeta,
+    backend: str = "sdpa_dense",
 ) -> torch.Tensor:
     """Attention within each document of a packed step. q, k, v: (T, H, K); returns (T, H, K)."""
     return _IMPLS[backend](q_THK, k_THK, v_THK, meta)

@@ -41,7 +41,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = Mlp(width, mlp_ratio)
 
-    def forward(self, x_TD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
         T, D = x_TD.shape
         q_THK, k_THK, v_THK = self.qkv(self.norm1(x_TD)).view(T, 3, self.heads, D // self.heads).unbind(1)
         q_THK, k_THK = apply_rope(q_THK, cos_TF, sin_TF), apply_rope(k_THK, cos_TF, sin_TF)

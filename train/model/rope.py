@@ -10,7 +10,9 @@ import torch
 
 def rope_1d(pos_T: torch.Tensor, head_dim: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cos_TF, sin_TF)`` for integer positions ``pos_T``; F = head_dim / 2."""
-    inv_F = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos_T.device, dtype=torch.float32) / head_dim))
+    inv_F = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=pos_T.device, dtype=torch.float32) / head_dim)
+    )
     ang_TF = pos_T.to(torch.float32)[:, None] * inv_F[None]
     return ang_TF.cos(), ang_TF.sin()
 

@@ -30,14 +30,24 @@ class VisionBatch:
     n_images: int
 
     def to(self, device: torch.device | str) -> VisionBatch:
-        return VisionBatch(self.patches_TP.to(device), self.pos_T2.to(device), self.img_T.to(device),
-                           self.meta.to(device), self.n_images)
+        return VisionBatch(
+            self.patches_TP.to(device),
+            self.pos_T2.to(device),
+            self.img_T.to(device),
+            self.meta.to(device),
+            self.n_images,
+        )
 
 
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
-                ckpt: bool) -> torch.Tensor:
+def _run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, ckpt: bool
+) -> torch.Tensor:
     for blk in blocks:
-        x = checkpoint(blk, x, cos, sin, attend, use_reentrant=False) if ckpt and blk.training else blk(x, cos, sin, attend)
+        x = (
+            checkpoint(blk, x, cos, sin, attend, use_reentrant=False)
+            if ckpt and blk.training
+            else blk(x, cos, sin, attend)
+        )
     return x
 
 
@@ -58,7 +68,7 @@ class VisionTower(nn.Module):
         cos_TF, sin_TF = rope_2d(batch.pos_T2, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)
         meta, backend = batch.meta, self.backend
 
-        def attend(q, k, v):  # noqa: ANN001, ANN202
+        def attend(q, k, v):
             return packed_attention(q, k, v, meta, backend)
 
         x_TD = self.norm(_run_blocks(self.blocks, x_TD, cos_TF, sin_TF, attend, self.checkpointing))
@@ -86,14 +96,16 @@ class TextTower(nn.Module):
         keys_BL = mask_BL | ~mask_BL.any(1, keepdim=True)
         key_B11L = keys_BL[:, None, None, :]
 
-        def attend(q_THK, k_THK, v_THK):  # noqa: ANN001, ANN202
-            def rows(x):  # noqa: ANN001, ANN202
+        def attend(q_THK, k_THK, v_THK):
+            def rows(x):
                 return x.view(B, L, H, D // H).transpose(1, 2)
 
             o = F.scaled_dot_product_attention(rows(q_THK), rows(k_THK), rows(v_THK), attn_mask=key_B11L)
             return o.transpose(1, 2).reshape(B * L, H, D // H)
 
-        x_BLD = self.norm(_run_blocks(self.blocks, x_TD, cos_TF, sin_TF, attend, self.checkpointing)).view(B, L, D)
+        x_BLD = self.norm(_run_blocks(self.blocks, x_TD, cos_TF, sin_TF, attend, self.checkpointing)).view(
+            B, L, D
+        )
         m_BL1 = mask_BL[..., None].to(x_BLD.dtype)
         pooled_BD = (x_BLD * m_BL1).sum(1) / m_BL1.sum(1).clamp_min(1.0)
         return self.proj(pooled_BD)
@@ -102,8 +114,14 @@ class TextTower(nn.Module):
 class Stage1Model(nn.Module):
     """Image and text towers plus SigLIP's learnable logit scale (log temperature) and bias."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, backend: str = "sdpa_dense",
-                 init_logit_scale: float = 2.302585, init_logit_bias: float = -10.0) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        backend: str = "sdpa_dense",
+        init_logit_scale: float = 2.302585,
+        init_logit_bias: float = -10.0,
+    ) -> None:
         super().__init__()
         self.vision = VisionTower(cfg, backend)
         self.text = TextTower(cfg, vocab_size)
@@ -115,8 +133,9 @@ class Stage1Model(nn.Module):
     def set_checkpointing(self, on: bool) -> None:
         self.vision.checkpointing = self.text.checkpointing = on
 
-    def forward(self, vision: VisionBatch, tokens_BL: torch.Tensor, mask_BL: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, vision: VisionBatch, tokens_BL: torch.Tensor, mask_BL: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit-norm embeddings ``(img_BE, txt_BE)`` and ``(logit_scale, logit_bias)``.
 
         The scalars are returned from forward (as OpenCLIP does) so that under FSDP2 the loss
