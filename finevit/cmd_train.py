@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction, config_args: Callable[[argparse.Ar
     config_args(s2, ray=False)
     s2.set_defaults(func=_cmd_stage2)
 
-    lm = stages.add_parser("tiny-lm", help="write a tiny random causal LM with a project tokenizer (tests, tiny recipe)")
+    lm = stages.add_parser(
+        "tiny-lm", help="write a tiny random causal LM with a project tokenizer (tests, tiny recipe)"
+    )
     lm.add_argument("tokenizer", help="a tokenizer directory (finevit train-tokenizer)")
     lm.add_argument("out")
     lm.add_argument("--arch", default="llama", choices=["llama", "qwen2"])

@@ -66,7 +66,9 @@ class InitConfig(StrictModel):
 
 
 class LMConfig(StrictModel):
-    path: str = Field(default="", description="a local causal-LM directory (AutoModelForCausalLM + tokenizer)")
+    path: str = Field(
+        default="", description="a local causal-LM directory (AutoModelForCausalLM + tokenizer)"
+    )
 
 
 class Phase(StrictModel):
@@ -183,15 +185,17 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
         "mean": list(d.mean),
         "std": list(d.std),
     }
-    text_config = lm.config.to_dict()
+    lm_config = lm.config.to_dict()
     vcfg = FineViTVLMConfig(
         vision=cfg.model.model_dump(mode="json"),
         preprocess=preprocess,
-        text_config=text_config,
+        lm_config=lm_config,
         image_token=IMAGE_TOKEN,
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
     )
+    lm_sd = {k: v.clone() for k, v in lm.state_dict().items()}
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)
+    model.language_model.load_state_dict(lm_sd)  # whatever post_init touched: the LM's own weights
     model.vision.load_state_dict(vision_sd)
     return model, FineViTVLMProcessor(tok, preprocess)
 
@@ -307,7 +311,11 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
         step = int(extra["step"])
         if rank == 0:
             on_event(f"resumed from {last} at step {step}")
-    dtype = torch.bfloat16 if (cfg.loop.dtype == "bfloat16" or (cfg.loop.dtype == "auto" and device.type == "cuda")) else None
+    dtype = (
+        torch.bfloat16
+        if (cfg.loop.dtype == "bfloat16" or (cfg.loop.dtype == "auto" and device.type == "cuda"))
+        else None
+    )
     peak = peak_tflops(device, dtype or torch.float32)
     logger = Logger(
         cfg.log.dir, cfg.log.tensorboard, cfg.log.progress, cfg.loop.steps, enabled=rank == 0, start=step
@@ -407,7 +415,9 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     return result
 
 
-def _save(root: str, step: int, net: Any, optim: Any, sched: Any, loader: Stage2Loader, cfg: Stage2Config) -> str:
+def _save(
+    root: str, step: int, net: Any, optim: Any, sched: Any, loader: Stage2Loader, cfg: Stage2Config
+) -> str:
     extra = {"step": step, "sched": sched.state_dict(), "loader": loader.state_dict()}
     path = ckpt.save(root, step, net, optim, extra, keep=cfg.checkpoint.keep)
     if ckpt.rank() == 0:
@@ -425,7 +435,11 @@ def load_stage2(path: str) -> tuple[FineViTVLMForConditionalGeneration, FineViTV
 
     step_dir = resolve_checkpoint(path)
     cfg_path = next(
-        (p / "stage2_config.json" for p in [step_dir, *list(step_dir.parents)[:3]] if (p / "stage2_config.json").is_file()),
+        (
+            p / "stage2_config.json"
+            for p in [step_dir, *list(step_dir.parents)[:3]]
+            if (p / "stage2_config.json").is_file()
+        ),
         None,
     )
     if cfg_path is None:
@@ -443,7 +457,13 @@ def load_stage2(path: str) -> tuple[FineViTVLMForConditionalGeneration, FineViTV
 
 
 def make_tiny_lm(
-    tokenizer_dir: str, out: str, arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4, context: int = 256
+    tokenizer_dir: str,
+    out: str,
+    arch: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    context: int = 256,
 ) -> str:
     """A tiny random causal LM (Llama or Qwen2 config) with the project's tokenizer, a chat template
     and the ``<image>`` token: for tests and the tiny recipe (no download)."""

@@ -179,7 +179,9 @@ def choose(
 ) -> tuple[str, str, str] | None:
     """``(task, prompt, target)`` for one image: a task by weight among those the image supports."""
     rng = random.Random(zlib.crc32(f"{seed}:{epoch}:{key}".encode()))
-    usable = [(t, w) for t, w in tasks if (t == "global" and meta.caption) or (t != "global" and meta.regions)]
+    usable = [
+        (t, w) for t, w in tasks if (t == "global" and meta.caption) or (t != "global" and meta.regions)
+    ]
     if not usable:
         return None
     task = rng.choices([t for t, _ in usable], weights=[w for _, w in usable])[0]
@@ -250,7 +252,12 @@ def encode_sample(
 
 
 def collate(
-    samples: list[Sample], images: dict[str, bytes], processor: Any, max_len: int, seq_len: int, stats: Counter
+    samples: list[Sample],
+    images: dict[str, bytes],
+    processor: Any,
+    max_len: int,
+    seq_len: int,
+    stats: Counter,
 ) -> dict[str, Any]:
     """Decode, patchify and pack the images (rows of ``seq_len`` patches, first fit) and pad the
     token sequences (right, to the longest): ``vision``, ``spans``, ``input_ids_BL``, ``labels_BL``,
@@ -278,9 +285,9 @@ def collate(
             r = len(rows) - 1
         at = seq_len - room[r]
         gh, gw = grid
-        rows_pos = torch.stack(
-            torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"), -1
-        ).reshape(-1, 2)
+        rows_pos = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"), -1).reshape(
+            -1, 2
+        )
         rows[r].append((x_NP, rows_pos))
         room[r] -= n
         spans.append((r * seq_len + at, gh, gw))

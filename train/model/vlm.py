@@ -3,7 +3,7 @@
 
 * :class:`FineViTVLMForConditionalGeneration`: the stage-1 vision tower (packed, native
   resolution) -> :class:`~train.model.projector.PatchMerger` -> any causal LM built from
-  ``config.text_config`` (``AutoModelForCausalLM``). The prompt's ``<image>`` placeholder is
+  ``config.lm_config`` (``AutoModelForCausalLM``). The prompt's ``<image>`` placeholder is
   expanded by the processor into one image token per merged patch; the LM's embeddings of
   those tokens are replaced by the projected image features, in order.
 * :class:`FineViTVLMProcessor`: chat template (image parts -> ``<image>``) + NaFlex patchify
@@ -70,7 +70,9 @@ def vision_tokens(tower: VisionTower, batch: VisionBatch) -> torch.Tensor:
     return tower.norm(_run_blocks(tower.blocks, x_TD, cos, sin, attend, tower.checkpointing))
 
 
-def pack_padded(pixel_values_NnP: torch.Tensor, image_grid_N2: torch.Tensor) -> tuple[VisionBatch, list[Span]]:
+def pack_padded(
+    pixel_values_NnP: torch.Tensor, image_grid_N2: torch.Tensor
+) -> tuple[VisionBatch, list[Span]]:
     """One image per row (row length Nmax): the processor's padded ``pixel_values`` as a packed batch."""
     N, S, P = pixel_values_NnP.shape
     dev = pixel_values_NnP.device
@@ -100,14 +102,14 @@ class FineViTVLMConfig(PretrainedConfig):
         self,
         vision: dict | None = None,
         preprocess: dict | None = None,
-        text_config: dict | None = None,
+        lm_config: dict | None = None,
         image_token: str = IMAGE_TOKEN,
         image_token_id: int = 0,
         **kwargs: Any,
     ) -> None:
         self.vision = vision or {}
         self.preprocess = preprocess or {}
-        self.text_config = text_config or {}
+        self.lm_config = lm_config or {}
         self.image_token = image_token
         self.image_token_id = image_token_id
         super().__init__(**kwargs)
@@ -130,13 +132,14 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         self.vision.head.requires_grad_(False)
         self.vision.proj.requires_grad_(False)
         if language_model is None:
-            text_config = dict(config.text_config)
-            lm_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+            lm_config = dict(config.lm_config)
+            lm_config = AutoConfig.for_model(lm_config.pop("model_type"), **lm_config)
             language_model = AutoModelForCausalLM.from_config(lm_config)
         self.language_model = language_model
         hidden = self.language_model.get_input_embeddings().weight.shape[1]
         self.projector = PatchMerger(model_cfg.vision.width, hidden)
         self.projector.apply(_init)
+        self.post_init()
         self.generation_config = self.language_model.generation_config
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -186,7 +189,9 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         **kwargs: Any,
     ) -> Any:
         embeds = self.embed(input_ids, pixel_values, image_grid, vision, spans)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs
+        )
 
     @torch.no_grad()
     def generate(
@@ -226,10 +231,15 @@ class FineViTVLMProcessor:
             raise ValueError("the tokenizer has no chat template")
 
     @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """transformers calls this on remote-code processors; the export writes the auto_map itself."""
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> FineViTVLMProcessor:
         with open(os.path.join(path, PREPROCESSOR_FILE)) as f:
             pre = json.load(f)
-        tok = AutoTokenizer.from_pretrained(path)
+        # the folder's config.json names remote code: pass the caller's trust on to the tokenizer
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code")))
         return cls(tok, pre["preprocess"], pre.get("image_token", IMAGE_TOKEN))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -239,6 +249,8 @@ class FineViTVLMProcessor:
             "processor_class": "FineViTVLMProcessor",
             "preprocess": self.preprocess,
             "image_token": self.image_token,
+            # AutoProcessor.from_pretrained(dir, trust_remote_code=True) finds the class here
+            "auto_map": {"AutoProcessor": "modeling_finevit.FineViTVLMProcessor"},
         }
         with open(os.path.join(path, PREPROCESSOR_FILE), "w") as f:
             json.dump(body, f, indent=2)
@@ -300,7 +312,9 @@ class FineViTVLMProcessor:
             at += k
         if at != len(grids):
             raise ValueError(f"{len(grids)} images for {at} image placeholders")
-        enc = self.tokenizer(expanded, padding=padding, add_special_tokens=False, return_tensors=return_tensors)
+        enc = self.tokenizer(
+            expanded, padding=padding, add_special_tokens=False, return_tensors=return_tensors
+        )
         data = dict(enc)
         if patches:
             n_max = max(x.shape[0] for x in patches)
