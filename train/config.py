@@ -50,6 +50,11 @@ class DataConfig(StrictModel):
     dataset: str = Field(default="", description="dataset root: a local path or s3://bucket/prefix")
     captions: list[CaptionSource] = [CaptionSource(source="alt-text")]
     filters: list[str] = Field(default=[], description="filter layers whose keep=false rows are dropped")
+    failed_captions: Literal["fallback", "drop"] = Field(
+        default="fallback",
+        description="a caption layer row that failed: fall back to the other sources (alt-text) or drop "
+        "the sample; counted as caption_fallback / dropped_caption_failed",
+    )
     tokenizer: str = Field(default="", description="a local tokenizer directory (PreTrainedTokenizerFast)")
     max_patches: int = Field(default=256, ge=1, description="NaFlex patch budget per image")
     seq_len: int = Field(default=1024, ge=1, description="tokens per packed sequence")
@@ -104,6 +109,11 @@ class CheckpointConfig(StrictModel):
     every: int = Field(default=0, ge=0, description="steps between checkpoints; 0: only at the end")
     resume: bool = True
     keep: int = Field(default=2, ge=1)
+    allow_data_change: bool = Field(
+        default=False,
+        description="resume even if the data plan (shards, data config, world, workers) changed: "
+        "warns and starts a fresh epoch instead of refusing",
+    )
 
 
 class LogConfig(StrictModel):

@@ -143,7 +143,7 @@ def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:
     if last:
         extra = ckpt.load(last, net, optim)
         sched.load_state_dict(extra["sched"])
-        loader.load_state_dict(extra["loader"])
+        loader.load_state_dict(extra["loader"], cfg.checkpoint.allow_data_change)
         step = int(extra["step"])
         if rank == 0:
             on_event(f"resumed from {last} at step {step}")
