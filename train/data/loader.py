@@ -439,6 +439,11 @@ class Stage1Stream(torch.utils.data.IterableDataset):
             rows.append(out)
         vision, real = assemble(rows, d.seq_len, d.max_images, 3 * p * p)
         tokens_BL, mask_BL, truncated = tokenize(tokenizer, captions, self.context, d.max_images)
+        # the text tower runs at the longest caption of the step (rounded up to 8 to bound the
+        # shapes torch.compile sees), not at the full context: empty slots cost little
+        longest = int(mask_BL.sum(1).max()) if captions else 1
+        width = min(self.context, -(-max(longest, 1) // 8) * 8)
+        tokens_BL, mask_BL = tokens_BL[:, :width].contiguous(), mask_BL[:, :width].contiguous()
         stats["truncated_captions"] += truncated
         stats["images"] += len(captions)
         valid_B = torch.zeros(d.max_images, dtype=torch.bool)
