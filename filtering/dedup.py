@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,21 +38,36 @@ SIG_BASE = [pa.field("key", pa.string()), pa.field("status", pa.string()), pa.fi
 
 
 class GlobalFilter(Filter):
-    """A filter whose verdicts come from the global pass: ``sample.cache['dups'][name]``."""
+    """A filter whose verdicts come from the global pass: ``sample.cache['dups'][name]`` is the
+    key of the row its cluster keeps. The reason is a category (counted in the audit); the kept
+    key goes to the ``<column>`` score column."""
 
     needs = "global"
+    column: ClassVar[str] = "dup_of"
+    detail: ClassVar[str] = "duplicate"
+
+    def score_columns(self) -> dict[str, pa.DataType]:
+        return {self.column: pa.string()}
 
     def check(self, s: Sample) -> Verdict:
-        reason = s.cache.get("dups", {}).get(self.name)
-        return self.drop(reason) if reason else Verdict(True)
+        first = s.cache.get("dups", {}).get(self.name)
+        return (
+            self.drop(self.detail, {self.column: first})
+            if first
+            else Verdict(True, None, {self.column: None})
+        )
 
 
 class ExactDupImageFilter(GlobalFilter):
     name = "exact_dup_image"
+    column = "sha256_dup_of"
+    detail = "same sha256 as a kept image"
 
 
 class NearDupImageFilter(GlobalFilter):
     name = "near_dup_image"
+    column = "phash_dup_of"
+    detail = "perceptual hash near a kept image"
 
     def __init__(self, max_distance: int = 4, hash_bits: int = 64) -> None:
         if hash_bits != 64:
@@ -69,6 +84,8 @@ class NearDupImageFilter(GlobalFilter):
 
 class NearDupCaptionFilter(GlobalFilter):
     name = "near_dup_caption"
+    column = "caption_dup_of"
+    detail = "near-duplicate of a kept caption"
 
     def __init__(self, threshold: float = 0.7, num_perm: int = 128, ngram: int = 3, seed: int = 1) -> None:
         self.threshold = threshold
@@ -198,7 +215,7 @@ def _list(uris: list[str]) -> str:
 
 
 def exact_image_dups(con: Any, shard_parquets: list[str]) -> dict[str, str]:
-    """key -> reason for images whose ``sha256`` an earlier (smaller) key already has."""
+    """key -> the smaller key whose image has the same ``sha256``."""
     if not shard_parquets:
         return {}
     rows = con.execute(
@@ -206,13 +223,13 @@ def exact_image_dups(con: Any, shard_parquets: list[str]) -> dict[str, str]:
         f"FROM read_parquet({_list(shard_parquets)}) WHERE status = 'success' AND sha256 IS NOT NULL) "
         f"WHERE key <> first_key"
     ).fetchall()
-    return {k: f"same sha256 as {first}" for k, first in rows}
+    return dict(rows)
 
 
 def near_image_dups(
     con: Any, phash_parquets: list[str], max_distance: int, exclude: set[str]
 ) -> dict[str, str]:
-    """key -> reason for images within ``max_distance`` bits of a smaller key's perceptual hash."""
+    """key -> the kept (smallest) key of its cluster of images within ``max_distance`` bits."""
     if not phash_parquets:
         return {}
     n = max_distance + 1  # slices: pigeonhole
@@ -237,13 +254,13 @@ def near_image_dups(
         if a in exclude or b in exclude:
             continue
         uf.union(a, b)
-    return {k: f"perceptual hash near {first}" for k, first in uf.dropped().items()}
+    return uf.dropped()
 
 
 def near_caption_dups(
     con: Any, minhash_parquets: list[str], hasher: MinHasher, threshold: float
 ) -> dict[str, str]:
-    """key -> reason for captions in an LSH cluster (verified Jaccard >= threshold) with a smaller key."""
+    """key -> the kept (smallest) key of its LSH cluster (pairs verified: Jaccard >= threshold)."""
     if not minhash_parquets:
         return {}
     con.execute(
@@ -281,4 +298,4 @@ def near_caption_dups(
             checked.add((a, b))
             if float(np.mean(sigs[a] == sigs[b])) >= threshold:
                 uf.union(a, b)
-    return {k: f"near-duplicate of {first}'s caption" for k, first in uf.dropped().items()}
+    return uf.dropped()

@@ -363,6 +363,11 @@ def global_dups(
     from engine.audit.views import connect
 
     con = connect(storage, s3=not ds.store.is_local)
+    if not ds.store.is_local:  # the workers wrote the signature layers: forget cached listings
+        from engine.store import s3_filesystem
+
+        s3_filesystem(storage).invalidate_cache()
+        _fresh(ds.store)
     found: dict[str, dict[str, str]] = defaultdict(dict)
     exact: dict[str, str] = {}
     for f in filters:

@@ -139,11 +139,11 @@ class RepetitionFilter(Filter):
         sent = sentence_repeats(s.caption) if n_dup else 1
         sc = {"dup_ngram_ratio": ratio, "longest_repeat": run, "sentence_repeats": sent}
         if ratio > self.max_ratio:
-            return self.drop(f"repeated {self.n}-grams ({ratio:.2f} > {self.max_ratio})", sc)
+            return self.drop(f"repeated {self.n}-grams above {self.max_ratio}", sc)
         if run is not None and run > self.max_run:
-            return self.drop(f"a {run}-word run repeats (> {self.max_run})", sc)
+            return self.drop(f"a repeated run longer than {self.max_run} words", sc)
         if sent > self.max_sent:
-            return self.drop(f"a sentence repeats {sent} times (> {self.max_sent})", sc)
+            return self.drop(f"a sentence repeated more than {self.max_sent} times", sc)
         return Verdict(True, None, sc)
 
 
@@ -225,14 +225,14 @@ class RefusalFilter(Filter):
         if self._refusal is not None and (self._cues is None or any(c in low for c in self._cues)):
             m = self._refusal.search(head)
             if m:
-                return self.drop(f"matches {m.group(0).lower()!r}")
+                return self.drop("refusal")
         first = low.lstrip()[:1]
         if self._boiler is not None and (
             self._boiler_first is None or (first and first in self._boiler_first)
         ):
             m = self._boiler.match(head.lstrip())
             if m:
-                return self.drop(f"boilerplate opening ({m.group(0).lower()!r})")
+                return self.drop("boilerplate opening")
         return KEEP
 
 
@@ -264,7 +264,7 @@ class GarbledFilter(Filter):
         if text.count("\ufffd") > self.max_repl:
             return self.drop("replacement characters (U+FFFD)", sc)
         if ratio < self.min_letter_ratio:
-            return self.drop(f"letters are {ratio:.2f} of the text (< {self.min_letter_ratio})", sc)
+            return self.drop(f"letters below {self.min_letter_ratio} of the text", sc)
         return Verdict(True, None, sc)
 
 
@@ -362,7 +362,7 @@ class LanguageFilter(Filter):
         if top.language not in self.keep:
             return self.drop(f"language {code} (not {','.join(self.keep_codes)})", sc)
         if top.value < self.min_conf:
-            return self.drop(f"language {code} uncertain ({top.value:.2f} < {self.min_conf})", sc)
+            return self.drop(f"language {code} below confidence {self.min_conf}", sc)
         return Verdict(True, None, sc)
 
 
@@ -377,7 +377,11 @@ class BlocklistFilter(Filter):
 
     def check(self, s: Sample) -> Verdict:
         m = self._re.search(s.caption)
-        return self.drop(f"matches {m.group(0)!r}") if m else KEEP
+        return self.drop(f"matches {self._which(m.group(0))!r}") if m else KEEP
+
+    def _which(self, text: str) -> str:
+        """The pattern that matched (a category), not the matched text."""
+        return next((p for p in self.patterns if re.search(p, text, re.I)), text)
 
 
 def caption_problem(s: Sample) -> str | None:

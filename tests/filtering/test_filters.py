@@ -48,16 +48,20 @@ def test_repetition_catches_loops_not_dense_captions() -> None:
     assert f.check(s(CLEAN)).keep
     loop = "A red circle is on the left. " + "The circle is red and the circle is round and " * 12
     v = f.check(s(loop))
-    assert not v.keep and v.reason.startswith("repetition: repeated 3-grams")
+    assert not v.keep and v.reason == "repetition: repeated 3-grams above 0.3"
     # a long caption whose tail repeats one 14-word run: few repeated n-grams overall, a long run
     tail = "a small green triangle with a dotted fill is placed in the bottom right corner"
     long = " ".join(f"word{i} here" for i in range(80)) + " " + tail + " and " + tail + "."
     v = f.check(s(long))
-    assert not v.keep and "run repeats" in v.reason and v.scores["longest_repeat"] == 14
+    assert (
+        not v.keep
+        and v.reason == "repetition: a repeated run longer than 12 words"
+        and v.scores["longest_repeat"] == 14
+    )
     # the same sentence three times, nothing else repeated much
     rep = "There is a red circle. There is a red circle. There is a red circle. " + CLEAN
     v = RepetitionFilter(max_dup_ngram_ratio=0.9).check(s(rep))
-    assert not v.keep and "sentence repeats 3 times" in v.reason
+    assert not v.keep and v.reason == "repetition: a sentence repeated more than 2 times"
 
 
 def test_repetition_helpers() -> None:
@@ -105,7 +109,7 @@ def test_garbled() -> None:
     assert f.check(s("Line one.\nLine two.")).keep
     assert f.check(s("bad \x00\x07 control")).reason == "garbled: non-printable characters"
     assert "replacement" in f.check(s("caf\ufffd au lait")).reason
-    assert "letters are" in f.check(s("1234 5678 ### !!! 99.9%")).reason
+    assert "letters below 0.6" in f.check(s("1234 5678 ### !!! 99.9%")).reason
     assert f.check(s("Ein großer Kreis auf grünem Grund.")).keep  # non-ASCII letters count
 
 
@@ -128,7 +132,7 @@ def test_language() -> None:
 def test_blocklist() -> None:
     f = BlocklistFilter([r"\bwatermark\b", r"shutterstock"])
     assert f.check(s(CLEAN)).keep
-    assert f.check(s("A photo with a Shutterstock watermark.")).reason == "blocklist: matches 'Shutterstock'"
+    assert f.check(s("A photo with a Shutterstock watermark.")).reason == "blocklist: matches 'shutterstock'"
 
 
 @pytest.mark.parametrize(
