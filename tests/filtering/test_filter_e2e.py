@@ -83,6 +83,7 @@ def test_filter_drops_planted_cases_with_their_reasons(planted, ray_local, tmp_p
     out = tmp_path / "report"
     assert cli.main(["audit", str(root), "--report", str(out)]) == 0
     md = (out / "report.md").read_text()
+    assert "does not match" not in md  # the signature layers are a kind the audit knows
     assert "filter layer flt" in md and "refusal: refusal" in md and "near_dup_caption: near-duplicate" in md
 
     # stage 1's loader (data.filters: [flt]) skips exactly the rows the layer drops
