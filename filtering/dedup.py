@@ -22,7 +22,6 @@ cluster of refusals keeps one refusal, which the refusal filter then drops).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -116,25 +115,29 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
-_WORD = re.compile(r"\w+")
+# punctuation -> space, so "circle." and "circle" are one word (str.translate: C speed)
+_PUNCT = str.maketrans({c: " " for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"})
 
 
 class MinHasher:
-    """MinHash signatures of word n-gram shingles (``datasketch``), cut into LSH bands."""
+    """MinHash signatures of word n-gram shingles (``datasketch``, xxh32 as its hash
+    function: 2x sha1's speed here), cut into LSH bands."""
 
     def __init__(self, num_perm: int = 128, threshold: float = 0.7, ngram: int = 3, seed: int = 1) -> None:
+        import xxhash
         from datasketch import MinHash
 
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
         self.bands, self.rows = lsh_params(threshold, num_perm)
-        self._proto = MinHash(num_perm=num_perm, seed=seed)  # permutations drawn once, copied per caption
+        # permutations drawn once, copied per caption
+        self._proto = MinHash(num_perm=num_perm, seed=seed, hashfunc=xxhash.xxh32_intdigest)
 
     def shingles(self, text: str) -> list[bytes]:
-        words = _WORD.findall(text.lower())
+        words = text.lower().translate(_PUNCT).split()
         n = self.ngram
         if len(words) < n:
             return [" ".join(words).encode()] if words else []
-        return list({" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)})
+        return [g.encode() for g in {" ".join(g) for g in zip(*(words[i:] for i in range(n)), strict=False)}]
 
     def signature(self, text: str) -> np.ndarray:
         m = self._proto.copy()

@@ -4,7 +4,10 @@
 
     LengthFilter        chars / words / tokens out of bounds             scores n_chars, n_words
     RepetitionFilter    loops: repeated word n-grams, longest repeated   scores dup_ngram_ratio,
-                        word run, the same sentence again                 longest_repeat, max_sentence_repeat
+                        word run, the same sentence again                 longest_repeat (null when
+                                                                          too few n-grams repeat for
+                                                                          a long run; capped at the
+                                                                          limit + 1), sentence_repeats
     TruncationFilter    finish_reason=length, or no final punctuation
     RefusalFilter       "I'm sorry", "I cannot", "As an AI", chatty boilerplate openings
     GarbledFilter       control characters, U+FFFD, too few letters       scores letter_ratio
@@ -75,7 +78,10 @@ def dup_ngram_ratio(words: list[str], n: int) -> float:
     total = len(words) - n + 1
     if total <= 1:
         return 0.0
-    grams = set(zip(*(words[i:] for i in range(n)), strict=False))
+    if n == 3:  # the default: no generator in the way
+        grams = set(zip(words, words[1:], words[2:], strict=False))
+    else:
+        grams = set(zip(*(words[i:] for i in range(n)), strict=False))
     return 1.0 - len(grams) / total
 
 
@@ -134,8 +140,8 @@ class RepetitionFilter(Filter):
         # A repeated run of L words repeats L - n + 1 n-grams: with fewer repeated n-grams
         # than a run over the limit needs, skip the search (most captions); score left null.
         run: int | None = None
-        if n_dup >= self.max_run - self.n + 2:
-            run = longest_repeat(words, self.n, n_dup + self.n - 1)
+        if n_dup >= self.max_run - self.n + 2:  # searched up to max_run + 1: the score is capped there
+            run = longest_repeat(words, self.n, min(n_dup + self.n - 1, self.max_run + 1))
         sent = sentence_repeats(s.caption) if n_dup else 1
         sc = {"dup_ngram_ratio": ratio, "longest_repeat": run, "sentence_repeats": sent}
         if ratio > self.max_ratio:
@@ -348,8 +354,8 @@ class LanguageFilter(Filter):
 
     def check(self, s: Sample) -> Verdict:
         if self.shortcut and s.words:
-            ws = s.caption[:600].lower().split()[:80]
-            hits = sum(map(_EN_STOPWORDS.__contains__, ws))
+            ws = s.words[:80]
+            hits = sum(map(_EN_STOPWORDS.__contains__, map(str.lower, ws)))
             if hits / len(ws) >= self.shortcut:
                 return Verdict(True, None, {"lang": "en", "lang_score": None})
         text = s.caption[: self.max_chars]
