@@ -151,17 +151,18 @@ def test_exact_and_near_image_dups(tmp_path: Path) -> None:
         ("13", a ^ (0xFFFF << 20)),  # 16 bits away
         ("14", a ^ (1 << 63)),  # the sign bit: 1 bit from 10
         ("15", a),  # excluded (an exact duplicate already)
+        ("16", a ^ (1 | 1 << 16 | 1 << 32 | 1 << 48)),  # 4 bits from 10, one in each 16-bit quarter
     ]
     signed = [v - (1 << 64) if v >= (1 << 63) else v for _, v in rows]
     pq.write_table(
         pa.table(
-            {"key": [k for k, _ in rows], "phash": signed, "status": ["ok"] * 6, "error": [None] * 6},
+            {"key": [k for k, _ in rows], "phash": signed, "status": ["ok"] * 7, "error": [None] * 7},
             schema=PHASH_SCHEMA,
         ),
         ph,
     )
     got = near_image_dups(con, [str(ph)], 4, exclude={"15"})
-    assert got == {"11": "10", "14": "10"}
+    assert got == {"11": "10", "14": "10", "16": "10"}
     got = near_image_dups(con, [str(ph)], 5, exclude={"15"})
-    assert set(got) == {"11", "12", "14"}
+    assert set(got) == {"11", "12", "14", "16"}
     assert np.int64(signed[4]) < 0
