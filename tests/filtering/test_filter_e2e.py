@@ -137,3 +137,76 @@ def test_filter_on_s3(planted, ray_local, s3, tmp_path, monkeypatch) -> None:
         monkeypatch.setenv(k, v)
     assert _filter(uri) == 0
     check_planted(uri, s3.storage)
+
+
+def _write_region_layer(root: str) -> dict[int, list[dict]]:
+    """Layer ``boxes``: the scenes' true boxes, with an invalid box added to file 0, only invalid
+    boxes for file 1 and 30 boxes for file 2. Returns file index -> regions."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    from engine.layers import write_layer_shard
+    from engine.schemas import REGION_SCHEMA
+    from engine.synthetic import make_scene, region_annotations
+    from tests.filtering.conftest import N_SCENES, SEED, SIZE, file_index
+
+    ds = Dataset(root)
+    layer = ds.layer("boxes")
+    layer.write_info({"kind": "regions", "stage": "recaption"})
+    bad = {"x0": 0.8, "y0": 0.1, "x1": 0.2, "y1": 0.5, "caption": "backwards", "label": "circle"}
+    by_file = {}
+    for shard in ds.committed_shards():
+        with ds.shards.open(f"{shard}.parquet") as f:
+            meta = pq.read_table(f, columns=["key", "url"]).to_pylist()
+        rows = []
+        for m in meta:
+            i = file_index(m["url"])
+            regs = region_annotations(make_scene(SEED, i, SIZE)) if i < N_SCENES else []
+            if i == 0:
+                regs = [*regs, bad]
+            elif i == 1:
+                regs = [bad, bad]
+            elif i == 2:
+                regs = [{**bad, "x0": 0.01 * k, "x1": 0.01 * k + 0.3, "label": str(k)} for k in range(30)]
+            by_file[i] = regs
+            rows.append(
+                {
+                    "key": m["key"],
+                    "regions": regs,
+                    "model": "t",
+                    "prompt_id": "p",
+                    "status": "ok",
+                    "error": None,
+                }
+            )
+        with layer.store.staging(f"b-{shard}") as staging:
+            write_layer_shard(layer, shard, rows, REGION_SCHEMA, staging, time.time())
+    return by_file
+
+
+def test_region_layer_filtered_per_box_and_per_image(planted, ray_local, tmp_path) -> None:
+    root = _copy(planted.root, tmp_path / "ds")
+    regions = _write_region_layer(str(root))
+    cfg = tmp_path / "regions.yaml"
+    cfg.write_text("- type: regions\n  max_boxes: 20\n  min_area: 0.0001\n")
+    assert (
+        cli.main(
+            ["filter", str(root), "--layer", "rf", "--on", "boxes", "--config", str(cfg), "--no-progress"]
+        )
+        == 0
+    )
+    k2f = key_to_file(str(root))
+    layer = {k: r for k, r in read_filter_layer(str(root), "rf").items()}
+    for key, row in layer.items():
+        i = k2f[key]
+        if i == 0:
+            assert row["keep"] and row["region_keep"] == [True] * (len(regions[0]) - 1) + [False]
+        elif i == 1:
+            assert row["reasons"] == ["regions: 0 usable boxes < 1 (invalid)"]
+        elif i == 2:
+            assert row["reasons"] == ["regions: 30 boxes > 20"]
+        elif i < 26:
+            assert row["keep"] and all(row["region_keep"]) and row["n_regions"] == len(regions[i]), (i, row)
+        else:  # no boxes at all
+            assert not row["keep"] and row["n_regions"] == 0
