@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     p.add_argument("--workers", type=int, help="shard tasks in flight (default: 2 per CPU)")
     p.add_argument("--no-progress", action="store_true")
     config_args(p)
+    for a in p._actions:
+        if a.dest == "config":
+            a.help = "filter config: a YAML list of filters (default: configs/filters/default.yaml)"
+        elif a.dest == "overrides":
+            a.help = "override a field, e.g. --set filter.task_cpus=0.5 (repeatable)"
     p.set_defaults(func=cmd_filter)
 
 
