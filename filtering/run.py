@@ -546,11 +546,3 @@ def filter_dataset(
 
 def _progress(st: FilterStageConfig, progress: bool | None) -> bool:
     return st.progress if progress is None else progress
-
-
-def reason_counts(reasons: Counter) -> Counter:
-    """Drop reasons grouped by filter name."""
-    out: Counter = Counter()
-    for r, n in reasons.items():
-        out[reason_filter(r)] += n
-    return out
