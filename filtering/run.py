@@ -33,7 +33,7 @@ from engine.config import ConfigError, StorageConfig
 from engine.layout import Dataset, LayerDir, LayoutError, sample_digits
 from engine.schemas import FILTER_BASE_SCHEMA
 from engine.shards import Progress, StageReport, run_shard_tasks
-from filtering.base import Filter, Sample, reason_filter
+from filtering.base import Filter, Sample
 from filtering.config import FilterRunConfig, FilterStageConfig, build_filters
 from filtering.dedup import (
     PHASH_SCHEMA,
