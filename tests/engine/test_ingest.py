@@ -197,19 +197,50 @@ def test_url_list_formats(fmt, tmp_path, http_images):
 
 
 def test_private_addresses_are_refused_by_default(tmp_path, http_images):
+    local = tmp_path / "local.jpg"
+    local.write_bytes(jpeg(40, 30, seed=7))
     urls = _serve(http_images, 2, "private") + [
         "http://169.254.169.254/latest/meta-data/",
         "http://localhost:9/x.jpg",
+        "http://0.0.0.0:9/x.jpg",
+        "http://[::ffff:127.0.0.1]:9/x.jpg",
+        http_images.url("redirect/http://169.254.169.254/latest/meta-data/"),
     ]
+    schemes = {
+        local.as_uri(): "file",
+        "ftp://127.0.0.1:1/x.jpg": "ftp",
+        "gopher://127.0.0.1:1/x": "gopher",
+        "data:image/jpeg;base64,/9j/4AAQ": "data",
+    }
     lst = tmp_path / "l.txt"
-    lst.write_text("\n".join(urls))
-    ingest(str(lst), str(tmp_path / "out"), cfg_for(samples_per_shard=10, timeout=2), progress=False)
-    rows = rows_of(Dataset(str(tmp_path / "out")))
-    assert len(rows) == 4
-    for r in rows:
+    lst.write_text("\n".join(urls + list(schemes)))
+    out = tmp_path / "out"
+    ingest(str(lst), str(out), cfg_for(samples_per_shard=20, timeout=2), progress=False)
+    rows = {r["url"]: r for r in rows_of(Dataset(str(out)))}
+    assert len(rows) == len(urls) + len(schemes)
+    for url in urls:
+        r = rows[url]
         assert r["status"] == "failed_to_download"
         assert r["error_message"].startswith("blocked: private address"), r["error_message"]
+    for url, scheme in schemes.items():
+        assert rows[url]["status"] == "failed_to_download"
+        assert rows[url]["error_message"] == f"blocked: scheme {scheme}", rows[url]
     assert http_images.hits["private/0.jpg"] == 0, "no request reached the private server"
+    assert not any(p.name.endswith(".jpg") for p in _tar_members(out / "shards" / "00000.tar"))
+    # with private addresses allowed, other schemes are still refused, and redirects to them too
+    urls = [local.as_uri(), http_images.url(f"redirect/{local.as_uri()}"), http_images.url("private/0.jpg")]
+    lst.write_text("\n".join(urls))
+    out = tmp_path / "out2"
+    ingest(str(lst), str(out), cfg_for(samples_per_shard=20, allow_private_network="true"), progress=False)
+    rows = {r["url"]: r for r in rows_of(Dataset(str(out)))}
+    assert rows[urls[0]]["error_message"] == "blocked: scheme file"
+    assert rows[urls[1]]["error_message"].startswith("blocked: scheme file (redirect to")
+    assert rows[urls[2]]["status"] == "success"
+
+
+def _tar_members(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as t:
+        return t.getmembers()
 
 
 def test_retry_failed_rewrites_only_affected_shards(tmp_path, http_images):
