@@ -264,7 +264,7 @@ def test_retry_failed_rewrites_only_affected_shards(tmp_path, http_images):
     assert rows[flaky]["status"] == "success"
     assert rows[http_images.url("status/404")]["status"] == "failed_to_download", "404 is not transient"
     assert (out / "shards" / "00000.tar").stat().st_mtime_ns == untouched
-    assert ds.shard_stats("00001")["retried"] == 1
+    assert ds.shard_stats("00001").retried == 1
 
 
 # ---------------------------------------------------------------- 3. WebDataset tars
