@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.config import FineVitConfig, IngestConfig
 from engine.layout import (
+    MANIFEST,
     STATS_SUFFIX,
     Dataset,
     LayoutError,
@@ -322,8 +323,14 @@ def ingest(
         run_shard_tasks(plan(), submit, on_done, max_in_flight=max_in_flight, on_error=on_error, progress=bar)
         report.shards_planned = n_planned
         _finish_entry(dataset, source.uri, n_planned)
+    except BaseException:
+        if n_planned == 0:
+            _forget_unplanned_source(dataset, source.uri, first)
+        raise
     finally:
         shards.clear_staging()  # every task has ended: nothing of ours is staged any more
+        if dataset.exists():
+            write_size_files(dataset)
     report.seconds = time.time() - t0
     return report
 
@@ -335,3 +342,46 @@ def _finish_entry(dataset: Dataset, uri: str, n_planned: int) -> None:
             e["num_shards"] = n_planned
             dataset.write_manifest(m)
             return
+
+
+def _forget_unplanned_source(dataset: Dataset, uri: str, first: int) -> None:
+    """A source whose plan failed before its first shard (an empty folder, an unreadable list)
+    leaves no unfinished entry behind: the next source could never be added after it."""
+    m = dict(dataset.manifest)
+    sources = list(m.get("sources", []))
+    entry = next((e for e in sources if e["uri"] == uri), None)
+    if entry is None or entry.get("num_shards") is not None:
+        return
+    committed = dataset.committed_shards()
+    if any(int(name) >= first for name in committed):
+        return  # shards of an earlier run of this source exist: keep the entry, a rerun resumes it
+    m["sources"] = [e for e in sources if e is not entry]
+    if not m["sources"] and not committed:
+        dataset.store.rm(MANIFEST)  # this entry was all there was: OUTPUT is as before the run
+        return
+    dataset.write_manifest(m)
+
+
+SIZES_FILE = "sizes.json"  # OpenCLIP's loader: tar name -> samples (no --train-num-samples needed)
+INFO_FILE = "_info.json"  # webdataset's wids shard index (wids-shard-index-v1)
+
+
+def write_size_files(dataset: Dataset) -> None:
+    """Write ``sizes.json`` and ``_info.json`` beside the tars: the samples in each committed tar
+    (its successes), from the commit markers alone. Rewritten at the end of every run, so a
+    ``--retry-failed`` that turned failures into images keeps them true."""
+    shards = dataset.shards
+    markers = {name: dataset.shard_stats(name) for name in dataset.committed_shards()}
+    shards.write_json(SIZES_FILE, {f"{name}.tar": st.successes for name, st in markers.items()})
+    shards.write_json(
+        INFO_FILE,
+        {
+            "__kind__": "wids-shard-index-v1",
+            "wids_version": 1,
+            "name": dataset.manifest.get("name", "dataset"),
+            "shardlist": [
+                {"url": f"{name}.tar", "nsamples": st.successes, "filesize": st.bytes}
+                for name, st in markers.items()
+            ],
+        },
+    )

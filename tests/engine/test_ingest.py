@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -253,6 +254,7 @@ def test_retry_failed_rewrites_only_affected_shards(tmp_path, http_images):
     cfg = cfg_for(samples_per_shard=4, allow_private_network="true", timeout=5)
     first = ingest(str(lst), str(out), cfg, progress=False)
     assert first.successes == 4 and first.failed == 2
+    assert _sizes(out) == {"00000.tar": 4, "00001.tar": 0}
     ds = Dataset(str(out))
     untouched = (out / "shards" / "00000.tar").stat().st_mtime_ns
     again = ingest(str(lst), str(out), cfg, progress=False)
@@ -265,6 +267,82 @@ def test_retry_failed_rewrites_only_affected_shards(tmp_path, http_images):
     assert rows[http_images.url("status/404")]["status"] == "failed_to_download", "404 is not transient"
     assert (out / "shards" / "00000.tar").stat().st_mtime_ns == untouched
     assert ds.shard_stats("00001").retried == 1
+    assert _sizes(out) == {"00000.tar": 4, "00001.tar": 1}, "sizes.json follows --retry-failed"
+    assert _sizes(out) == _tar_sample_counts(out)
+
+
+def _sizes(out: Path) -> dict[str, int]:
+    return json.loads((out / "shards" / "sizes.json").read_text())
+
+
+def _tar_sample_counts(out: Path) -> dict[str, int]:
+    counts = {}
+    for tar in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            counts[tar.name] = len({m.name.split(".")[0] for m in t})
+    return counts
+
+
+def test_size_files_let_openclip_and_wids_size_an_epoch(tmp_path):
+    out = tmp_path / "ds"
+    ingest("synthetic://scenes?n=7&seed=1&size=64", str(out), cfg_for(samples_per_shard=3), progress=False)
+    assert _sizes(out) == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1} == _tar_sample_counts(out)
+    info = json.loads((out / "shards" / "_info.json").read_text())
+    assert info["__kind__"] == "wids-shard-index-v1"
+    assert [(s["url"], s["nsamples"]) for s in info["shardlist"]] == list(_sizes(out).items())
+    import wids
+
+    wds = wids.ShardListDataset(str(out / "shards" / "_info.json"), cache_dir=str(tmp_path / "wids"))
+    assert len(wds) == 7 and wds[6]["__key__"] == "000020"
+    deps = Path(__file__).resolve().parents[2] / ".bench-deps"
+    if not (deps / "open_clip_train").is_dir():
+        pytest.skip(
+            "OpenCLIP is not installed: `make bench-deps` puts it (and webdataset 0.2.86) in .bench-deps"
+        )
+    probe = Path(__file__).with_name("openclip_probe.py")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(deps), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(
+        [sys.executable, str(probe), str(out / "shards" / "{00000..00002}.tar")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["num_samples"] == 8 and got["num_batches"] == 4  # 7 samples, batches of 2, rounded up
+    assert got["seen"] == 8 and got["image_shape"] == [2, 3, 32, 32] and got["text_shape"] == [2, 77]
+
+
+def test_a_source_that_plans_no_shard_leaves_no_stuck_dataset(tmp_path, capsys):
+    from engine.sources.base import SourceError
+    from finevit.render import print_dataset_summary
+
+    empty, out = tmp_path / "empty", tmp_path / "ds"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="no image files"):
+        ingest(str(empty), str(out), cfg_for(samples_per_shard=5), progress=False)
+    assert not (out / "dataset.json").exists(), "a refused first source leaves no dataset behind"
+    ingest("synthetic://scenes?n=3&seed=0&size=64", str(out), cfg_for(samples_per_shard=5), progress=False)
+    with pytest.raises(SourceError, match="no image files"):
+        ingest(str(empty), str(out), cfg_for(samples_per_shard=5), progress=False)
+    # the refused source left no unfinished entry: another source can still be added
+    ingest("synthetic://scenes?n=2&seed=5&size=64", str(out), cfg_for(samples_per_shard=5), progress=False)
+    ds = Dataset(str(out))
+    assert [s["num_shards"] for s in ds.manifest["sources"]] == [1, 1]
+    # a dataset left stuck by an older version (an unfinished entry for the empty folder) is freed
+    m = json.loads((out / "dataset.json").read_text())
+    m["sources"].append({"uri": str(empty), "kind": "folder", "first_shard": 2, "num_shards": None})
+    (out / "dataset.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    print_dataset_summary(Dataset(str(out)))
+    shown = capsys.readouterr().out
+    assert "None" not in shown and "ingest not finished" in shown
+    with pytest.raises(SourceError):
+        ingest(str(empty), str(out), cfg_for(samples_per_shard=5), progress=False)
+    assert [s["uri"] for s in Dataset(str(out)).manifest["sources"]] == [s["uri"] for s in m["sources"][:2]]
+    print_dataset_summary(Dataset(str(out)))
+    assert "None" not in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- 3. WebDataset tars
