@@ -67,7 +67,6 @@ def ingest_shard(
     from engine.layers import write_layer_shard
     from engine.layout import LayerDir
     from engine.schemas import LAYER_SCHEMAS
-    from engine.shard_writer import write_shard
 
     name = shard_name(shard_index)
     started = time.time()
@@ -89,9 +88,7 @@ def ingest_shard(
                 for layer, row in raw.layers.items():
                     layer_rows[layer].append({"key": key, **row})
 
-            rows = write_shard(
-                source.read(payload), shard_index, cfg.samples_per_shard, staging, label, cfg.image, collect
-            )
+            rows = source.build_shard(payload, shard_index, staging, cfg, collect)
             stats = ShardStats.from_rows(rows, started, code_version=code_version())
         stats.shard, stats.source, stats.kind = name, source.uri, source.kind
         # layers first, the image shard's marker last: a shard is visible only when all of it is
@@ -193,6 +190,10 @@ def _source_entry(dataset: Dataset, source: Source, cfg: FineVitConfig) -> dict[
                     f"resuming with different ones ({image}) would mix two formats in one dataset"
                 )
             return e
+    if sources and source.keeps_keys:
+        raise LayoutError(
+            f"{source.uri} keeps its own keys ({source.kind}): ingest it into an empty OUTPUT, then add other sources"
+        )
     if sources and sources[-1].get("num_shards") is None:
         raise LayoutError(
             f"the ingest of {sources[-1]['uri']} into {dataset.root} has not finished: rerun it before adding another source"

@@ -3,6 +3,7 @@
 from engine.sources import (  # noqa: F401  - each module registers its Source
     existing,
     files,
+    i2d_parquet,
     parquet,
     synthetic,
     urllist,

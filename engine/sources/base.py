@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from engine.config import FineVitConfig
+from engine.config import FineVitConfig, IngestConfig
 
 
 class SourceError(ValueError):
@@ -64,6 +64,8 @@ class Source(ABC):
     layers: ClassVar[tuple[LayerSpec, ...]] = ()
     #: whether samples are fetched over the network (img2dataset's downloader path)
     downloads: ClassVar[bool] = False
+    #: whether the source's own keys are kept (then it must be the first source of a dataset)
+    keeps_keys: ClassVar[bool] = False
 
     def __init__(self, uri: str, cfg: FineVitConfig) -> None:
         self.uri = uri
@@ -81,6 +83,30 @@ class Source(ABC):
     @abstractmethod
     def read(self, payload: Any) -> Iterator[RawSample]:
         """Yield one RawSample per input of ``payload``, in plan order."""
+
+    def build_shard(
+        self,
+        payload: Any,
+        shard_index: int,
+        staging_dir: str,
+        cfg: IngestConfig,
+        on_sample: Callable[[str, RawSample], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Write ``<shard>.tar`` + ``<shard>.parquet`` into ``staging_dir``; returns the rows.
+
+        The default decodes every sample of :meth:`read` and numbers the keys; a source whose
+        inputs already are finished img2dataset shards overrides it to keep their keys."""
+        from engine.shard_writer import write_shard
+
+        return write_shard(
+            self.read(payload),
+            shard_index,
+            cfg.samples_per_shard,
+            staging_dir,
+            self.kind,
+            cfg.image,
+            on_sample,
+        )
 
     def fetch(self, url: str) -> bytes:
         """Fetch one sample's bytes again (``--retry-failed``); sources that can't, raise."""

@@ -512,6 +512,74 @@ def i2d_output(tmp_path_factory, http_images) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def i2d_parquet_output(tmp_path_factory, http_images) -> Path:
+    """A real img2dataset download in its Parquet output format: 4 images, a 404 and a non-image."""
+    tmp = tmp_path_factory.mktemp("i2dp")
+    http_images.files["i2dp/html.jpg"] = b"<html>not an image</html>"
+    urls = _serve(http_images, 4, "i2dp") + [http_images.url("status/404"), http_images.url("i2dp/html.jpg")]
+    lst = tmp / "urls.csv"
+    lst.write_text("url,caption\n" + "".join(f"{u},caption {i}\n" for i, u in enumerate(urls)))
+    out = tmp / "i2dp"
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from img2dataset import download; download(url_list=sys.argv[1], output_folder=sys.argv[2], "
+        "input_format='csv', caption_col='caption', output_format='parquet', processes_count=1, thread_count=4, "
+        "number_sample_per_shard=4, image_size=64, resize_mode='keep_ratio', distributor='multiprocessing', "
+        "enable_wandb=False)",
+        str(lst),
+        str(out),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=_env())
+    return out
+
+
+@pytest.mark.parametrize("form", ["folder", "glob"])
+def test_img2dataset_parquet_output_keeps_keys_and_statuses(form, tmp_path, i2d_parquet_output):
+    import hashlib
+
+    originals = {}
+    for f in sorted(i2d_parquet_output.glob("*.parquet")):
+        for r in pq.read_table(f).to_pylist():
+            originals[r["key"]] = r
+    assert {r["status"] for r in originals.values()} == {"success", "failed_to_download", "failed_to_resize"}
+    source = str(i2d_parquet_output) if form == "folder" else str(i2d_parquet_output / "*.parquet")
+    out = tmp_path / "ds"
+    report = ingest(source, str(out), cfg_for(samples_per_shard=4), progress=False)
+    assert (report.count, report.successes) == (6, 4)
+    ds = Dataset(str(out))
+    assert ds.committed_shards() == ["00000", "00001"]
+    rows = {r["key"]: r for r in assert_exactly_once(ds, 6)}
+    assert sorted(rows) == sorted(originals), "img2dataset's keys are kept, not renumbered"
+    for key, orig in originals.items():
+        got = rows[key]
+        for col in ("status", "error_message", "url", "caption", "width", "height", "sha256"):
+            assert got[col] == orig[col], (key, col, got[col], orig[col])
+        assert json.loads(got["meta"]).get("exif") == orig["exif"]
+    assert rows[min(k for k, r in originals.items() if "404" in r["url"])]["error_message"].startswith(
+        "HTTP Error 404"
+    )
+    # the tar holds img2dataset's image bytes as they were: nothing re-encoded
+    for shard in ds.committed_shards():
+        with tarfile.open(out / "shards" / f"{shard}.tar") as t:
+            for m in t:
+                if m.name.endswith(".jpg"):
+                    key = m.name[: -len(".jpg")]
+                    data = t.extractfile(m).read()
+                    assert hashlib.sha256(data).digest() == hashlib.sha256(originals[key]["jpg"]).digest()
+    assert _sizes(out) == {"00000.tar": 4, "00001.tar": 0}
+    # it must be the first source (its keys are its own); a rerun changes nothing
+    again = ingest(source, str(out), cfg_for(samples_per_shard=4), progress=False)
+    assert again.shards_written == 0
+    with pytest.raises(LayoutError, match="keeps its own keys"):
+        other = tmp_path / "other"
+        ingest(
+            "synthetic://scenes?n=2&seed=0&size=64", str(other), cfg_for(samples_per_shard=4), progress=False
+        )
+        ingest(source, str(other), cfg_for(samples_per_shard=4), progress=False)
+
+
 def test_existing_img2dataset_output_is_registered_not_copied(tmp_path, i2d_output):
     i2d_out = _copy_without_manifest(i2d_output, tmp_path / "i2d")
     before = sorted(p.name for p in i2d_out.iterdir())
