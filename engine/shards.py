@@ -33,7 +33,6 @@ This is img2dataset's ``distributor.py`` for us: one place decides how shards ar
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -101,7 +100,6 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(desc=desc, unit=unit, total=total or None, disable=not enabled, dynamic_ncols=True)
-        self.started = time.time()
 
     def update(self, n: int, **postfix: Any) -> None:
         self.bar.update(n)

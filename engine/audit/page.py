@@ -11,11 +11,38 @@ import html
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from engine.audit import plots
-from engine.audit.report import SECTIONS, CaptionStats, Counts, Dups, FilterStats, RegionStats, ReportData
-from engine.audit.thumbs import Sample
+from engine.audit.stats import CaptionStats, Counts, Dups, FilterStats, RegionStats, ReportData
+from engine.audit.thumbs import MAX_SIDE, Sample
+
+SECTIONS = [
+    ("overview", "Overview"),
+    ("failures", "Failures"),
+    ("sizes", "Image sizes"),
+    ("captions", "Caption layers"),
+    ("regions", "Region layers"),
+    ("duplicates", "Duplicates"),
+    ("filters", "Filter layers"),
+    ("samples", "Random samples"),
+]
+
+
+class Plot(NamedTuple):
+    path: str  # relative to the report folder
+    alt: str
+
+
+@dataclass
+class ReportPlots:
+    """The drawn plots the page shows, by section; one list per layer, in ``ReportData``'s order."""
+
+    failures: list[Plot] = field(default_factory=list)
+    sizes: list[Plot] = field(default_factory=list)
+    captions: list[list[Plot]] = field(default_factory=list)
+    regions: list[list[Plot]] = field(default_factory=list)
+    filters: list[list[Plot]] = field(default_factory=list)
+
 
 # ---------------------------------------------------------------------------- formatting
 
@@ -63,7 +90,7 @@ class Para:
 
 @dataclass
 class Images:
-    paths: list[tuple[str, str]]  # (relative path, alt)
+    paths: list[Plot]
 
 
 @dataclass
@@ -101,200 +128,29 @@ class Doc:
 # ---------------------------------------------------------------------------- building
 
 
-def build(data: ReportData, samples: list[Sample], out_dir: str) -> Doc:
-    P = os.path.join(out_dir, "plots")
+def build(data: ReportData, samples: list[Sample], plots: ReportPlots) -> Doc:
+    """Lay the report out: the numbers, the plots already drawn (``plots``) and the samples."""
     secs = {sid: Section(sid, title) for sid, title in SECTIONS}
-    failed = data.samples - data.success
-
-    # overview
-    s = secs["overview"]
-    s.add(
-        Table(
-            ["status", "samples", "share"],
-            [[st, num(n), pct(n, data.samples)] for st, n in data.by_status],
-            {1, 2},
-            "samples by status",
-        )
-    )
-    s.add(
-        Table(
-            ["source", "status", "samples", "share"],
-            [[src, st, num(n), pct(n, data.samples)] for src, st, n in data.by_source[:20]],
-            {2, 3},
-            "samples by source and status",
-        )
-    )
-    layer_rows = []
-    parts = {p[0]: p for p in data.stats_parts}
-    for name, kind, view, shards, ok, problem in data.layers:
-        p = parts.get(name)
-        layer_rows.append(
-            [
-                name,
-                kind,
-                view,
-                f"{shards} / {data.shards}",
-                num(p[2]) if p else "—",
-                num(p[4]) if p else "—",
-                "ok" if ok else f"⚠ {problem}",
-            ]
-        )
-    if layer_rows:
-        s.add(
-            Table(
-                ["layer", "kind", "view", "shards", "rows", "failed", "schema"],
-                layer_rows,
-                {3, 4, 5},
-                "layers (committed parts only)",
-            )
-        )
-    else:
-        s.add(Para("This dataset has no layer yet.", "note"))
-    if data.stats_parts:
-        s.add(
-            Table(
-                ["part", "committed shards", "rows", "ok", "failed", "work time"],
-                [[p[0], num(p[1]), num(p[2]), num(p[3]), num(p[4]), _dur(p[5])] for p in data.stats_parts],
-                {1, 2, 3, 4, 5},
-                "commit markers (_stats.json)",
-            )
-        )
-
-    # failures
-    s = secs["failures"]
-    if not data.reasons:
-        s.add(Para(f"No failed sample among {num(data.samples)}.", "ok"))
-    else:
-        s.add(
-            Para(
-                f"{num(failed)} of {num(data.samples)} samples failed ({pct(failed, data.samples)}). "
-                "Top reasons:"
-            )
-        )
-        s.add(
-            Table(
-                ["status", "reason", "samples", "share of failures"],
-                [[st, short(r, 140), num(n), pct(n, failed)] for st, r, n in data.reasons[:10]],
-                {2, 3},
-            )
-        )
-        s.add(
-            Images(
-                [
-                    (
-                        _rel(
-                            plots.bars(
-                                f"{P}/failure_reasons.png",
-                                [(r, n) for _, r, n in data.reasons],
-                                "top failure reasons",
-                                "samples",
-                                label_chars=34,
-                            ),
-                            out_dir,
-                        ),
-                        "top failure reasons",
-                    )
-                ]
-            )
-        )
-
-    # sizes
-    s = secs["sizes"]
-    if data.width.total:
-        s.add(
-            Para(
-                f"Over {num(data.width.total)} successful samples: median {num(data.width.quantile(0.5))} × "
-                f"{num(data.height.quantile(0.5))} px, aspect ratio (w/h) from {num(data.aspect.values[0])} "
-                f"to {num(data.aspect.values[-1])}."
-            )
-        )
-        s.add(
-            Images(
-                [
-                    (
-                        _rel(plots.hist(f"{P}/width.png", data.width, "width", "pixels"), out_dir),
-                        "width histogram",
-                    ),
-                    (
-                        _rel(plots.hist(f"{P}/height.png", data.height, "height", "pixels"), out_dir),
-                        "height histogram",
-                    ),
-                    (
-                        _rel(
-                            plots.hist(f"{P}/aspect.png", data.aspect, "aspect ratio", "width / height"),
-                            out_dir,
-                        ),
-                        "aspect ratio histogram",
-                    ),
-                ]
-            )
-        )
-    else:
-        s.add(Para("No successful sample: no size to show.", "note"))
-
-    # captions
+    _overview(secs["overview"], data)
+    _failures(secs["failures"], data, plots.failures)
+    _sizes(secs["sizes"], data, plots.sizes)
     s = secs["captions"]
     if not data.captions:
         s.add(Para("No caption layer with a valid schema.", "note"))
-    for i, c in enumerate(data.captions):
-        _caption_section(s, c, data, f"{P}/caption{i}", out_dir)
-
-    # regions
+    for c, drawn in zip(data.captions, plots.captions, strict=True):
+        _caption_section(s, c, data, drawn)
     s = secs["regions"]
     if not data.regions:
         s.add(Para("No region layer with a valid schema.", "note"))
-    for i, r in enumerate(data.regions):
-        _region_section(s, r, f"{P}/regions{i}", out_dir)
-
-    # duplicates
-    s = secs["duplicates"]
-    rows = [
-        ["image bytes (sha256)", data.success, data.sha_dups],
-        ["alt-text (shard caption)", data.success, data.alt_dups],
-    ]
-    rows += [[f"caption layer {c.layer.name}", c.ok, c.dups] for c in data.captions]
-    s.add(
-        Table(
-            ["what", "values repeated", "rows holding a repeated value", "share of rows"],
-            [[w, num(d.groups), num(d.rows), pct(d.rows, tot)] for w, tot, d in rows],
-            {1, 2, 3},
-            "exact duplicates",
-        )
-    )
-    for what, _tot, d in rows:
-        if d.top:
-            s.add(
-                Table(
-                    [f"most repeated: {what}", "times", "example key"],
-                    [[short(v, 120), num(n), ex] for v, n, ex in d.top[:5]],
-                    {1},
-                )
-            )
-
-    # filters
+    for r, drawn in zip(data.regions, plots.regions, strict=True):
+        _region_section(s, r, drawn)
+    _duplicates(secs["duplicates"], data)
     s = secs["filters"]
     if not data.filters:
         s.add(Para("No filter layer yet: filters write layers beside the data and never delete.", "note"))
-    for i, f in enumerate(data.filters):
-        _filter_section(s, f, f"{P}/filter{i}", out_dir)
-
-    # samples
-    s = secs["samples"]
-    if samples:
-        how = (
-            f"boxes from region layer {samples[0].region_layer}"
-            if any(x.region_layer for x in samples)
-            else "no region layer to draw"
-        )
-        s.add(
-            Para(
-                f"{len(samples)} successful samples in a random order fixed by the seed; thumbnails read "
-                f"from the shard tars, long side {plots_max_side()} px; {how}."
-            )
-        )
-        s.add(Gallery(samples))
-    else:
-        s.add(Para("No successful sample to show.", "note"))
+    for f, drawn in zip(data.filters, plots.filters, strict=True):
+        _filter_section(s, f, drawn)
+    _samples(secs["samples"], samples)
 
     cards = [
         ("samples", num(data.samples)),
@@ -315,14 +171,141 @@ def build(data: ReportData, samples: list[Sample], out_dir: str) -> Doc:
     )
 
 
-def plots_max_side() -> int:
-    from engine.audit.thumbs import MAX_SIDE
+def _overview(s: Section, data: ReportData) -> None:
+    s.add(
+        Table(
+            ["status", "samples", "share"],
+            [[st, num(n), pct(n, data.samples)] for st, n in data.by_status],
+            {1, 2},
+            "samples by status",
+        )
+    )
+    s.add(
+        Table(
+            ["source", "status", "samples", "share"],
+            [[r.source, r.status, num(r.samples), pct(r.samples, data.samples)] for r in data.by_source[:20]],
+            {2, 3},
+            "samples by source and status",
+        )
+    )
+    parts = {p.part: p for p in data.stats_parts}
+    layer_rows = []
+    for lr in data.layers:
+        p = parts.get(lr.name)
+        layer_rows.append(
+            [
+                lr.name,
+                lr.kind,
+                lr.view,
+                f"{lr.shards} / {data.shards}",
+                num(p.count) if p else "—",
+                num(p.failed) if p else "—",
+                "ok" if lr.schema_ok else f"⚠ {lr.problem}",
+            ]
+        )
+    if layer_rows:
+        s.add(
+            Table(
+                ["layer", "kind", "view", "shards", "rows", "failed", "schema"],
+                layer_rows,
+                {3, 4, 5},
+                "layers (committed parts only)",
+            )
+        )
+    else:
+        s.add(Para("This dataset has no layer yet.", "note"))
+    if data.stats_parts:
+        s.add(
+            Table(
+                ["part", "committed shards", "rows", "ok", "failed", "work time"],
+                [
+                    [p.part, num(p.shards), num(p.count), num(p.ok), num(p.failed), _dur(p.seconds)]
+                    for p in data.stats_parts
+                ],
+                {1, 2, 3, 4, 5},
+                "commit markers (_stats.json)",
+            )
+        )
 
-    return MAX_SIDE
+
+def _failures(s: Section, data: ReportData, drawn: list[Plot]) -> None:
+    if not data.reasons:
+        s.add(Para(f"No failed sample among {num(data.samples)}.", "ok"))
+        return
+    failed = data.samples - data.success
+    s.add(
+        Para(
+            f"{num(failed)} of {num(data.samples)} samples failed ({pct(failed, data.samples)}). Top reasons:"
+        )
+    )
+    s.add(
+        Table(
+            ["status", "reason", "samples", "share of failures"],
+            [
+                [r.status, short(r.reason, 140), num(r.samples), pct(r.samples, failed)]
+                for r in data.reasons[:10]
+            ],
+            {2, 3},
+        )
+    )
+    s.add(Images(drawn))
 
 
-def _rel(path: str, out_dir: str) -> str:
-    return os.path.relpath(path, out_dir).replace(os.sep, "/")
+def _sizes(s: Section, data: ReportData, drawn: list[Plot]) -> None:
+    if not data.width.total:
+        s.add(Para("No successful sample: no size to show.", "note"))
+        return
+    s.add(
+        Para(
+            f"Over {num(data.width.total)} successful samples: median {num(data.width.quantile(0.5))} × "
+            f"{num(data.height.quantile(0.5))} px, aspect ratio (w/h) from {num(data.aspect.values[0])} "
+            f"to {num(data.aspect.values[-1])}."
+        )
+    )
+    s.add(Images(drawn))
+
+
+def _duplicates(s: Section, data: ReportData) -> None:
+    rows: list[tuple[str, int, Dups]] = [
+        ("image bytes (sha256)", data.success, data.sha_dups),
+        ("alt-text (shard caption)", data.success, data.alt_dups),
+    ]
+    rows += [(f"caption layer {c.layer.name}", c.ok, c.dups) for c in data.captions]
+    s.add(
+        Table(
+            ["what", "values repeated", "rows holding a repeated value", "share of rows"],
+            [[w, num(d.groups), num(d.rows), pct(d.rows, tot)] for w, tot, d in rows],
+            {1, 2, 3},
+            "exact duplicates",
+        )
+    )
+    for what, _tot, d in rows:
+        if d.top:
+            s.add(
+                Table(
+                    [f"most repeated: {what}", "times", "example key"],
+                    [[short(g.value, 120), num(g.count), g.example] for g in d.top[:5]],
+                    {1},
+                )
+            )
+
+
+def _samples(s: Section, samples: list[Sample]) -> None:
+    if not samples:
+        s.add(Para("No successful sample to show.", "note"))
+        return
+    how = (
+        f"boxes from region layer {samples[0].region_layer}"
+        if any(x.region_layer for x in samples)
+        else "no region layer to draw"
+    )
+    s.add(
+        Para(
+            f"{len(samples)} successful samples in a random order fixed by the seed; thumbnails read "
+            f"from the shard tars, long side {MAX_SIDE} px; {how}."
+        )
+    )
+    s.add(Gallery(samples))
 
 
 def _dur(s: Any) -> str:
@@ -352,13 +335,14 @@ def _dist_row(name: str, c: Counts, unit: str = "") -> list[Any]:
     ]
 
 
-def _caption_section(s: Section, c: CaptionStats, data: ReportData, base: str, out_dir: str) -> None:
+def _caption_section(s: Section, c: CaptionStats, data: ReportData, drawn: list[Plot]) -> None:
     s.add(Heading(f"caption layer {c.layer.name}", _layer_sub(c.layer.info)))
     missing = data.samples - c.rows
     line = f"{num(c.rows)} rows: {num(c.ok)} ok, {num(c.failed)} failed ({pct(c.failed, c.rows)})"
     if missing > 0:
         line += f"; {num(missing)} samples have no row yet (their layer part is not committed)"
     s.add(Para(line + "."))
+    lat, tok = c.latency, c.tokens
     s.add(
         Table(
             ["length", "p10", "median", "mean", "p90", "p99", "max", ""],
@@ -368,56 +352,29 @@ def _caption_section(s: Section, c: CaptionStats, data: ReportData, base: str, o
                 [
                     "latency",
                     "",
-                    num(c.latency.get("p50")),
+                    num(lat.get("p50")),
                     "",
-                    num(c.latency.get("p90")),
-                    num(c.latency.get("p99")),
-                    num(c.latency.get("max")),
+                    num(lat.get("p90")),
+                    num(lat.get("p99")),
+                    num(lat.get("max")),
                     "ms",
                 ],
                 [
                     "tokens",
                     "",
-                    num(c.tokens.get("p50")),
+                    num(tok.get("p50")),
                     "",
-                    num(c.tokens.get("p90")),
-                    num(c.tokens.get("p99")),
-                    num(c.tokens.get("max")),
-                    f"total {num(c.tokens.get('total'))}",
+                    num(tok.get("p90")),
+                    num(tok.get("p99")),
+                    num(tok.get("max")),
+                    f"total {num(tok.get('total'))}",
                 ],
             ],
             {1, 2, 3, 4, 5, 6},
             "ok rows",
         )
     )
-    s.add(
-        Images(
-            [
-                (
-                    _rel(
-                        plots.hist(
-                            f"{base}_chars.png",
-                            c.chars,
-                            "caption length (characters)",
-                            "characters",
-                            integer=True,
-                        ),
-                        out_dir,
-                    ),
-                    f"{c.layer.name}: caption length in characters",
-                ),
-                (
-                    _rel(
-                        plots.hist(
-                            f"{base}_words.png", c.words, "caption length (words)", "words", integer=True
-                        ),
-                        out_dir,
-                    ),
-                    f"{c.layer.name}: caption length in words",
-                ),
-            ]
-        )
-    )
+    s.add(Images(drawn))
     s.add(
         Table(
             ["finish reason", "rows", "share"], [[r, num(n), pct(n, c.ok)] for r, n in c.finish[:8]], {1, 2}
@@ -435,7 +392,7 @@ def _caption_section(s: Section, c: CaptionStats, data: ReportData, base: str, o
         s.add(Para("No failed row in this layer.", "ok"))
 
 
-def _region_section(s: Section, r: RegionStats, base: str, out_dir: str) -> None:
+def _region_section(s: Section, r: RegionStats, drawn: list[Plot]) -> None:
     s.add(Heading(f"region layer {r.layer.name}", _layer_sub(r.layer.info)))
     mean = r.per_image.mean()
     line = (
@@ -451,51 +408,14 @@ def _region_section(s: Section, r: RegionStats, base: str, out_dir: str) -> None
                 "warn",
             )
         )
-    s.add(
-        Images(
-            [
-                (
-                    _rel(
-                        plots.hist(
-                            f"{base}_per_image.png", r.per_image, "boxes per image", "boxes", integer=True
-                        ),
-                        out_dir,
-                    ),
-                    f"{r.layer.name}: boxes per image",
-                ),
-                (
-                    _rel(
-                        plots.hist(
-                            f"{base}_area.png",
-                            r.area,
-                            "box area",
-                            "fraction of the image",
-                            bins=25,
-                            clip_quantile=1.0,
-                        ),
-                        out_dir,
-                    ),
-                    f"{r.layer.name}: box area",
-                ),
-                (
-                    _rel(
-                        plots.bars(
-                            f"{base}_labels.png",
-                            [(lb, n) for lb, n, *_ in r.labels],
-                            "boxes per label",
-                            "boxes",
-                        ),
-                        out_dir,
-                    ),
-                    f"{r.layer.name}: boxes per label",
-                ),
-            ]
-        )
-    )
+    s.add(Images(drawn))
     s.add(
         Table(
             ["label", "boxes", "captions", "mean area", "example caption"],
-            [[lb, num(n), num(nc), f"{a:.3f}", short(ex, 90)] for lb, n, nc, a, ex in r.labels[:12]],
+            [
+                [lb.label, num(lb.boxes), num(lb.captions), f"{lb.mean_area:.3f}", short(lb.example, 90)]
+                for lb in r.labels[:12]
+            ],
             {1, 2, 3},
             f"captions per label (top {min(12, len(r.labels))} of {num(r.n_labels)})",
         )
@@ -510,23 +430,16 @@ def _region_section(s: Section, r: RegionStats, base: str, out_dir: str) -> None
         )
 
 
-def _filter_section(s: Section, f: FilterStats, base: str, out_dir: str) -> None:
+def _filter_section(s: Section, f: FilterStats, drawn: list[Plot]) -> None:
     s.add(Heading(f"filter layer {f.layer.name}", _layer_sub(f.layer.info)))
     dropped = f.rows - f.kept
     s.add(Para(f"keeps {num(f.kept)} of {num(f.rows)} rows ({pct(f.kept, f.rows)}); drops {num(dropped)}."))
-    imgs = []
     if f.reasons:
         s.add(
             Table(
                 ["drop reason", "rows", "share of drops"],
                 [[short(r, 140), num(n), pct(n, dropped)] for r, n in f.reasons],
                 {1, 2},
-            )
-        )
-        imgs.append(
-            (
-                _rel(plots.bars(f"{base}_reasons.png", f.reasons, "top drop reasons", "rows"), out_dir),
-                f"{f.layer.name}: drop reasons",
             )
         )
     for col, sc in f.scores.items():
@@ -538,15 +451,8 @@ def _filter_section(s: Section, f: FilterStats, base: str, out_dir: str) -> None
                 {1, 2, 3},
             )
         )
-        safe = "".join(ch if ch.isalnum() else "_" for ch in col)
-        imgs.append(
-            (
-                _rel(plots.keep_drop_hist(f"{base}_{safe}.png", sc["hist"], f"score {col}", col), out_dir),
-                f"{f.layer.name}: {col}",
-            )
-        )
-    if imgs:
-        s.add(Images(imgs))
+    if drawn:
+        s.add(Images(drawn))
 
 
 # ---------------------------------------------------------------------------- HTML

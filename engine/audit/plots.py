@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter
 
-from engine.audit.report import Counts
+from engine.audit.stats import Counts
 
 ACCENT = "#3b6ea8"
 SECOND = "#d9822b"

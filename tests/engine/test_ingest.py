@@ -70,7 +70,7 @@ def assert_exactly_once(ds: Dataset, n: int) -> list[dict]:
 # ---------------------------------------------------------------- 6. synthetic (+ layers), local and S3
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_synthetic_scenes_with_ground_truth_layers(where, tmp_path, request):
     if where == "s3":
         s3 = request.getfixturevalue("s3")
@@ -109,7 +109,7 @@ def test_synthetic_scenes_with_ground_truth_layers(where, tmp_path, request):
 
 
 def test_folder_with_bad_inputs(tmp_path):
-    from bad_inputs import write_bad_inputs
+    from tests.engine.bad_inputs import write_bad_inputs
 
     src = tmp_path / "imgs"
     (src / "sub dir").mkdir(parents=True)
