@@ -259,6 +259,7 @@ def ingest(
     t0 = time.time()
     source = open_source(source_uri, cfg)
     dataset = Dataset(output, cfg.storage)
+    _check_output(dataset)
     report = IngestReport(output=dataset.root, source=source_uri)
     if isinstance(source, ExistingShardsSource):
         return _register_existing(source, dataset, report)
@@ -343,6 +344,18 @@ def _finish_entry(dataset: Dataset, uri: str, n_planned: int) -> None:
             e["num_shards"] = n_planned
             dataset.write_manifest(m)
             return
+
+
+def _check_output(dataset: Dataset) -> None:
+    """OUTPUT must be a folder (or not exist yet): a file there, or above it, is bad input."""
+    if not dataset.store.is_local:
+        return
+    path = os.path.abspath(dataset.root)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.isfile(path):
+        what = "is a file" if path == os.path.abspath(dataset.root) else f"is inside {path}, which is a file"
+        raise LayoutError(f"OUTPUT {dataset.root} {what}: give a folder (new or a FineViT dataset)")
 
 
 def _forget_unplanned_source(dataset: Dataset, uri: str, first: int) -> None:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from engine.config import FineVitConfig, IngestConfig
 from engine.layout import MANIFEST, SHARD_DIGITS, STATS_SUFFIX
 from engine.sources.base import RawSample, Source, SourceError, register
-from engine.sources.urllist import _list_files
+from engine.sources.urllist import _list_files, parquet_schema
 from engine.store import Store, filesystem_for, is_s3
 
 I2D_IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -44,12 +44,6 @@ def i2d_image_column(schema: pa.Schema) -> str | None:
             if pa.types.is_binary(t) or pa.types.is_large_binary(t):
                 return name
     return None
-
-
-def _schema(uri: str, cfg: FineVitConfig) -> pa.Schema:
-    fs, path = filesystem_for(uri, cfg.storage)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).schema_arrow
 
 
 def _shard_files_in_folder(uri: str, cfg: FineVitConfig) -> list[str]:
@@ -87,8 +81,8 @@ class Img2datasetParquetSource(Source):
     def matches(cls, uri: str, cfg: FineVitConfig) -> bool:
         try:
             files = cls._find(uri, cfg)
-            return bool(files) and i2d_image_column(_schema(files[0], cfg)) is not None
-        except (FileNotFoundError, NotADirectoryError, PermissionError, OSError, pa.ArrowInvalid):
+            return bool(files) and i2d_image_column(parquet_schema(files[0], cfg)) is not None
+        except (SourceError, FileNotFoundError, NotADirectoryError, PermissionError):
             return False  # not readable as this format: another source (or the error) says why
 
     def files(self) -> list[str]:
