@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -134,22 +134,24 @@ def build(data: ReportData, samples: list[Sample], plots: ReportPlots) -> Doc:
     _overview(secs["overview"], data)
     _failures(secs["failures"], data, plots.failures)
     _sizes(secs["sizes"], data, plots.sizes)
-    s = secs["captions"]
-    if not data.captions:
-        s.add(Para("No caption layer with a valid schema.", "note"))
-    for c, drawn in zip(data.captions, plots.captions, strict=True):
-        _caption_section(s, c, data, drawn)
-    s = secs["regions"]
-    if not data.regions:
-        s.add(Para("No region layer with a valid schema.", "note"))
-    for r, drawn in zip(data.regions, plots.regions, strict=True):
-        _region_section(s, r, drawn)
+    _per_layer(
+        secs["captions"],
+        data.captions,
+        plots.captions,
+        "No caption layer with a valid schema.",
+        lambda s, c, drawn: _caption_section(s, c, data, drawn),
+    )
+    _per_layer(
+        secs["regions"], data.regions, plots.regions, "No region layer with a valid schema.", _region_section
+    )
     _duplicates(secs["duplicates"], data)
-    s = secs["filters"]
-    if not data.filters:
-        s.add(Para("No filter layer yet: filters write layers beside the data and never delete.", "note"))
-    for f, drawn in zip(data.filters, plots.filters, strict=True):
-        _filter_section(s, f, drawn)
+    _per_layer(
+        secs["filters"],
+        data.filters,
+        plots.filters,
+        "No filter layer yet: filters write layers beside the data and never delete.",
+        _filter_section,
+    )
     _samples(secs["samples"], samples)
 
     cards = [
@@ -169,6 +171,16 @@ def build(data: ReportData, samples: list[Sample], plots: ReportPlots) -> Doc:
     return Doc(
         "FineViT audit", data.root, gen, cards, data.warnings, [secs[sid] for sid, _ in SECTIONS], footer
     )
+
+
+def _per_layer(
+    s: Section, layers: Sequence[Any], drawn: list[list[Plot]], none: str, section: Callable[..., None]
+) -> None:
+    """One sub-section per layer (with its drawn plots), or a note saying there is none."""
+    if not layers:
+        s.add(Para(none, "note"))
+    for layer, plots in zip(layers, drawn, strict=True):
+        section(s, layer, plots)
 
 
 def _overview(s: Section, data: ReportData) -> None:
