@@ -67,6 +67,7 @@ def ingest_shard(
     from engine.layers import write_layer_shard
     from engine.layout import LayerDir
     from engine.schemas import LAYER_SCHEMAS
+    from engine.shard_writer import write_shard
 
     name = shard_name(shard_index)
     started = time.time()
@@ -89,6 +90,16 @@ def ingest_shard(
                     layer_rows[layer].append({"key": key, **row})
 
             rows = source.build_shard(payload, shard_index, staging, cfg, collect)
+            if rows is None:  # the usual path: decode every sample, number the keys
+                rows = write_shard(
+                    source.read(payload),
+                    shard_index,
+                    cfg.samples_per_shard,
+                    staging,
+                    label,
+                    cfg.image,
+                    collect,
+                )
             stats = ShardStats.from_rows(rows, started, code_version=code_version())
         stats.shard, stats.source, stats.kind = name, source.uri, source.kind
         # layers first, the image shard's marker last: a shard is visible only when all of it is

@@ -91,22 +91,12 @@ class Source(ABC):
         staging_dir: str,
         cfg: IngestConfig,
         on_sample: Callable[[str, RawSample], None] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Write ``<shard>.tar`` + ``<shard>.parquet`` into ``staging_dir``; returns the rows.
-
-        The default decodes every sample of :meth:`read` and numbers the keys; a source whose
-        inputs already are finished img2dataset shards overrides it to keep their keys."""
-        from engine.shard_writer import write_shard
-
-        return write_shard(
-            self.read(payload),
-            shard_index,
-            cfg.samples_per_shard,
-            staging_dir,
-            self.kind,
-            cfg.image,
-            on_sample,
-        )
+    ) -> list[dict[str, Any]] | None:
+        """Write ``<shard>.tar`` + ``<shard>.parquet`` into ``staging_dir`` and return the rows,
+        or None (the default) to let ingest decode every sample of :meth:`read` and number the
+        keys. A source whose inputs already are finished img2dataset shards overrides it to
+        keep their keys and statuses."""
+        return None
 
     def fetch(self, url: str) -> bytes:
         """Fetch one sample's bytes again (``--retry-failed``); sources that can't, raise."""
