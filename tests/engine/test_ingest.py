@@ -332,7 +332,8 @@ def test_a_source_that_plans_no_shard_leaves_no_stuck_dataset(tmp_path, capsys):
     assert [s["num_shards"] for s in ds.manifest["sources"]] == [1, 1]
     # a dataset left stuck by an older version (an unfinished entry for the empty folder) is freed
     m = json.loads((out / "dataset.json").read_text())
-    m["sources"].append({"uri": str(empty), "kind": "folder", "first_shard": 2, "num_shards": None})
+    stuck = {"uri": str(empty), "kind": "folder", "first_shard": 2, "num_shards": None}
+    m["sources"].append({**stuck, "image": m["sources"][0]["image"]})  # as an older version left it
     (out / "dataset.json").write_text(json.dumps(m))
     capsys.readouterr()
     print_dataset_summary(Dataset(str(out)))
