@@ -393,20 +393,25 @@ INFO_FILE = "_info.json"  # webdataset's wids shard index (wids-shard-index-v1)
 
 def write_size_files(dataset: Dataset) -> None:
     """Write ``sizes.json`` and ``_info.json`` beside the tars: the samples in each committed tar
-    (its successes), from the commit markers alone. Rewritten at the end of every run, so a
-    ``--retry-failed`` that turned failures into images keeps them true."""
+    (its successes), from the commit markers alone. Checked at the end of every run, so a
+    ``--retry-failed`` that turned failures into images keeps them true; a file whose content
+    is already right is left alone (a rerun that does nothing changes nothing)."""
     shards = dataset.shards
     markers = {name: dataset.shard_stats(name) for name in dataset.committed_shards()}
-    shards.write_json(SIZES_FILE, {f"{name}.tar": st.successes for name, st in markers.items()})
-    shards.write_json(
-        INFO_FILE,
-        {
-            "__kind__": "wids-shard-index-v1",
-            "wids_version": 1,
-            "name": dataset.manifest.get("name", "dataset"),
-            "shardlist": [
-                {"url": f"{name}.tar", "nsamples": st.successes, "filesize": st.bytes}
-                for name, st in markers.items()
-            ],
-        },
-    )
+    sizes = {f"{name}.tar": st.successes for name, st in markers.items()}
+    info = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": dataset.manifest.get("name", "dataset"),
+        "shardlist": [
+            {"url": f"{name}.tar", "nsamples": st.successes, "filesize": st.bytes}
+            for name, st in markers.items()
+        ],
+    }
+    for rel, content in ((SIZES_FILE, sizes), (INFO_FILE, info)):
+        try:
+            if shards.read_json(rel) == content:
+                continue
+        except (FileNotFoundError, ValueError):
+            pass
+        shards.write_json(rel, content)
