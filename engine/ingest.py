@@ -26,7 +26,8 @@ from engine.layout import (
     shard_name,
 )
 from engine.shards import Progress, ShardTask, StageReport, run_shard_tasks
-from engine.sources.base import Source, open_source
+from engine.sources import open_source
+from engine.sources.base import Source
 from engine.stats import ShardStats
 from engine.store import Store
 
