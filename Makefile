@@ -49,9 +49,12 @@ demo: setup
 
 # OpenCLIP (the anchor of bench/train_throughput_cpu.py) with --no-deps: its torchvision is a
 # CUDA build that cannot import beside torch 2.13 CPU; the bench stubs what it needs of it.
+# clip-benchmark (+ scikit-learn <1.8: no narwhals; joblib, threadpoolctl, cloudpickle): the eval
+# cross-check (tests/eval/test_clip_benchmark.py, skipped without it) and bench/eval_throughput.py.
 bench-deps: setup
-	test -d .bench-deps/open_clip || $(BIN)/pip install -q --no-deps --target .bench-deps \
-		open_clip_torch==3.3.0 torchvision==0.29.1 ftfy wcwidth
+	test -d .bench-deps/open_clip -a -d .bench-deps/clip_benchmark || $(BIN)/pip install -q --no-deps --target .bench-deps \
+		open_clip_torch==3.3.0 torchvision==0.29.1 ftfy wcwidth \
+		clip-benchmark==1.6.2 scikit-learn==1.7.2 joblib threadpoolctl cloudpickle
 
 bench-quick: bench-deps
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done
