@@ -29,11 +29,15 @@ class EvalHookConfig(StrictModel):
     batch_size: int = Field(default=64, ge=1)
 
 
-def periodic_eval(encoder: Any, cfg: EvalHookConfig | dict[str, Any], step: int) -> dict[str, float]:
-    """Run the configured suites; returns flat ``{"eval/<task>/<metric>": value}`` (floats only)."""
+def periodic_eval(encoder: Any, cfg: Any, step: int) -> dict[str, float]:
+    """Run the configured suites; returns flat ``{"eval/<task>/<metric>": value}`` (floats only).
+
+    ``cfg``: an :class:`EvalHookConfig`, a dict, or any pydantic model with the same fields (the
+    trainer keeps its own copy in its config tree: train/ does not import eval/)."""
     from eval.run import evaluate
 
-    cfg = cfg if isinstance(cfg, EvalHookConfig) else EvalHookConfig.model_validate(cfg)
+    if not isinstance(cfg, EvalHookConfig):  # a dict, or the trainer's own copy of these fields
+        cfg = EvalHookConfig.model_validate(cfg if isinstance(cfg, dict) else cfg.model_dump())
     was_training = encoder.training
     encoder.eval()
     out: dict[str, float] = {}
