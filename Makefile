@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# the suite cross-checks against OpenCLIP and CLIP_benchmark, so it installs them (.bench-deps/, --no-deps)
+test: bench-deps
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup
