@@ -11,7 +11,7 @@ boxes) and a filter layer with a score column; every part committed by its
 ``_stats.json``. No tars: the report's queries never read images.
 
 Candidates, run alternately after a warm-up, each on a fresh connection
-(``open_audit`` + :func:`engine.audit.report.collect`):
+(``open_audit`` + :func:`engine.audit.stats.collect`):
 
 ``report``       the whole standard report: views built from the committed-file lists
                  (listing + schema checks) plus every query of the report
@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.audit import open_audit
-from engine.audit.report import collect
+from engine.audit.stats import collect
 from engine.schemas import FILTER_BASE_SCHEMA, GLOBAL_CAPTION_SCHEMA, REGION_SCHEMA, SHARD_SCHEMA
 
 TARGET_S = 3.0

@@ -9,16 +9,15 @@ every input exactly once.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from engine.config import FineVitConfig, IngestConfig
 from engine.layout import (
+    MANIFEST,
     STATS_SUFFIX,
     Dataset,
     LayoutError,
@@ -26,39 +25,30 @@ from engine.layout import (
     commit_parts,
     shard_name,
 )
-from engine.sources.base import Source, open_source
+from engine.shards import Progress, ShardTask, StageReport, run_shard_tasks
+from engine.sources import open_source
+from engine.sources.base import Source
+from engine.stats import ShardStats
 from engine.store import Store
 
 
-@dataclass
-class IngestReport:
+@dataclass(kw_only=True)
+class IngestReport(StageReport):
     output: str
     source: str
-    shards_planned: int = 0
-    shards_written: int = 0
-    shards_skipped: int = 0
-    shards_retried: int = 0
-    shards_failed: dict[str, str] = field(default_factory=dict)
-    count: int = 0
-    successes: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    seconds: float = 0.0
     registered_only: bool = False
 
     @property
-    def failed(self) -> int:
-        return self.count - self.successes
+    def successes(self) -> int:
+        """img2dataset's name for the rows that are ok."""
+        return self.ok
 
     @property
     def images_per_second(self) -> float:
-        return self.count / self.seconds if self.seconds > 0 else 0.0
+        return self.rows_per_second
 
-    def add(self, stats: dict[str, Any]) -> None:
-        self.count += int(stats.get("count", 0))
-        self.successes += int(stats.get("successes", 0))
-        for reason, n in (stats.get("status_dict") or {}).items():
-            if reason != "success":
-                self.reasons[reason] += int(n)
+    def add(self, stats: ShardStats) -> None:
+        self.add_rows(stats.count, stats.successes, stats.reasons)
 
 
 # ---------------------------------------------------------------- worker side (one task = one shard)
@@ -71,14 +61,14 @@ def ingest_shard(
     shards: Store,
     layers_root: Store,
     cfg: IngestConfig,
-) -> dict[str, Any]:
+) -> ShardStats:
     """Build one shard in a staging folder and commit it. Returns its stats."""
     import pyarrow as pa
 
     from engine.layers import write_layer_shard
     from engine.layout import LayerDir
     from engine.schemas import LAYER_SCHEMAS
-    from engine.shard_writer import shard_stats, write_shard
+    from engine.shard_writer import write_shard
 
     name = shard_name(shard_index)
     started = time.time()
@@ -90,22 +80,29 @@ def ingest_shard(
 
             download_shard(list(payload), shard_index, staging, label, cfg.samples_per_shard, cfg)
             _check_row_count(os.path.join(staging, f"{name}.parquet"), len(payload))
-            i2d_stats = os.path.join(staging, f"{name}{STATS_SUFFIX}")
-            with open(i2d_stats) as f:
-                i2d = json.load(f)
-            os.unlink(i2d_stats)  # replaced by our stats, written last at commit
-            stats = {**i2d, "code_version": code_version()}
+            i2d_stats = f"{name}{STATS_SUFFIX}"
+            stats = ShardStats.read(Store(staging), i2d_stats)
+            os.unlink(os.path.join(staging, i2d_stats))  # replaced by our stats, written last at commit
+            stats.code_version = code_version()
         else:
 
             def collect(key: str, raw: Any) -> None:
                 for layer, row in raw.layers.items():
                     layer_rows[layer].append({"key": key, **row})
 
-            rows = write_shard(
-                source.read(payload), shard_index, cfg.samples_per_shard, staging, label, cfg.image, collect
-            )
-            stats = shard_stats(rows, started, {})
-        stats.update(shard=name, source=source.uri, kind=source.kind)
+            rows = source.build_shard(payload, shard_index, staging, cfg, collect)
+            if rows is None:  # the usual path: decode every sample, number the keys
+                rows = write_shard(
+                    source.read(payload),
+                    shard_index,
+                    cfg.samples_per_shard,
+                    staging,
+                    label,
+                    cfg.image,
+                    collect,
+                )
+            stats = ShardStats.from_rows(rows, started, code_version=code_version())
+        stats.shard, stats.source, stats.kind = name, source.uri, source.kind
         # layers first, the image shard's marker last: a shard is visible only when all of it is
         for spec in source.layers:
             layer = LayerDir(layers_root.child(spec.name), spec.name)
@@ -115,10 +112,10 @@ def ingest_shard(
     return stats
 
 
-def _commit_image_shard(shards: Store, name: str, folder: str, stats: dict[str, Any]) -> None:
+def _commit_image_shard(shards: Store, name: str, folder: str, stats: ShardStats) -> None:
     """Move ``<name>.tar`` and ``<name>.parquet`` from ``folder`` into place, then the marker."""
     tar, parquet = os.path.join(folder, f"{name}.tar"), os.path.join(folder, f"{name}.parquet")
-    stats["bytes"] = os.path.getsize(tar)
+    stats.bytes = os.path.getsize(tar)
     commit_parts(shards, {f"{name}.tar": tar, f"{name}.parquet": parquet}, f"{name}{STATS_SUFFIX}", stats)
 
 
@@ -132,13 +129,13 @@ def _check_row_count(parquet_path: str, expected: int) -> None:
         raise RuntimeError(f"shard has {n} rows for {expected} inputs: refusing to commit it")
 
 
-def retry_shard(source: Source, shard_index: int, shards: Store, cfg: IngestConfig) -> dict[str, Any] | None:
+def retry_shard(source: Source, shard_index: int, shards: Store, cfg: IngestConfig) -> ShardStats | None:
     """Re-attempt a committed shard's transient failures and rewrite it atomically.
 
     The commit marker is removed first, so readers never see a half-replaced shard; a kill
     in between leaves the shard uncommitted and a plain rerun rebuilds it from the source.
     """
-    from engine.shard_writer import rewrite_failed, shard_stats
+    from engine.shard_writer import rewrite_failed
 
     name = shard_name(shard_index)
     started = time.time()
@@ -154,14 +151,16 @@ def retry_shard(source: Source, shard_index: int, shards: Store, cfg: IngestConf
         if result is None:
             return None
         rows, n_retried = result
-        old = shards.read_json(f"{name}{STATS_SUFFIX}")
-        stats = shard_stats(rows, started, {})
-        stats.update(
+        old = ShardStats.read(shards, f"{name}{STATS_SUFFIX}")
+        stats = ShardStats.from_rows(
+            rows,
+            started,
+            code_version=code_version(),
             shard=name,
-            source=old.get("source", source.uri),
-            kind=old.get("kind", source.kind),
+            source=old.source or source.uri,
+            kind=old.kind or source.kind,
             retried=n_retried,
-            retries_total=int(old.get("retries_total", 0)) + n_retried,
+            retries_total=(old.retries_total or 0) + n_retried,
         )
         shards.rm(f"{name}{STATS_SUFFIX}")  # uncommit first: never a half-replaced shard in view
         _commit_image_shard(shards, name, out, stats)
@@ -203,6 +202,10 @@ def _source_entry(dataset: Dataset, source: Source, cfg: FineVitConfig) -> dict[
                     f"resuming with different ones ({image}) would mix two formats in one dataset"
                 )
             return e
+    if sources and source.keeps_keys:
+        raise LayoutError(
+            f"{source.uri} keeps its own keys ({source.kind}): ingest it into an empty OUTPUT, then add other sources"
+        )
     if sources and sources[-1].get("num_shards") is None:
         raise LayoutError(
             f"the ingest of {sources[-1]['uri']} into {dataset.root} has not finished: rerun it before adding another source"
@@ -244,7 +247,7 @@ def _register_existing(source: Any, dataset: Dataset, report: IngestReport) -> I
     summary = dataset.summary()
     report.registered_only = True
     report.shards_skipped = summary["shards"]
-    report.count, report.successes = summary["count"], summary["successes"]
+    report.count, report.ok = summary["count"], summary["successes"]
     report.reasons.update(summary["reasons"])
     return report
 
@@ -258,7 +261,6 @@ def ingest(
 ) -> IngestReport:
     """Ingest ``source_uri`` into the dataset at ``output``; resumable, exactly once."""
     import ray
-    from tqdm.auto import tqdm
 
     from engine.runtime import init_ray
     from engine.sources.existing import ExistingShardsSource
@@ -269,6 +271,7 @@ def ingest(
     t0 = time.time()
     source = open_source(source_uri, cfg)
     dataset = Dataset(output, cfg.storage)
+    _check_output(dataset)
     report = IngestReport(output=dataset.root, source=source_uri)
     if isinstance(source, ExistingShardsSource):
         return _register_existing(source, dataset, report)
@@ -293,65 +296,57 @@ def ingest(
     run_shard = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(ingest_shard)
     run_retry = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(retry_shard)
     source_ref = ray.put(source)
-    pending: dict[Any, tuple[str, str]] = {}
-    bar = tqdm(desc="ingest", unit="img", disable=not progress, dynamic_ncols=True)
-
-    def collect(block: bool) -> None:
-        if not pending:
-            return
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
-        for ref in done:
-            name, what = pending.pop(ref)
-            try:
-                stats = ray.get(ref)
-            except Exception as e:
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                report.shards_failed[name] = msg
-                say(f"shard {name} failed: {msg}")
-                continue
-            if what == "retry":
-                report.shards_retried += stats is not None
-                continue
-            report.shards_written += 1
-            report.add(stats)
-            bar.update(int(stats.get("count", 0)))
-            bar.set_postfix(ok=report.successes, failed=report.failed, shards=report.shards_written)
-
-    def submit(ref: Any, name: str, what: str) -> None:
-        pending[ref] = (name, what)
-        while len(pending) >= max_in_flight:
-            collect(block=True)
-
+    bar = Progress("ingest", enabled=progress)
     n_planned = 0
-    try:
+
+    def plan() -> Iterator[ShardTask]:
+        nonlocal n_planned
         for i, payload in enumerate(source.plan(cfg.ingest.samples_per_shard)):
             n_planned = i + 1
-            index = first + i
-            name = shard_name(index)
-            if name in committed:
-                report.shards_skipped += 1
-                if cfg.ingest.retry_failed and source.can_fetch and _has_transient(dataset, name):
-                    submit(run_retry.remote(source_ref, index, shards, cfg.ingest), name, "retry")
+            task = ShardTask(shard_name(first + i), payload=(first + i, payload))
+            if task.shard not in committed:
+                yield task
                 continue
-            submit(
-                run_shard.remote(source_ref, payload, index, shards, layers_root, cfg.ingest), name, "shard"
-            )
+            report.shards_skipped += 1
+            if (
+                cfg.ingest.retry_failed
+                and source.can_fetch
+                and dataset.shard_stats(task.shard).has_transient()
+            ):
+                yield ShardTask(task.shard, "retry", task.payload)
+
+    def submit(task: ShardTask) -> Any:
+        index, payload = task.payload
+        if task.kind == "retry":
+            return run_retry.remote(source_ref, index, shards, cfg.ingest)
+        return run_shard.remote(source_ref, payload, index, shards, layers_root, cfg.ingest)
+
+    def on_done(task: ShardTask, stats: ShardStats | None) -> None:
+        if task.kind == "retry":
+            report.shards_retried += stats is not None
+            return
+        assert stats is not None
+        report.shards_written += 1
+        report.add(stats)
+        bar.update(stats.count, ok=report.ok, failed=report.failed, shards=report.shards_written)
+
+    def on_error(task: ShardTask, exc: BaseException) -> None:
+        say(f"shard {task.shard} failed: {report.shard_failed(task.shard, exc)}")
+
+    try:
+        run_shard_tasks(plan(), submit, on_done, max_in_flight=max_in_flight, on_error=on_error, progress=bar)
         report.shards_planned = n_planned
         _finish_entry(dataset, source.uri, n_planned)
+    except BaseException:
+        if n_planned == 0:
+            _forget_unplanned_source(dataset, source.uri, first)
+        raise
     finally:
-        while pending:
-            collect(block=True)
-        bar.close()
         shards.clear_staging()  # every task has ended: nothing of ours is staged any more
+        if dataset.exists():
+            write_size_files(dataset)
     report.seconds = time.time() - t0
     return report
-
-
-def _has_transient(dataset: Dataset, name: str) -> bool:
-    from engine.errors import is_transient
-
-    stats = dataset.shard_stats(name)
-    return any(is_transient(r) for r in (stats.get("status_dict") or {}) if r != "success")
 
 
 def _finish_entry(dataset: Dataset, uri: str, n_planned: int) -> None:
@@ -361,3 +356,63 @@ def _finish_entry(dataset: Dataset, uri: str, n_planned: int) -> None:
             e["num_shards"] = n_planned
             dataset.write_manifest(m)
             return
+
+
+def _check_output(dataset: Dataset) -> None:
+    """OUTPUT must be a folder (or not exist yet): a file there, or above it, is bad input."""
+    if not dataset.store.is_local:
+        return
+    path = os.path.abspath(dataset.root)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.isfile(path):
+        what = "is a file" if path == os.path.abspath(dataset.root) else f"is inside {path}, which is a file"
+        raise LayoutError(f"OUTPUT {dataset.root} {what}: give a folder (new or a FineViT dataset)")
+
+
+def _forget_unplanned_source(dataset: Dataset, uri: str, first: int) -> None:
+    """A source whose plan failed before its first shard (an empty folder, an unreadable list)
+    leaves no unfinished entry behind: the next source could never be added after it."""
+    m = dict(dataset.manifest)
+    sources = list(m.get("sources", []))
+    entry = next((e for e in sources if e["uri"] == uri), None)
+    if entry is None or entry.get("num_shards") is not None:
+        return
+    committed = dataset.committed_shards()
+    if any(int(name) >= first for name in committed):
+        return  # shards of an earlier run of this source exist: keep the entry, a rerun resumes it
+    m["sources"] = [e for e in sources if e is not entry]
+    if not m["sources"] and not committed:
+        dataset.store.rm(MANIFEST)  # this entry was all there was: OUTPUT is as before the run
+        return
+    dataset.write_manifest(m)
+
+
+SIZES_FILE = "sizes.json"  # OpenCLIP's loader: tar name -> samples (no --train-num-samples needed)
+INFO_FILE = "_info.json"  # webdataset's wids shard index (wids-shard-index-v1)
+
+
+def write_size_files(dataset: Dataset) -> None:
+    """Write ``sizes.json`` and ``_info.json`` beside the tars: the samples in each committed tar
+    (its successes), from the commit markers alone. Checked at the end of every run, so a
+    ``--retry-failed`` that turned failures into images keeps them true; a file whose content
+    is already right is left alone (a rerun that does nothing changes nothing)."""
+    shards = dataset.shards
+    markers = {name: dataset.shard_stats(name) for name in dataset.committed_shards()}
+    sizes = {f"{name}.tar": st.successes for name, st in markers.items()}
+    info = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": dataset.manifest.get("name", "dataset"),
+        "shardlist": [
+            {"url": f"{name}.tar", "nsamples": st.successes, "filesize": st.bytes}
+            for name, st in markers.items()
+        ],
+    }
+    for rel, content in ((SIZES_FILE, sizes), (INFO_FILE, info)):
+        try:
+            if shards.read_json(rel) == content:
+                continue
+        except (FileNotFoundError, ValueError):
+            pass
+        shards.write_json(rel, content)

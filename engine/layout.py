@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import StorageConfig
+from engine.stats import LayerStats, ShardStats
 from engine.store import Store
 
 LAYOUT_VERSION = 1
@@ -74,14 +75,19 @@ def code_version() -> str:
         return "unknown"
 
 
-def commit_parts(store: Store, parts: Mapping[str, str], stats_rel: str, stats: Mapping[str, Any]) -> None:
+def commit_parts(
+    store: Store, parts: Mapping[str, str], stats_rel: str, stats: ShardStats | LayerStats | Mapping[str, Any]
+) -> None:
     """Move finished local files into place under ``store``, then write the commit marker last.
 
     ``parts`` maps destination paths (relative to ``store``) to local files, which are consumed.
     """
     for rel, local in parts.items():
         store.put_file(local, rel)
-    store.write_json(stats_rel, dict(stats))
+    if isinstance(stats, ShardStats | LayerStats):
+        stats.write(store, stats_rel)
+    else:
+        store.write_json(stats_rel, dict(stats))
 
 
 @dataclass
@@ -102,6 +108,10 @@ class LayerDir:
 
     def is_committed(self, shard: str) -> bool:
         return self.store.exists(self.stats(shard))
+
+    def read_stats(self, shard: str) -> LayerStats:
+        """The committed layer shard's marker."""
+        return LayerStats.read(self.store, self.stats(shard))
 
     def info(self) -> dict[str, Any] | None:
         return self.store.read_json("layer.json") if self.store.exists("layer.json") else None
@@ -180,8 +190,9 @@ class Dataset:
     def shard_parquet(self, shard: str) -> str:
         return self.shards.uri(f"{shard}.parquet")
 
-    def shard_stats(self, shard: str) -> dict[str, Any]:
-        return self.shards.read_json(f"{shard}{STATS_SUFFIX}")
+    def shard_stats(self, shard: str) -> ShardStats:
+        """The committed image shard's marker."""
+        return ShardStats.read(self.shards, f"{shard}{STATS_SUFFIX}")
 
     # ---- layers --------------------------------------------------------------------------
     def layer(self, name: str) -> LayerDir:
@@ -197,11 +208,10 @@ class Dataset:
         for shard in self.committed_shards():
             s = self.shard_stats(shard)
             totals["shards"] += 1
-            totals["count"] += int(s.get("count", 0))
-            totals["successes"] += int(s.get("successes", 0))
-            for reason, n in (s.get("status_dict") or {}).items():
-                if reason != "success":
-                    totals["reasons"][reason] = totals["reasons"].get(reason, 0) + int(n)
+            totals["count"] += s.count
+            totals["successes"] += s.successes
+            for reason, n in s.reasons.items():
+                totals["reasons"][reason] = totals["reasons"].get(reason, 0) + n
         totals["failed"] = totals["count"] - totals["successes"]
         layers = {}
         for name in self.layers():
@@ -209,9 +219,9 @@ class Dataset:
             ok = failed = 0
             committed = layer.committed()
             for shard in committed:
-                st = layer.store.read_json(layer.stats(shard))
-                ok += int(st.get("ok", 0))
-                failed += int(st.get("failed", 0))
+                st = layer.read_stats(shard)
+                ok += st.ok
+                failed += st.failed
             layers[name] = {"shards": len(committed), "ok": ok, "failed": failed, "info": layer.info()}
         totals["layers"] = layers
         return totals

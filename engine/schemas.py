@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from engine.stats import ImageStatus, RowStatus
+
 # Shard metadata: img2dataset's columns (in the order its Downloader writes them for our
 # input columns url, caption, source, meta) so every shard reads like an img2dataset shard.
 # ``meta`` carries a source's own per-sample metadata as a JSON string (e.g. a WebDataset
@@ -26,13 +28,14 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
-STATUS_SUCCESS = "success"
-STATUS_FAILED_DOWNLOAD = "failed_to_download"  # the bytes could not be had
-STATUS_FAILED_RESIZE = "failed_to_resize"  # bytes, but not a usable image
+# Row statuses as plain strings (the enums live in engine.stats, with the failure reasons).
+STATUS_SUCCESS: str = ImageStatus.SUCCESS.value
+STATUS_FAILED_DOWNLOAD: str = ImageStatus.FAILED_TO_DOWNLOAD.value
+STATUS_FAILED_RESIZE: str = ImageStatus.FAILED_TO_RESIZE.value
 
 # Layer rows: every layer has key, status ('ok' | 'failed') and error.
-LAYER_OK = "ok"
-LAYER_FAILED = "failed"
+LAYER_OK: str = RowStatus.OK.value
+LAYER_FAILED: str = RowStatus.FAILED.value
 
 GLOBAL_CAPTION_SCHEMA = pa.schema(
     [
@@ -79,8 +82,19 @@ FILTER_BASE_SCHEMA = pa.schema(
     ]
 )
 
+# Signature layers (filtering's perceptual hashes, MinHash bands): computed once, reused by
+# every filter run that asks for the same parameters; their own columns follow these.
+SIGNATURE_BASE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
 LAYER_SCHEMAS: dict[str, pa.Schema] = {
     "caption": GLOBAL_CAPTION_SCHEMA,
     "regions": REGION_SCHEMA,
     "filter": FILTER_BASE_SCHEMA,
+    "signatures": SIGNATURE_BASE_SCHEMA,
 }

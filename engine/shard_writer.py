@@ -13,8 +13,7 @@ import json
 import os
 import tarfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -22,11 +21,11 @@ import pyarrow.parquet as pq
 
 from engine.config import ImageConfig
 from engine.download import DISALLOWED_HEADER_DIRECTIVES  # noqa: F401  - sets img2dataset's env first
-from engine.errors import is_transient
 from engine.images import ImageError, process_image
-from engine.layout import SHARD_DIGITS, code_version, make_key, shard_name
+from engine.layout import SHARD_DIGITS, make_key, shard_name
 from engine.schemas import SHARD_SCHEMA, STATUS_FAILED_DOWNLOAD, STATUS_FAILED_RESIZE, STATUS_SUCCESS
 from engine.sources.base import RawSample
+from engine.stats import Reason
 
 
 def _empty_meta(raw: RawSample, key: str, source_label: str) -> dict[str, Any]:
@@ -74,28 +73,6 @@ def process_raw(
         original_height=img.original_height,
     )
     return img.data, meta
-
-
-def shard_stats(rows: Iterable[dict[str, Any]], started: float, extra: dict[str, Any]) -> dict[str, Any]:
-    """img2dataset's stats fields (count, successes, failed_to_*, status_dict) plus ours."""
-    status = Counter()
-    reasons = Counter()
-    for r in rows:
-        status[r["status"]] += 1
-        reasons[r["error_message"] if r["status"] != STATUS_SUCCESS else STATUS_SUCCESS] += 1
-    now = time.time()
-    return {
-        "count": sum(status.values()),
-        "successes": status[STATUS_SUCCESS],
-        "failed_to_download": status[STATUS_FAILED_DOWNLOAD],
-        "failed_to_resize": status[STATUS_FAILED_RESIZE],
-        "duration": now - started,
-        "start_time": started,
-        "end_time": now,
-        "status_dict": dict(reasons.most_common(100)),
-        "code_version": code_version(),
-        **extra,
-    }
 
 
 def write_shard(
@@ -148,7 +125,7 @@ def rewrite_failed(
     todo = [
         i
         for i, r in enumerate(rows)
-        if r["status"] != STATUS_SUCCESS and is_transient(r.get("error_message"))
+        if r["status"] != STATUS_SUCCESS and Reason.of(r.get("error_message")) is Reason.TRANSIENT
     ]
     if not todo:
         return None

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from typing import Any
 
-EXIT_USAGE = 2
+from finevit.common import EXIT_OK, build_config, fail, warn
 
 
 def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
     act.add_argument("--shell", action="store_true", help="an interactive session with the views in place")
     p.add_argument(
         "--format",
-        choices=["table", "csv", "json", "parquet"],
+        choices=_formats(),
         default="table",
         help="--sql output format (json: one object per line; parquet needs --out)",
     )
@@ -54,9 +54,10 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _err(msg: str) -> int:
-    print(f"finevit: error: {msg}", file=sys.stderr)
-    return EXIT_USAGE
+def _formats() -> list[str]:
+    from engine.audit.query import FORMATS
+
+    return list(FORMATS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,15 +66,14 @@ def run(args: argparse.Namespace) -> int:
     from engine.config import ConfigError
     from engine.layout import LayoutError
     from engine.store import StorageError
-    from finevit.cli import build_config
 
     try:
         cfg = build_config(args, {})
         audit = open_audit(args.dataset, cfg.storage)
     except (AuditError, ConfigError, LayoutError, StorageError) as e:
-        return _err(str(e))
+        return fail(str(e))
     for w in audit.warnings:
-        print(f"finevit: warning: {w}", file=sys.stderr)
+        warn(w)
     try:
         if args.sql is not None:
             from engine.audit.query import run_sql
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             n = run_sql(audit, args.sql, args.format, args.out)
             if args.out:
                 print(f"wrote {n:,} rows to {args.out}" if n >= 0 else f"wrote {args.out}", file=sys.stderr)
-            return 0
+            return EXIT_OK
         if args.report:
             return _report(audit, args)
         if args.compare:
@@ -89,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
         if args.shell:
             return _shell(audit)
         _list_views(audit)
-        return 0
+        return EXIT_OK
     except (AuditError, SqlError, StorageError, OSError) as e:
-        return _err(str(e))
+        return fail(str(e))
     finally:
         audit.close()
 
@@ -108,7 +108,7 @@ def _report(audit: Any, args: argparse.Namespace) -> int:
         f"      {len(files.plots)} plots, {len(files.thumbs)} thumbnails, {size / 1024:.0f} KiB in all; "
         f"queries {secs:.2f} s"
     )
-    return 0
+    return EXIT_OK
 
 
 def _list_views(audit: Any) -> None:
@@ -161,7 +161,7 @@ def _compare(audit: Any, a: str, b: str, n_pairs: int, seed: int) -> int:
         for key, ca, cb in c.pairs:
             p.add_row(key, ca or "", cb or "")
         con.print(p)
-    return 0
+    return EXIT_OK
 
 
 def _shell(audit: Any) -> int:
@@ -190,4 +190,4 @@ def _shell(audit: Any) -> int:
         print(audit.con.sql(q))
 
     code.interact(banner=banner, local={"con": audit.con, "audit": audit, "sql": sql}, exitmsg="")
-    return 0
+    return EXIT_OK

@@ -94,7 +94,7 @@ def _q(v: Any) -> Any:
 
 
 def cmd_recaption(args: argparse.Namespace) -> int:
-    from finevit.cli import build_config
+    from finevit.common import build_config
     from recaption.backends.base import BackendError
     from recaption.config import RecaptionRunConfig
     from recaption.prompts import PromptError

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction, config_args: Callable[[argparse.Ar
     s1.add_argument("--dataset", help="dataset root (overrides data.dataset)")
     s1.add_argument("--steps", type=int, help="overrides loop.steps")
     s1.add_argument("--log-dir", help="overrides log.dir")
-    config_args(s1)
+    config_args(s1, ray=False)  # stage 1 runs under torchrun, not on Ray
     s1.set_defaults(func=_cmd_stage1)
 
     t = sub.add_parser("train-tokenizer", help="train a BPE tokenizer on caption layers")
@@ -31,16 +31,14 @@ def register(sub: argparse._SubParsersAction, config_args: Callable[[argparse.Ar
     )
     t.add_argument("--vocab", type=int, default=8192)
     t.add_argument("out", help="output directory (a PreTrainedTokenizerFast)")
-    config_args(t)
+    config_args(t, ray=False)
     t.set_defaults(func=_cmd_tokenizer)
 
 
 def _config(args: argparse.Namespace, extra: dict[str, Any]) -> Any:
-    from finevit.cli import build_config
+    from finevit.common import build_config
     from train.config import Stage1Config
 
-    if getattr(args, "ray_address", None):
-        args.ray_address = None  # stage 1 does not use Ray
     return build_config(args, extra, Stage1Config)
 
 

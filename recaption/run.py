@@ -350,7 +350,9 @@ class ShardWorker:
 
         def commit() -> dict[str, Any]:
             with self.layer.store.staging(f"recap-{shard}") as staging:
-                return write_layer_shard(self.layer, shard, rows, self.task.schema, staging, started, extra)
+                return write_layer_shard(
+                    self.layer, shard, rows, self.task.schema, staging, started, extra
+                ).to_dict()
 
         return await asyncio.get_running_loop().run_in_executor(None, commit)
 
@@ -392,7 +394,9 @@ class ShardWorker:
         def commit() -> dict[str, Any]:
             with self.layer.store.staging(f"retry-{shard}") as staging:
                 self.layer.store.rm(self.layer.stats(shard))  # uncommitted while being replaced
-                return write_layer_shard(self.layer, shard, rows, self.task.schema, staging, started, extra)
+                return write_layer_shard(
+                    self.layer, shard, rows, self.task.schema, staging, started, extra
+                ).to_dict()
 
         stats = await loop.run_in_executor(None, commit)
         stats["_retried_rows"] = len(redo)
@@ -430,7 +434,7 @@ def _select_shards(dataset: Dataset, cfg: RecaptionConfig) -> list[str]:
             if n >= cfg.limit:
                 break
             out.append(s)
-            n += int(dataset.shard_stats(s).get("count", 0))
+            n += dataset.shard_stats(s).count
         committed = out
     return committed
 
@@ -534,7 +538,7 @@ def _run_on_ray(dataset, storage, run_cfg, model, todo, report, progress, say) -
     ]
     load = [0] * n_clients
     pending: dict[Any, tuple[str, str, int]] = {}
-    total = sum(int(dataset.shard_stats(s).get("count", 0)) for s, what in todo if what == "shard")
+    total = sum(dataset.shard_stats(s).count for s, what in todo if what == "shard")
     bar = tqdm(
         total=total or None,
         desc=f"recaption {report.layer}",

@@ -3,6 +3,12 @@
 * ``s3``: moto's S3 server (a real S3 API over HTTP) with a fresh bucket per test.
 * ``ray_local``: one local Ray cluster for the whole session (start-up costs seconds).
 * ``http_images``: an HTTP server serving images, with fault injection (503, 429, slow).
+
+Tiers: a test that uses a fixture in :data:`SLOW_FIXTURES` (it starts Ray or ingests a
+dataset) is marked ``slow``, one that uses ``s3`` is marked ``s3``, at collection, so
+``-m "not slow"`` stays fast and ``-m "not s3"`` runs without the S3 server. A test that
+asks for ``s3`` at run time (``request.getfixturevalue``) must carry the mark itself: the
+fixture refuses to run otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +34,21 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = REPO.parent / "shared" / "testdata"
+
+
+# Fixtures that start Ray or run an ingest: whoever uses one (directly or through another
+# fixture) is in the slow tier.
+SLOW_FIXTURES = frozenset({"ray_local", "stage1_data"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SLOW_FIXTURES and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+        if names & {"s3", "s3_server"} and not item.get_closest_marker("s3"):
+            item.add_marker(pytest.mark.s3)
 
 
 def free_port() -> int:
@@ -98,7 +119,11 @@ def s3_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def s3(s3_server: str) -> S3:
+def s3(s3_server: str, request: pytest.FixtureRequest) -> S3:
+    if request.node.get_closest_marker("s3") is None:
+        pytest.fail(
+            f"{request.node.nodeid} uses the S3 server: mark it (or its parameter) with pytest.mark.s3"
+        )
     s = S3(endpoint=s3_server, bucket=f"test-{uuid.uuid4().hex[:12]}")
     s.client().create_bucket(Bucket=s.bucket)
     return s
@@ -127,7 +152,7 @@ def ray_local() -> Iterator[None]:
 class ImageServer:
     """Serves ``files`` at ``/<name>``. ``/flaky/<n>/<name>`` answers 503 to the first n requests
     for that path, ``/ratelimit/<n>/<name>`` answers 429, ``/slow/<seconds>/<name>`` sleeps first,
-    ``/status/<code>`` always answers that code."""
+    ``/status/<code>`` always answers that code, ``/redirect/<url>`` answers 302 to ``<url>``."""
 
     host: str
     port: int
@@ -160,6 +185,12 @@ def _make_handler(state: ImageServer):
             parts = path.split("/")
             if parts[0] == "status" and len(parts) == 2:
                 return self._send(int(parts[1]), b"error")
+            if parts[0] == "redirect" and len(parts) >= 2:
+                self.send_response(302)
+                self.send_header("Location", path[len("redirect/") :])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             if parts[0] in ("flaky", "ratelimit") and len(parts) >= 3:
                 if state.hits[path] <= int(parts[1]):
                     return self._send(503 if parts[0] == "flaky" else 429, b"try later")

@@ -24,9 +24,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
             "ingest.samples_per_shard",
         ),
         (["ingest", "synthetic://scenes?n=5", "OUT", "--set", "ingest.bogus=1"], "ingest.bogus"),
-        (["ingest", "synthetic://scenes?n=0", "OUT"], "n"),
+        (["ingest", "synthetic://scenes?n=0", "OUT"], "parameter 'n'"),
         (["ingest", "synthetic://cubes?n=3", "OUT"], "cubes"),
-        (["ingest", "/no/such/folder", "OUT"], "cannot read source"),
+        (["ingest", "/no/such/folder", "OUT"], "/no/such/folder does not exist"),
         (["info", "/no/such/dataset"], "dataset.json not found"),
     ],
 )
@@ -42,6 +42,30 @@ def test_config_file_error_names_field(tmp_path, capsys):
     bad.write_text("ingest:\n  image:\n    resize_mode: squash\n")
     assert main(["ingest", "synthetic://scenes?n=2", str(tmp_path / "o"), "--config", str(bad)]) == 2
     assert "ingest.image.resize_mode" in capsys.readouterr().err
+
+
+def test_choices_come_from_the_config():
+    """``--resize-mode``/``--encode-format`` accept exactly what the config's Literals allow."""
+    from typing import get_args
+
+    from engine.config import ImageConfig
+    from finevit.cli import build_parser
+    from finevit.common import literal_choices
+
+    ingest = build_parser()._subparsers._group_actions[0].choices["ingest"]
+    by_flag = {a.option_strings[0]: a.choices for a in ingest._actions if a.option_strings}
+    for flag, field in (("--resize-mode", "resize_mode"), ("--encode-format", "encode_format")):
+        allowed = list(get_args(ImageConfig.model_fields[field].annotation))
+        assert list(by_flag[flag]) == allowed == literal_choices(ImageConfig, field)
+    with pytest.raises(TypeError, match="not a Literal"):
+        literal_choices(ImageConfig, "image_size")
+
+
+def test_train_takes_no_ray_address(capsys):
+    """Stage 1 runs under torchrun: a --ray-address it would drop is refused, not ignored."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "stage1", "--ray-address", "ray://x:10001"])
+    assert e.value.code == 2 and "--ray-address" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@
 >>> audit = open_audit("s3://bucket/ds", cfg.storage)
 >>> audit.con.execute("SELECT status, count(*) FROM samples GROUP BY ALL").fetchall()
 
-See :mod:`engine.audit.views` for the views, :mod:`engine.audit.report` for the standard
-report and :mod:`engine.audit.compare` for the side-by-side of two caption layers.
+See :mod:`engine.audit.views` for the views, :mod:`engine.audit.stats` for the report's numbers,
+:mod:`engine.audit.report` for its files (plots -> page) and :mod:`engine.audit.compare` for
+the side-by-side of two caption layers.
 """
 
 from engine.audit.views import Audit, AuditError, LayerView, open_audit

@@ -9,13 +9,40 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from engine.audit import plots
-from engine.audit.report import SECTIONS, CaptionStats, Counts, Dups, FilterStats, RegionStats, ReportData
-from engine.audit.thumbs import Sample
+from engine.audit.stats import CaptionStats, Counts, Dups, FilterStats, RegionStats, ReportData
+from engine.audit.thumbs import MAX_SIDE, Sample
+
+SECTIONS = [
+    ("overview", "Overview"),
+    ("failures", "Failures"),
+    ("sizes", "Image sizes"),
+    ("captions", "Caption layers"),
+    ("regions", "Region layers"),
+    ("duplicates", "Duplicates"),
+    ("filters", "Filter layers"),
+    ("samples", "Random samples"),
+]
+
+
+class Plot(NamedTuple):
+    path: str  # relative to the report folder
+    alt: str
+
+
+@dataclass
+class ReportPlots:
+    """The drawn plots the page shows, by section; one list per layer, in ``ReportData``'s order."""
+
+    failures: list[Plot] = field(default_factory=list)
+    sizes: list[Plot] = field(default_factory=list)
+    captions: list[list[Plot]] = field(default_factory=list)
+    regions: list[list[Plot]] = field(default_factory=list)
+    filters: list[list[Plot]] = field(default_factory=list)
+
 
 # ---------------------------------------------------------------------------- formatting
 
@@ -63,7 +90,7 @@ class Para:
 
 @dataclass
 class Images:
-    paths: list[tuple[str, str]]  # (relative path, alt)
+    paths: list[Plot]
 
 
 @dataclass
@@ -101,200 +128,35 @@ class Doc:
 # ---------------------------------------------------------------------------- building
 
 
-def build(data: ReportData, samples: list[Sample], out_dir: str) -> Doc:
-    P = os.path.join(out_dir, "plots")
+def build(data: ReportData, samples: list[Sample], plots: ReportPlots) -> Doc:
+    """Lay the report out: the numbers, the plots already drawn (``plots``) and the samples."""
     secs = {sid: Section(sid, title) for sid, title in SECTIONS}
-    failed = data.samples - data.success
-
-    # overview
-    s = secs["overview"]
-    s.add(
-        Table(
-            ["status", "samples", "share"],
-            [[st, num(n), pct(n, data.samples)] for st, n in data.by_status],
-            {1, 2},
-            "samples by status",
-        )
+    _overview(secs["overview"], data)
+    _failures(secs["failures"], data, plots.failures)
+    _sizes(secs["sizes"], data, plots.sizes)
+    _per_layer(
+        secs["captions"],
+        data.captions,
+        plots.captions,
+        _no_layer(data, "caption", "run finevit recaption DATASET to write one"),
+        lambda s, c, drawn: _caption_section(s, c, data, drawn),
     )
-    s.add(
-        Table(
-            ["source", "status", "samples", "share"],
-            [[src, st, num(n), pct(n, data.samples)] for src, st, n in data.by_source[:20]],
-            {2, 3},
-            "samples by source and status",
-        )
+    _per_layer(
+        secs["regions"],
+        data.regions,
+        plots.regions,
+        _no_layer(data, "regions", "run finevit recaption DATASET --task regions to write one"),
+        _region_section,
     )
-    layer_rows = []
-    parts = {p[0]: p for p in data.stats_parts}
-    for name, kind, view, shards, ok, problem in data.layers:
-        p = parts.get(name)
-        layer_rows.append(
-            [
-                name,
-                kind,
-                view,
-                f"{shards} / {data.shards}",
-                num(p[2]) if p else "—",
-                num(p[4]) if p else "—",
-                "ok" if ok else f"⚠ {problem}",
-            ]
-        )
-    if layer_rows:
-        s.add(
-            Table(
-                ["layer", "kind", "view", "shards", "rows", "failed", "schema"],
-                layer_rows,
-                {3, 4, 5},
-                "layers (committed parts only)",
-            )
-        )
-    else:
-        s.add(Para("This dataset has no layer yet.", "note"))
-    if data.stats_parts:
-        s.add(
-            Table(
-                ["part", "committed shards", "rows", "ok", "failed", "work time"],
-                [[p[0], num(p[1]), num(p[2]), num(p[3]), num(p[4]), _dur(p[5])] for p in data.stats_parts],
-                {1, 2, 3, 4, 5},
-                "commit markers (_stats.json)",
-            )
-        )
-
-    # failures
-    s = secs["failures"]
-    if not data.reasons:
-        s.add(Para(f"No failed sample among {num(data.samples)}.", "ok"))
-    else:
-        s.add(
-            Para(
-                f"{num(failed)} of {num(data.samples)} samples failed ({pct(failed, data.samples)}). "
-                "Top reasons:"
-            )
-        )
-        s.add(
-            Table(
-                ["status", "reason", "samples", "share of failures"],
-                [[st, short(r, 140), num(n), pct(n, failed)] for st, r, n in data.reasons[:10]],
-                {2, 3},
-            )
-        )
-        s.add(
-            Images(
-                [
-                    (
-                        _rel(
-                            plots.bars(
-                                f"{P}/failure_reasons.png",
-                                [(r, n) for _, r, n in data.reasons],
-                                "top failure reasons",
-                                "samples",
-                                label_chars=34,
-                            ),
-                            out_dir,
-                        ),
-                        "top failure reasons",
-                    )
-                ]
-            )
-        )
-
-    # sizes
-    s = secs["sizes"]
-    if data.width.total:
-        s.add(
-            Para(
-                f"Over {num(data.width.total)} successful samples: median {num(data.width.quantile(0.5))} × "
-                f"{num(data.height.quantile(0.5))} px, aspect ratio (w/h) from {num(data.aspect.values[0])} "
-                f"to {num(data.aspect.values[-1])}."
-            )
-        )
-        s.add(
-            Images(
-                [
-                    (
-                        _rel(plots.hist(f"{P}/width.png", data.width, "width", "pixels"), out_dir),
-                        "width histogram",
-                    ),
-                    (
-                        _rel(plots.hist(f"{P}/height.png", data.height, "height", "pixels"), out_dir),
-                        "height histogram",
-                    ),
-                    (
-                        _rel(
-                            plots.hist(f"{P}/aspect.png", data.aspect, "aspect ratio", "width / height"),
-                            out_dir,
-                        ),
-                        "aspect ratio histogram",
-                    ),
-                ]
-            )
-        )
-    else:
-        s.add(Para("No successful sample: no size to show.", "note"))
-
-    # captions
-    s = secs["captions"]
-    if not data.captions:
-        s.add(Para("No caption layer with a valid schema.", "note"))
-    for i, c in enumerate(data.captions):
-        _caption_section(s, c, data, f"{P}/caption{i}", out_dir)
-
-    # regions
-    s = secs["regions"]
-    if not data.regions:
-        s.add(Para("No region layer with a valid schema.", "note"))
-    for i, r in enumerate(data.regions):
-        _region_section(s, r, f"{P}/regions{i}", out_dir)
-
-    # duplicates
-    s = secs["duplicates"]
-    rows = [
-        ["image bytes (sha256)", data.success, data.sha_dups],
-        ["alt-text (shard caption)", data.success, data.alt_dups],
-    ]
-    rows += [[f"caption layer {c.layer.name}", c.ok, c.dups] for c in data.captions]
-    s.add(
-        Table(
-            ["what", "values repeated", "rows holding a repeated value", "share of rows"],
-            [[w, num(d.groups), num(d.rows), pct(d.rows, tot)] for w, tot, d in rows],
-            {1, 2, 3},
-            "exact duplicates",
-        )
+    _duplicates(secs["duplicates"], data)
+    _per_layer(
+        secs["filters"],
+        data.filters,
+        plots.filters,
+        "No filter layer yet: filters write layers beside the data and never delete.",
+        _filter_section,
     )
-    for what, _tot, d in rows:
-        if d.top:
-            s.add(
-                Table(
-                    [f"most repeated: {what}", "times", "example key"],
-                    [[short(v, 120), num(n), ex] for v, n, ex in d.top[:5]],
-                    {1},
-                )
-            )
-
-    # filters
-    s = secs["filters"]
-    if not data.filters:
-        s.add(Para("No filter layer yet: filters write layers beside the data and never delete.", "note"))
-    for i, f in enumerate(data.filters):
-        _filter_section(s, f, f"{P}/filter{i}", out_dir)
-
-    # samples
-    s = secs["samples"]
-    if samples:
-        how = (
-            f"boxes from region layer {samples[0].region_layer}"
-            if any(x.region_layer for x in samples)
-            else "no region layer to draw"
-        )
-        s.add(
-            Para(
-                f"{len(samples)} successful samples in a random order fixed by the seed; thumbnails read "
-                f"from the shard tars, long side {plots_max_side()} px; {how}."
-            )
-        )
-        s.add(Gallery(samples))
-    else:
-        s.add(Para("No successful sample to show.", "note"))
+    _samples(secs["samples"], samples)
 
     cards = [
         ("samples", num(data.samples)),
@@ -315,14 +177,162 @@ def build(data: ReportData, samples: list[Sample], out_dir: str) -> Doc:
     )
 
 
-def plots_max_side() -> int:
-    from engine.audit.thumbs import MAX_SIDE
+def _no_layer(data: ReportData, kind: str, how: str) -> str:
+    """Why a section has no layer: none of that kind yet, or only ones whose schema is wrong."""
+    noun = "region" if kind == "regions" else kind
+    bad = [
+        f"{row.name} ({row.problem})" if row.problem else row.name for row in data.layers if row.kind == kind
+    ]
+    if bad:
+        return f"No {noun} layer with a valid schema: {', '.join(bad)}."
+    return f"No {noun} layer yet: {how}."
 
-    return MAX_SIDE
+
+def _per_layer(
+    s: Section, layers: Sequence[Any], drawn: list[list[Plot]], none: str, section: Callable[..., None]
+) -> None:
+    """One sub-section per layer (with its drawn plots), or a note saying there is none."""
+    if not layers:
+        s.add(Para(none, "note"))
+    for layer, plots in zip(layers, drawn, strict=True):
+        section(s, layer, plots)
 
 
-def _rel(path: str, out_dir: str) -> str:
-    return os.path.relpath(path, out_dir).replace(os.sep, "/")
+def _overview(s: Section, data: ReportData) -> None:
+    s.add(
+        Table(
+            ["status", "samples", "share"],
+            [[st, num(n), pct(n, data.samples)] for st, n in data.by_status],
+            {1, 2},
+            "samples by status",
+        )
+    )
+    s.add(
+        Table(
+            ["source", "status", "samples", "share"],
+            [[r.source, r.status, num(r.samples), pct(r.samples, data.samples)] for r in data.by_source[:20]],
+            {2, 3},
+            "samples by source and status",
+        )
+    )
+    parts = {p.part: p for p in data.stats_parts}
+    layer_rows = []
+    for lr in data.layers:
+        p = parts.get(lr.name)
+        layer_rows.append(
+            [
+                lr.name,
+                lr.kind,
+                lr.view,
+                f"{lr.shards} / {data.shards}",
+                num(p.count) if p else "—",
+                num(p.failed) if p else "—",
+                "ok" if lr.schema_ok else f"⚠ {lr.problem}",
+            ]
+        )
+    if layer_rows:
+        s.add(
+            Table(
+                ["layer", "kind", "view", "shards", "rows", "failed", "schema"],
+                layer_rows,
+                {3, 4, 5},
+                "layers (committed parts only)",
+            )
+        )
+    else:
+        s.add(Para("This dataset has no layer yet.", "note"))
+    if data.stats_parts:
+        s.add(
+            Table(
+                ["part", "committed shards", "rows", "ok", "failed", "work time"],
+                [
+                    [p.part, num(p.shards), num(p.count), num(p.ok), num(p.failed), _dur(p.seconds)]
+                    for p in data.stats_parts
+                ],
+                {1, 2, 3, 4, 5},
+                "commit markers (_stats.json)",
+            )
+        )
+
+
+def _failures(s: Section, data: ReportData, drawn: list[Plot]) -> None:
+    if not data.reasons:
+        s.add(Para(f"No failed sample among {num(data.samples)}.", "ok"))
+        return
+    failed = data.samples - data.success
+    s.add(
+        Para(
+            f"{num(failed)} of {num(data.samples)} samples failed ({pct(failed, data.samples)}). Top reasons:"
+        )
+    )
+    s.add(
+        Table(
+            ["status", "reason", "samples", "share of failures"],
+            [
+                [r.status, short(r.reason, 140), num(r.samples), pct(r.samples, failed)]
+                for r in data.reasons[:10]
+            ],
+            {2, 3},
+        )
+    )
+    s.add(Images(drawn))
+
+
+def _sizes(s: Section, data: ReportData, drawn: list[Plot]) -> None:
+    if not data.width.total:
+        s.add(Para("No successful sample: no size to show.", "note"))
+        return
+    s.add(
+        Para(
+            f"Over {num(data.width.total)} successful samples: median {num(data.width.quantile(0.5))} × "
+            f"{num(data.height.quantile(0.5))} px, aspect ratio (w/h) from {num(data.aspect.values[0])} "
+            f"to {num(data.aspect.values[-1])}."
+        )
+    )
+    s.add(Images(drawn))
+
+
+def _duplicates(s: Section, data: ReportData) -> None:
+    rows: list[tuple[str, int, Dups]] = [
+        ("image bytes (sha256)", data.success, data.sha_dups),
+        ("alt-text (shard caption)", data.success, data.alt_dups),
+    ]
+    rows += [(f"caption layer {c.layer.name}", c.ok, c.dups) for c in data.captions]
+    s.add(
+        Table(
+            ["what", "values repeated", "rows holding a repeated value", "share of rows"],
+            [[w, num(d.groups), num(d.rows), pct(d.rows, tot)] for w, tot, d in rows],
+            {1, 2, 3},
+            "exact duplicates",
+        )
+    )
+    for what, _tot, d in rows:
+        if d.top:
+            s.add(
+                Table(
+                    [f"most repeated: {what}", "times", "example key"],
+                    [[short(g.value, 120), num(g.count), g.example] for g in d.top[:5]],
+                    {1},
+                )
+            )
+
+
+def _samples(s: Section, samples: list[Sample]) -> None:
+    if not samples:
+        s.add(Para("No successful sample to show.", "note"))
+        return
+    how = (
+        f"boxes from region layer {samples[0].region_layer}"
+        if any(x.region_layer for x in samples)
+        else "no region layer to draw"
+    )
+    s.add(
+        Para(
+            f"{len(samples)} successful samples in a random order fixed by the seed; thumbnails read "
+            f"from the shard tars, long side {MAX_SIDE} px; {how}."
+        )
+    )
+    s.add(Gallery(samples))
 
 
 def _dur(s: Any) -> str:
@@ -352,72 +362,43 @@ def _dist_row(name: str, c: Counts, unit: str = "") -> list[Any]:
     ]
 
 
-def _caption_section(s: Section, c: CaptionStats, data: ReportData, base: str, out_dir: str) -> None:
+def _measured_row(name: str, q: dict[str, float | None], unit: str, why_missing: str) -> list[Any]:
+    """A row of per-request numbers (latency, tokens); "—" and the reason where a layer has none.
+
+    A layer written without requests (a ground-truth layer, an import) has no latency: null or
+    0 everywhere, which would otherwise read as "0 ms"."""
+    cols = ("p10", "p50", "mean", "p90", "p99", "max")
+    if not q.get("max"):
+        return [name, *("—" for _ in cols), why_missing]
+    return [name, *(num(q.get(k)) for k in cols), unit]
+
+
+def _caption_section(s: Section, c: CaptionStats, data: ReportData, drawn: list[Plot]) -> None:
     s.add(Heading(f"caption layer {c.layer.name}", _layer_sub(c.layer.info)))
     missing = data.samples - c.rows
     line = f"{num(c.rows)} rows: {num(c.ok)} ok, {num(c.failed)} failed ({pct(c.failed, c.rows)})"
     if missing > 0:
         line += f"; {num(missing)} samples have no row yet (their layer part is not committed)"
     s.add(Para(line + "."))
+    lat, tok = c.latency, c.tokens
     s.add(
         Table(
             ["length", "p10", "median", "mean", "p90", "p99", "max", ""],
             [
                 _dist_row("characters", c.chars),
                 _dist_row("words", c.words),
-                [
-                    "latency",
-                    "",
-                    num(c.latency.get("p50")),
-                    "",
-                    num(c.latency.get("p90")),
-                    num(c.latency.get("p99")),
-                    num(c.latency.get("max")),
-                    "ms",
-                ],
-                [
-                    "tokens",
-                    "",
-                    num(c.tokens.get("p50")),
-                    "",
-                    num(c.tokens.get("p90")),
-                    num(c.tokens.get("p99")),
-                    num(c.tokens.get("max")),
-                    f"total {num(c.tokens.get('total'))}",
-                ],
+                _measured_row(
+                    "latency", lat, "ms", "not measured: no request made this layer (e.g. ground truth)"
+                ),
+                _measured_row(
+                    "tokens", tok, f"total {num(tok.get('total'))}", "not recorded by what made this layer"
+                ),
             ],
             {1, 2, 3, 4, 5, 6},
             "ok rows",
         )
     )
-    s.add(
-        Images(
-            [
-                (
-                    _rel(
-                        plots.hist(
-                            f"{base}_chars.png",
-                            c.chars,
-                            "caption length (characters)",
-                            "characters",
-                            integer=True,
-                        ),
-                        out_dir,
-                    ),
-                    f"{c.layer.name}: caption length in characters",
-                ),
-                (
-                    _rel(
-                        plots.hist(
-                            f"{base}_words.png", c.words, "caption length (words)", "words", integer=True
-                        ),
-                        out_dir,
-                    ),
-                    f"{c.layer.name}: caption length in words",
-                ),
-            ]
-        )
-    )
+    s.add(Images(drawn))
     s.add(
         Table(
             ["finish reason", "rows", "share"], [[r, num(n), pct(n, c.ok)] for r, n in c.finish[:8]], {1, 2}
@@ -435,7 +416,7 @@ def _caption_section(s: Section, c: CaptionStats, data: ReportData, base: str, o
         s.add(Para("No failed row in this layer.", "ok"))
 
 
-def _region_section(s: Section, r: RegionStats, base: str, out_dir: str) -> None:
+def _region_section(s: Section, r: RegionStats, drawn: list[Plot]) -> None:
     s.add(Heading(f"region layer {r.layer.name}", _layer_sub(r.layer.info)))
     mean = r.per_image.mean()
     line = (
@@ -451,51 +432,14 @@ def _region_section(s: Section, r: RegionStats, base: str, out_dir: str) -> None
                 "warn",
             )
         )
-    s.add(
-        Images(
-            [
-                (
-                    _rel(
-                        plots.hist(
-                            f"{base}_per_image.png", r.per_image, "boxes per image", "boxes", integer=True
-                        ),
-                        out_dir,
-                    ),
-                    f"{r.layer.name}: boxes per image",
-                ),
-                (
-                    _rel(
-                        plots.hist(
-                            f"{base}_area.png",
-                            r.area,
-                            "box area",
-                            "fraction of the image",
-                            bins=25,
-                            clip_quantile=1.0,
-                        ),
-                        out_dir,
-                    ),
-                    f"{r.layer.name}: box area",
-                ),
-                (
-                    _rel(
-                        plots.bars(
-                            f"{base}_labels.png",
-                            [(lb, n) for lb, n, *_ in r.labels],
-                            "boxes per label",
-                            "boxes",
-                        ),
-                        out_dir,
-                    ),
-                    f"{r.layer.name}: boxes per label",
-                ),
-            ]
-        )
-    )
+    s.add(Images(drawn))
     s.add(
         Table(
             ["label", "boxes", "captions", "mean area", "example caption"],
-            [[lb, num(n), num(nc), f"{a:.3f}", short(ex, 90)] for lb, n, nc, a, ex in r.labels[:12]],
+            [
+                [lb.label, num(lb.boxes), num(lb.captions), f"{lb.mean_area:.3f}", short(lb.example, 90)]
+                for lb in r.labels[:12]
+            ],
             {1, 2, 3},
             f"captions per label (top {min(12, len(r.labels))} of {num(r.n_labels)})",
         )
@@ -510,23 +454,16 @@ def _region_section(s: Section, r: RegionStats, base: str, out_dir: str) -> None
         )
 
 
-def _filter_section(s: Section, f: FilterStats, base: str, out_dir: str) -> None:
+def _filter_section(s: Section, f: FilterStats, drawn: list[Plot]) -> None:
     s.add(Heading(f"filter layer {f.layer.name}", _layer_sub(f.layer.info)))
     dropped = f.rows - f.kept
     s.add(Para(f"keeps {num(f.kept)} of {num(f.rows)} rows ({pct(f.kept, f.rows)}); drops {num(dropped)}."))
-    imgs = []
     if f.reasons:
         s.add(
             Table(
                 ["drop reason", "rows", "share of drops"],
                 [[short(r, 140), num(n), pct(n, dropped)] for r, n in f.reasons],
                 {1, 2},
-            )
-        )
-        imgs.append(
-            (
-                _rel(plots.bars(f"{base}_reasons.png", f.reasons, "top drop reasons", "rows"), out_dir),
-                f"{f.layer.name}: drop reasons",
             )
         )
     for col, sc in f.scores.items():
@@ -538,15 +475,8 @@ def _filter_section(s: Section, f: FilterStats, base: str, out_dir: str) -> None
                 {1, 2, 3},
             )
         )
-        safe = "".join(ch if ch.isalnum() else "_" for ch in col)
-        imgs.append(
-            (
-                _rel(plots.keep_drop_hist(f"{base}_{safe}.png", sc["hist"], f"score {col}", col), out_dir),
-                f"{f.layer.name}: {col}",
-            )
-        )
-    if imgs:
-        s.add(Images(imgs))
+    if drawn:
+        s.add(Images(drawn))
 
 
 # ---------------------------------------------------------------------------- HTML
@@ -580,8 +510,8 @@ td.n, th.n { text-align:right; font-variant-numeric:tabular-nums; padding-left:1
 .note { color:var(--muted); } .ok { color:#24703a; }
 .warn, .warnings { background:#fff7e0; border:1px solid #f0d58a; border-radius:8px; padding:8px 12px; }
 .warnings { margin:16px 0 0; } .warnings ul { margin:4px 0 0 18px; padding:0; }
-.plots { display:flex; flex-wrap:wrap; gap:12px; margin:8px 0; }
-.plots img { border:1px solid var(--line); border-radius:6px; background:#fff; max-width:100%; }
+.plots { display:flex; flex-wrap:wrap; gap:12px; margin:8px 0; align-items:flex-start; }
+.plots img { border:1px solid var(--line); border-radius:6px; background:#fff; max-width:100%; height:auto; }
 .gallery { display:grid; grid-template-columns:repeat(auto-fill,minmax(250px,1fr)); gap:12px; }
 .sample { border:1px solid var(--line); border-radius:8px; padding:8px; background:#fff; font-size:12px; }
 .sample .img { height:168px; display:flex; align-items:center; justify-content:center;

@@ -31,15 +31,10 @@ import duckdb
 import pyarrow as pa
 
 from engine.config import StorageConfig
-from engine.layout import Dataset, LayoutError
-from engine.schemas import FILTER_BASE_SCHEMA, GLOBAL_CAPTION_SCHEMA, REGION_SCHEMA, SHARD_SCHEMA
+from engine.layout import STATS_SUFFIX, Dataset, LayerDir, LayoutError
+from engine.schemas import LAYER_SCHEMAS, SHARD_SCHEMA
 from engine.store import s3_filesystem
 
-KIND_SCHEMAS: dict[str, pa.Schema] = {
-    "caption": GLOBAL_CAPTION_SCHEMA,
-    "regions": REGION_SCHEMA,
-    "filter": FILTER_BASE_SCHEMA,
-}
 # Columns every image shard must have; the rest of SHARD_SCHEMA is filled with NULL when absent
 # (an img2dataset download registered as it stands has no ``source``/``meta``).
 REQUIRED_SHARD_COLUMNS = ("key", "status")
@@ -138,6 +133,19 @@ def _read_error(uri: str, e: Exception) -> AuditError:
     return AuditError(f"cannot read {uri}: {msg}{hint}")
 
 
+@dataclass
+class _Views:
+    """The connection and the statements that built its views, in creation order."""
+
+    con: duckdb.DuckDBPyConnection
+    sql: dict[str, str] = field(default_factory=dict)
+
+    def create(self, name: str, body: str) -> None:
+        sql = f"CREATE OR REPLACE VIEW {quote_ident(name)} AS {body}"
+        self.con.execute(sql)
+        self.sql[name] = sql
+
+
 def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
     """Build the audit views over the committed parts of the dataset at ``root``.
 
@@ -145,6 +153,19 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
     or no committed shard. A layer with a schema that does not match the architecture is
     a warning (:attr:`Audit.warnings`), not an error.
     """
+    ds, shards = _committed_dataset(root, storage)
+    views = _Views(connect(ds.store.storage, not ds.store.is_local))
+    warnings: list[str] = []
+    _samples_view(views, ds, shards)
+    layers = _layer_views(views, ds, shards, warnings)
+    _regions_view(views, layers)
+    _captions_view(views, layers)
+    _stats_view(views, ds, shards, layers)
+    _layers_table(views, layers)
+    return Audit(views.con, ds, shards, layers, warnings, views.sql)
+
+
+def _committed_dataset(root: str, storage: StorageConfig | None) -> tuple[Dataset, list[str]]:
     try:
         ds = Dataset(root, storage)
         ds.manifest  # noqa: B018 - raises LayoutError naming the path when absent
@@ -155,20 +176,15 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
         raise AuditError(
             f"no committed shard under {ds.shards.root} (no <shard>_stats.json): nothing to audit"
         )
-    con = connect(ds.store.storage, not ds.store.is_local)
-    view_sql: dict[str, str] = {}
-    warnings: list[str] = []
+    return ds, shards
 
-    def create(name: str, body: str) -> None:
-        sql = f"CREATE OR REPLACE VIEW {quote_ident(name)} AS {body}"
-        con.execute(sql)
-        view_sql[name] = sql
 
-    # ---- samples ---------------------------------------------------------------------------
-    files = [ds.shards.uri(f"{s}.parquet") for s in shards]
+def _samples_view(views: _Views, ds: Dataset, shards: list[str]) -> None:
+    """``samples``: every committed shard's Parquet, with img2dataset's columns NULL where absent."""
+    files = [ds.shard_parquet(s) for s in shards]
     src = f"read_parquet({_file_list(files)}, union_by_name = true, filename = true)"
     try:
-        cols = _describe(con, f"SELECT * FROM {src}")
+        cols = _describe(views.con, f"SELECT * FROM {src}")
     except duckdb.Error as e:
         raise _read_error(ds.shards.root, e) from None
     missing = [c for c in REQUIRED_SHARD_COLUMNS if c not in cols]
@@ -177,16 +193,17 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
             f"shards under {ds.shards.root} lack column(s) {', '.join(missing)}: not img2dataset shards"
         )
     select = [quote_ident(c) for c in cols if c != "filename"]
-    shard_types = _duck_types(con, SHARD_SCHEMA)
-    for c, t in shard_types.items():
+    for c, t in _duck_types(views.con, SHARD_SCHEMA).items():
         if c not in cols:
             select.append(f"CAST(NULL AS {t}) AS {quote_ident(c)}")
     select.append(f"{_shard_expr()} AS shard")
-    create("samples", f"SELECT {', '.join(select)} FROM {src}")
+    views.create("samples", f"SELECT {', '.join(select)} FROM {src}")
 
-    # ---- layers ------------------------------------------------------------------------------
+
+def _layer_views(views: _Views, ds: Dataset, shards: list[str], warnings: list[str]) -> list[LayerView]:
+    """``layer_<name>``: one view per layer over its parts whose image shard is committed."""
     layers: list[LayerView] = []
-    used = set(FIXED_VIEWS) | {"samples"}
+    used = set(FIXED_VIEWS)
     committed = set(shards)
     for name in ds.layers():
         try:
@@ -199,69 +216,82 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
         while view in used:
             view, n = f"layer_{sanitize(name)}_{n}", n + 1
         used.add(view)
-        try:
-            info = layer.info()
-        except ValueError as e:
-            info = None
-            warnings.append(f"layer {name}: layer.json is not valid JSON ({e})")
-        lshards = [s for s in layer.committed() if s in committed]
-        lv = LayerView(
-            name,
-            str((info or {}).get("kind") or "unknown"),
-            view,
-            lshards,
-            [layer.store.uri(layer.parquet(s)) for s in lshards],
-            info=info,
-        )
+        lv = _layer_view(views, layer, view, committed, warnings)
         layers.append(lv)
-        if not lshards:
-            lv.schema_ok, lv.problem = False, "no committed part"
-            warnings.append(f"layer {name}: no committed part under {layer.store.root}; skipped")
-            continue
-        src = f"read_parquet({_file_list(lv.files)}, union_by_name = true, filename = true)"
-        try:
-            cols = _describe(con, f"SELECT * FROM {src}")
-        except duckdb.Error as e:
-            lv.schema_ok, lv.problem = False, f"unreadable: {str(e).splitlines()[0]}"
-            warnings.append(f"layer {name}: {lv.problem}; skipped")
-            continue
-        cols.pop("filename", None)
-        lv.columns = cols
-        if lv.kind not in KIND_SCHEMAS:
-            lv.kind = _guess_kind(cols)
-        problem = _schema_problem(con, lv.kind, cols)
-        if problem:
-            lv.schema_ok, lv.problem = False, problem
-            warnings.append(
-                f"layer {name} ({lv.kind}) does not match the architecture's schema: {problem}; "
-                f"its view {view} is kept, it is left out of the report's {lv.kind} sections"
-            )
-        create(view, f"SELECT * EXCLUDE (filename), {_shard_expr()} AS shard FROM {src}")
+    return layers
 
-    # ---- regions, captions ---------------------------------------------------------------------
-    region_layers = [lv for lv in layers if lv.kind == "regions" and lv.schema_ok]
+
+def _layer_view(
+    views: _Views, layer: LayerDir, view: str, committed: set[str], warnings: list[str]
+) -> LayerView:
+    name = layer.name
+    try:
+        info = layer.info()
+    except ValueError as e:
+        info = None
+        warnings.append(f"layer {name}: layer.json is not valid JSON ({e})")
+    lshards = [s for s in layer.committed() if s in committed]
+    lv = LayerView(
+        name,
+        str((info or {}).get("kind") or "unknown"),
+        view,
+        lshards,
+        [layer.store.uri(layer.parquet(s)) for s in lshards],
+        info=info,
+    )
+    if not lshards:
+        lv.schema_ok, lv.problem = False, "no committed part"
+        warnings.append(f"layer {name}: no committed part under {layer.store.root}; skipped")
+        return lv
+    src = f"read_parquet({_file_list(lv.files)}, union_by_name = true, filename = true)"
+    try:
+        cols = _describe(views.con, f"SELECT * FROM {src}")
+    except duckdb.Error as e:
+        lv.schema_ok, lv.problem = False, f"unreadable: {str(e).splitlines()[0]}"
+        warnings.append(f"layer {name}: {lv.problem}; skipped")
+        return lv
+    cols.pop("filename", None)
+    lv.columns = cols
+    if lv.kind not in LAYER_SCHEMAS:
+        lv.kind = _guess_kind(cols)
+    problem = _schema_problem(views.con, lv.kind, cols)
+    if problem:
+        lv.schema_ok, lv.problem = False, problem
+        warnings.append(
+            f"layer {name} ({lv.kind}) does not match the architecture's schema: {problem}; "
+            f"its view {view} is kept, it is left out of the report's {lv.kind} sections"
+        )
+    views.create(view, f"SELECT * EXCLUDE (filename), {_shard_expr()} AS shard FROM {src}")
+    return lv
+
+
+def _regions_view(views: _Views, layers: list[LayerView]) -> None:
+    """``regions``: every region layer unnested, one row per box (empty but typed when none)."""
     parts = [
         f"SELECT {quote_str(lv.name)} AS layer, key, shard, UNNEST(regions) AS r, "
         f"generate_subscripts(regions, 1) AS idx FROM {quote_ident(lv.view)}"
-        for lv in region_layers
+        for lv in layers
+        if lv.kind == "regions" and lv.schema_ok
     ]
     if parts:
         inner = " UNION ALL ".join(parts)
-        create(
+        views.create(
             "regions",
             "SELECT layer, key, shard, idx, r.x0 AS x0, r.y0 AS y0, r.x1 AS x1, r.y1 AS y1, "
             "greatest(r.x1 - r.x0, 0) * greatest(r.y1 - r.y0, 0) AS area, r.caption AS caption, r.label AS label "
             f"FROM ({inner})",
         )
     else:
-        create(
+        views.create(
             "regions",
             "SELECT * FROM (SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS key, NULL::VARCHAR AS shard, "
             "NULL::BIGINT AS idx, NULL::FLOAT AS x0, NULL::FLOAT AS y0, NULL::FLOAT AS x1, NULL::FLOAT AS y1, "
             "NULL::DOUBLE AS area, NULL::VARCHAR AS caption, NULL::VARCHAR AS label) WHERE false",
         )
 
-    caption_layers = [lv for lv in layers if lv.kind == "caption" and lv.schema_ok]
+
+def _captions_view(views: _Views, layers: list[LayerView]) -> None:
+    """``captions``: samples LEFT JOIN each caption layer, one row per (sample, layer)."""
     sample_cols = (
         "s.key, s.shard, s.source, s.status AS sample_status, s.caption AS alt_text, s.width, s.height"
     )
@@ -269,12 +299,13 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
         f"SELECT {sample_cols}, {quote_str(lv.name)} AS layer, c.caption, c.model, c.prompt_id, c.n_tokens, "
         f"c.finish_reason, c.latency_ms, c.status, c.error "
         f"FROM samples s LEFT JOIN {quote_ident(lv.view)} c ON s.key = c.key"
-        for lv in caption_layers
+        for lv in layers
+        if lv.kind == "caption" and lv.schema_ok
     ]
     if parts:
-        create("captions", " UNION ALL ".join(parts))
+        views.create("captions", " UNION ALL ".join(parts))
     else:
-        create(
+        views.create(
             "captions",
             f"SELECT {sample_cols}, NULL::VARCHAR AS layer, NULL::VARCHAR AS caption, "
             "NULL::VARCHAR AS model, NULL::VARCHAR AS prompt_id, NULL::INTEGER AS n_tokens, "
@@ -282,13 +313,18 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
             "NULL::VARCHAR AS error FROM samples s WHERE false",
         )
 
-    # ---- stats ------------------------------------------------------------------------------------
-    stat_parts = [_stats_part("shards", [ds.shards.uri(f"{s}_stats.json") for s in shards])]
+
+def _stats_view(views: _Views, ds: Dataset, shards: list[str], layers: list[LayerView]) -> None:
+    """``stats``: every committed marker, image shards' (img2dataset's fields) and layers' alike.
+
+    The SQL twin of :mod:`engine.stats`: ``ok`` is a layer's ``ok`` or a shard's ``successes``.
+    """
+    stat_parts = [_stats_part("shards", [ds.shards.uri(f"{s}{STATS_SUFFIX}") for s in shards])]
     for lv in layers:
         if lv.shards:
             layer = ds.layer(lv.name)
             stat_parts.append(_stats_part(lv.name, [layer.store.uri(layer.stats(s)) for s in lv.shards]))
-    create(
+    views.create(
         "stats",
         "SELECT part, regexp_extract(filename, '([^/]+)_stats\\.json$', 1) AS shard, "
         "TRY_CAST(j->>'count' AS BIGINT) AS count, "
@@ -299,7 +335,9 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
         f"FROM ({' UNION ALL '.join(stat_parts)})",
     )
 
-    # ---- layers (catalog) ----------------------------------------------------------------------------
+
+def _layers_table(views: _Views, layers: list[LayerView]) -> None:
+    """``layers``: a small table, one row per layer (a table, not a view: it is built here)."""
     rows = [
         f"({quote_str(lv.name)}, {quote_str(lv.kind)}, {quote_str(lv.view)}, {len(lv.shards)}, "
         f"{str(lv.schema_ok).lower()}, {quote_str(lv.problem) if lv.problem else 'NULL'})"
@@ -311,9 +349,8 @@ def open_audit(root: str, storage: StorageConfig | None = None) -> Audit:
     )
     body = typed + (f" UNION ALL SELECT * FROM (VALUES {', '.join(rows)})" if rows else "")
     sql = f"CREATE OR REPLACE TABLE layers AS {body}"
-    con.execute(sql)
-    view_sql["layers"] = sql
-    return Audit(con, ds, shards, layers, warnings, view_sql)
+    views.con.execute(sql)
+    views.sql["layers"] = sql
 
 
 def _stats_part(part: str, files: list[str]) -> str:
@@ -333,13 +370,13 @@ def _guess_kind(cols: dict[str, str]) -> str:
 
 
 def _schema_problem(con: duckdb.DuckDBPyConnection, kind: str, cols: dict[str, str]) -> str | None:
-    if kind not in KIND_SCHEMAS:
+    if kind not in LAYER_SCHEMAS:
         return "unknown layer kind (no layer.json kind, and no caption/regions/keep column)"
-    expected = _duck_types(con, KIND_SCHEMAS[kind])
+    # every column of the kind's schema, with its type; more columns (a filter's scores) are fine
+    expected = _duck_types(con, LAYER_SCHEMAS[kind])
     problems = []
     for c, t in expected.items():
         if c not in cols:
-            # filter layers need only key/keep/reasons; every other kind also status/error
             problems.append(f"missing column {c} {t}")
         elif cols[c] != t:
             problems.append(f"column {c} is {cols[c]}, expected {t}")

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from engine.config import FineVitConfig
 from engine.layout import MANIFEST, STATS_SUFFIX
 from engine.sources.base import RawSample, Source, SourceError, register
+from engine.stats import ShardStats
 from engine.store import Store
 
 
@@ -57,8 +58,7 @@ class ExistingShardsSource(Source):
             raise SourceError(f"{self.uri} holds no img2dataset shards")
         shards = self.store if rel == "." else self.store.child(rel)
         stats = sorted(n for n in shards.listdir() if n.endswith(STATS_SUFFIX))
-        first = shards.read_json(stats[0])
-        sps = int(first.get("count", 0)) or 1
+        sps = ShardStats.read(shards, stats[0]).count or 1
         shard_digits = len(stats[0][: -len(STATS_SUFFIX)])
         key_len = None
         pq_rel = stats[0][: -len(STATS_SUFFIX)] + ".parquet"

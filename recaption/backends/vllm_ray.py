@@ -232,7 +232,7 @@ def run_vllm(dataset, run_cfg, report, progress: bool = True, say=print):
         rows = [by_key[k] for k in shard_keys(dataset, shard)]
         extra = {"model": cfg.model, "backend": "vllm", **metrics.as_stats(time.time() - t0, len(rows))}
         with layer.store.staging(f"vllm-{shard}") as staging:
-            stats = write_layer_shard(layer, shard, rows, task.schema, staging, started, extra)
+            stats = write_layer_shard(layer, shard, rows, task.schema, staging, started, extra).to_dict()
         report.shards_written += 1
         report.add(stats)
         say(f"shard {shard}: {stats['ok']} ok, {stats['failed']} failed")

@@ -24,8 +24,10 @@ from PIL import Image
 
 from engine.audit import AuditError, open_audit
 from engine.audit.compare import compare_layers
+from engine.audit.page import SECTIONS
 from engine.audit.query import SqlError, run_sql
-from engine.audit.report import SECTIONS, collect, write_report
+from engine.audit.report import write_report
+from engine.audit.stats import collect
 from engine.layers import write_layer_shard
 from engine.layout import Dataset, make_key
 from engine.schemas import FILTER_BASE_SCHEMA, GLOBAL_CAPTION_SCHEMA, REGION_SCHEMA, SHARD_SCHEMA

@@ -15,7 +15,13 @@ from engine.config import ImageConfig
 from engine.images import ImageError, Img2datasetResizer, ProcessedImage, process_image
 
 try:
-    from bad_inputs import EXPECTED_SIZES, exif_jpeg, make_inputs, png_declaring, write_bad_inputs
+    from tests.engine.bad_inputs import (
+        EXPECTED_SIZES,
+        exif_jpeg,
+        make_inputs,
+        png_declaring,
+        write_bad_inputs,
+    )
 except ImportError:  # tests/ turned into a package
     from tests.engine.bad_inputs import (
         EXPECTED_SIZES,

@@ -3,7 +3,7 @@ import pytest
 from engine.store import StorageError, Store
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def store(request, tmp_path):
     if request.param == "local":
         return Store(str(tmp_path / "root"))

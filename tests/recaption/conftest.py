@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from recap_fault_server import FaultServer
-from recap_helpers import N_IMAGES, SPS
+
+from tests.recaption.recap_fault_server import FaultServer
+from tests.recaption.recap_helpers import N_IMAGES, SPS
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +56,6 @@ def fault_server() -> Iterator[Callable[..., FaultServer]]:
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory) -> Path:
-    from recap_tiny_vlm import build_tiny_llava
+    from tests.recaption.recap_tiny_vlm import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm") / "tiny-llava")

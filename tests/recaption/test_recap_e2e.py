@@ -10,11 +10,11 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from recap_helpers import CLI, N_IMAGES
 
 from engine.layout import Dataset
 from recaption.config import RecaptionConfig, RecaptionRunConfig
 from recaption.run import read_layer, recaption
+from tests.recaption.recap_helpers import CLI, N_IMAGES
 
 pytestmark = pytest.mark.slow
 

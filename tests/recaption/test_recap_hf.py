@@ -13,11 +13,11 @@ import urllib.request
 
 import pytest
 from PIL import Image
-from recap_helpers import CLI, N_IMAGES
 
 from recaption.backends.base import CaptionRequest, SamplingParams
 from recaption.backends.hf_local import HFBackend
 from recaption.server import BadRequest, parse_chat_request
+from tests.recaption.recap_helpers import CLI, N_IMAGES
 
 
 def _jpeg(color) -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from recap_helpers import N_IMAGES
 
 from recaption.backends.base import CaptionRequest, SamplingParams
 from recaption.backends.vllm_ray import (
@@ -18,6 +17,7 @@ from recaption.backends.vllm_ray import (
 )
 from recaption.config import RecaptionConfig, RecaptionRunConfig, VLLMConfig
 from recaption.regions import GROUNDED_SCHEMA
+from tests.recaption.recap_helpers import N_IMAGES
 
 
 def _req(schema=None) -> CaptionRequest:
