@@ -13,7 +13,8 @@ import pytest
 
 from engine.layout import Dataset
 from recaption.config import RecaptionConfig, RecaptionRunConfig
-from recaption.run import read_layer, recaption
+from engine.layers import read_layer
+from recaption.run import recaption
 from tests.recaption.recap_helpers import CLI, N_IMAGES
 
 pytestmark = pytest.mark.slow

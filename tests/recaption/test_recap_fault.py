@@ -16,7 +16,8 @@ from engine.layout import Dataset
 from recaption.backends.base import BackendError, CaptionRequest, SamplingParams
 from recaption.backends.openai_http import OpenAIBackend
 from recaption.config import RecaptionConfig
-from recaption.run import ShardWorker, check_or_write_info, layer_info, layer_name
+from recaption.plan import check_or_write_info, layer_info, layer_name
+from recaption.run import ShardWorker
 
 TRANSIENT = {"500": 0.1, "503": 0.08, "429": 0.08, "slow": 0.08, "reset": 0.08, "garbage": 0.08}
 
