@@ -34,9 +34,14 @@ class LeaseHeld(LayoutError):
     """Another live run holds the layer's lease."""
 
 
-def _precondition(e: BaseException) -> bool:
-    text = f"{type(e).__name__} {e}"
-    return "PreconditionFailed" in text or "412" in text or isinstance(e, FileExistsError)
+def _precondition(e: BaseException | None) -> bool:
+    """Whether a failed write was a failed condition (s3fs wraps botocore's PreconditionFailed)."""
+    while e is not None:
+        text = f"{type(e).__name__} {e}"
+        if "PreconditionFailed" in text or "pre-conditions" in text or isinstance(e, FileExistsError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Lease:

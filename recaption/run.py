@@ -176,14 +176,15 @@ class ShardWorker:
             return write_layer_shard(self.layer, shard, rows, self.task.schema, staging, started, extra)
 
     async def run_shard(self, shard: str) -> dict[str, Any]:
-        """Caption a whole shard and commit it. Returns its stats."""
+        """Caption a whole shard and commit it. Returns ``{"stats": its marker, "usage": this
+        round's requests and tokens}``."""
         started = time.time()
         backend = await self.backend()
         rows, metrics = await process_shard(self.dataset, shard, self.cfg, self.task, backend)
         extra = self._extra(metrics, time.time() - started, len(rows))
         loop = asyncio.get_running_loop()
         stats = await loop.run_in_executor(None, self._commit, shard, rows, started, extra)
-        return stats.to_dict()
+        return {"stats": stats.to_dict(), "usage": extra}
 
     async def retry_shard(self, shard: str) -> dict[str, Any] | None:
         """Redo the failed rows (with an image) of a committed shard; None if there is none."""
@@ -212,12 +213,13 @@ class ShardWorker:
         )
         new = {r["key"]: r for r in new_rows}
         rows = [new.get(r["key"], r) for r in old_rows]
-        extra = retry_extra(old_stats, self._extra(metrics, time.time() - started, len(new_rows)))
+        usage = self._extra(metrics, time.time() - started, len(new_rows))
+        extra = retry_extra(old_stats, usage)
         extra.update(
             retried_rows=len(redo), retried_ok=sum(1 for r in new_rows if r["status"] == RowStatus.OK)
         )
         stats = await loop.run_in_executor(None, lambda: self._commit(shard, rows, started, extra, True))
-        return stats.to_dict()
+        return {"stats": stats.to_dict(), "usage": usage}
 
     async def close(self) -> None:
         if self._backend is not None:
@@ -329,12 +331,12 @@ def _run_on_ray(
         where[t.shard] = w
         return (workers[w].retry_shard if t.kind == "retry" else workers[w].run_shard).remote(t.shard)
 
-    def on_done(t: ShardTask, stats: dict[str, Any] | None) -> None:
+    def on_done(t: ShardTask, out: dict[str, Any] | None) -> None:
         load[where.pop(t.shard)] -= 1
-        if stats is None:
+        if out is None:
             return
-        st = LayerStats.from_dict(stats)
-        report.add_usage(st.extra)
+        st = LayerStats.from_dict(out["stats"])
+        report.add_usage(out["usage"])
         if t.kind == "retry":
             report.shards_retried += 1
         else:

@@ -341,6 +341,7 @@ class Committer:
             "run_id": self.run_id,
             **metrics.as_stats(time.time() - self.started, len(by_key)),
         }
+        usage = dict(extra)  # this round's requests and tokens, for the run's report
         retry = self.items[shard]["kind"] == "retry"
         if retry:
             import pyarrow.parquet as pq
@@ -362,7 +363,7 @@ class Committer:
         else:
             self.report.shards_written += 1
         self.report.add_rows(stats.count, stats.ok, stats.error_reasons)
-        self.report.add_usage(stats.extra)
+        self.report.add_usage(usage)
         self.committed.add(shard)
         self.say(f"shard {shard}: {stats.ok} ok, {stats.failed} failed")
 

@@ -123,12 +123,16 @@ class FaultServer:
         h = hashlib.sha256(raw).hexdigest()
         self.seen[h] += 1
         self.times[h].append(time.monotonic())
-        mode = self._mode(h, self.seen[h])
-        self.modes[mode] += 1
         try:
             body = json.loads(raw)
         except ValueError:
             return web.Response(status=400, text="body is not JSON")
+        # the fault follows the image and prompt, not the sampling: a persistent fault stays
+        # when a retry changes the seed, temperature or max_tokens (a model that always fails)
+        content = {k: v for k, v in body.items() if k not in ("seed", "temperature", "max_tokens")}
+        ch = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        mode = self._mode(ch, self.seen[h])
+        self.modes[mode] += 1
         if self.keep_bodies:
             self.bodies.append(body)
         if self.service_s:

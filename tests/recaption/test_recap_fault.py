@@ -179,7 +179,8 @@ def _run_shards(root, cfg: RecaptionConfig, storage=None, retry=False):
 
     async def go():
         try:
-            return [await (w.retry_shard(s) if retry else w.run_shard(s)) for s in ds.committed_shards()]
+            outs = [await (w.retry_shard(s) if retry else w.run_shard(s)) for s in ds.committed_shards()]
+            return [o and {**o["stats"], "_round": o["usage"]} for o in outs]
         finally:
             await w.close()
 
@@ -240,6 +241,15 @@ def test_global_layer_reasons_raw_and_retry_failed(scenes, fault_server):
     srv.plan, srv.persistent = {}, set()
     retried, _ = _run_shards(scenes, _cfg(srv, layer="cap"), retry=True)
     assert any(r is not None for r in retried)
+    # finding 7: the shard's request and token counts add up over the rounds
+    for first, again in zip(stats, retried, strict=True):
+        if again is not None:
+            assert again["requests"] == first["requests"] + again["_round"]["requests"] > first["requests"]
+            assert (
+                again["completion_tokens"]
+                == first["completion_tokens"] + again["_round"]["completion_tokens"]
+            )
+            assert again["retry_rounds"] == 1
     rows2 = [r for s in layer.committed() for r in _rows(layer, s)]
     assert [r["key"] for r in rows2] == [r["key"] for r in rows]
     assert [r["error"] for r in rows2 if r["status"] == "failed"] == [

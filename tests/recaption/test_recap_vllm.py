@@ -59,6 +59,10 @@ IMAGE_URL_FIELDS = {"url", "detail"}
 
 def check_vllm_part(part: object) -> None:
     assert isinstance(part, dict), f"a content part must be a dict, got {type(part).__name__}"
+    # Ray Data stores a message list as Arrow structs: each part comes back with the union of the
+    # parts' keys, the missing ones None. vLLM casts text parts and validates image parts with a
+    # pydantic TypedDict adapter (extra keys ignored), so None-valued keys are fine.
+    part = {k: v for k, v in part.items() if v is not None}
     t = part.get("type")
     assert t in VLLM_PART_TYPES, f"vLLM does not know the content-part type {t!r}"
     if t == "text":
@@ -273,7 +277,7 @@ def test_vllm_driver_end_to_end(scenes, tmp_path, monkeypatch):
     no image (4), --retry-failed redoes the failed rows (4) and accumulates counts (7)."""
     import ray.data.llm
 
-    import recaption.samples
+    import recaption.samples as samples_mod
     from engine.layers import read_layer
     from engine.layout import Dataset
     from recaption.run import recaption
@@ -285,7 +289,7 @@ def test_vllm_driver_end_to_end(scenes, tmp_path, monkeypatch):
     def no_tar(*a, **k):
         raise AssertionError("the driver read an image tar: the commit must use the answers' meta")
 
-    monkeypatch.setattr(recaption.samples, "iter_tar_images", no_tar)  # the driver process only
+    monkeypatch.setattr(samples_mod, "iter_tar_images", no_tar)  # the driver process only
     bad = _corrupt_one_image(scenes)
     cfg = RecaptionRunConfig(
         recaption=RecaptionConfig(backend="vllm", model="tiny-model", layer="vl", image_max_side=64)
