@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 CAPTION = "A large red striped circle at the top left and two small blue squares at the bottom right on a grey background."
-TRANSPORT = {"500", "503", "429", "slow", "reset", "garbage"}
+TRANSPORT = {"500", "503", "429", "400", "slow", "reset", "garbage"}
 
 
 @dataclass
@@ -34,6 +34,7 @@ class FaultServer:
     plan: dict[str, float] = field(default_factory=dict)
     persistent: set[str] = field(default_factory=set)
     transient_attempts: int = 1
+    health_ok: bool = True  # False: /health and /v1/models answer 503 (probes fail: an outage)
     model: str = "fake-vlm"
     bbox_format: str = "norm1000"
     retry_after: float = 0.2
@@ -101,10 +102,12 @@ class FaultServer:
 
     # ---- handlers -------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
+        if not self.health_ok:
+            return web.Response(status=503, text="down")
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        return web.Response(text="ok") if self.health_ok else web.Response(status=503, text="down")
 
     def _mode(self, h: str, attempt: int) -> str:
         u = int(h[:8], 16) / 2**32
@@ -139,6 +142,8 @@ class FaultServer:
             await asyncio.sleep(self.service_s)
         if mode in ("500", "503"):
             return web.Response(status=int(mode), text="upstream overloaded")
+        if mode == "400":
+            return web.Response(status=400, text="This model's maximum context length is 4096 tokens")
         if mode == "429":
             return web.Response(status=429, text="slow down", headers={"Retry-After": str(self.retry_after)})
         if mode == "slow":

@@ -339,3 +339,56 @@ def test_layer_info_mismatch_is_refused(scenes, fault_server):
 def test_backend_error_type():
     with pytest.raises(BackendError, match="no endpoint"):
         OpenAIBackend([])
+
+
+def test_circuit_breaker_stops_the_run_and_commits_nothing(scenes, fault_server):
+    """Finding 10: every request refused (HTTP 400): the run stops with a clear message, no
+    shard is committed, and a rerun on a healthy fleet redoes them."""
+    from engine.layout import Dataset
+    from recaption.config import RecaptionRunConfig
+    from recaption.run import recaption
+
+    srv = fault_server(plan={"400": 1.0})
+    cfg = _cfg(srv, layer="cb", breaker_http400=4)
+    rep = recaption(str(scenes), RecaptionRunConfig(recaption=cfg), progress=False)
+    assert rep.stopped and "circuit breaker" in rep.stopped and "HTTP 400" in rep.stopped, rep
+    assert Dataset(str(scenes)).layer("cb").committed() == []
+    srv.plan = {}
+    again = recaption(str(scenes), RecaptionRunConfig(recaption=cfg), progress=False)
+    assert again.shards_written == 3 and again.stopped is None
+
+
+def test_circuit_breaker_on_an_outage(fault_server):
+    """No endpoint in rotation for breaker_outage_s: the backend raises CircuitOpen (the row is
+    not recorded as failed), instead of answering every request with a failure."""
+    from recaption.backends.base import CircuitOpen
+    from recaption.backends.openai_http import OpenAIBackend
+
+    srv = fault_server()
+
+    async def go():
+        b = OpenAIBackend(
+            [srv.url],
+            timeout=0.5,
+            retries=3,
+            backoff_base=0.01,
+            eject_after=1,
+            probe_interval=0.1,
+            outage_s=0.5,
+        )
+        await b.start()
+        srv.plan, srv.health_ok = {"500": 1.0}, False
+        try:
+            with pytest.raises(CircuitOpen, match="circuit breaker: no endpoint"):
+                for _ in range(20):
+                    await b.generate(_req_for_breaker())
+        finally:
+            await b.close()
+
+    asyncio.run(go())
+
+
+def _req_for_breaker():
+    from recaption.backends.base import CaptionRequest
+
+    return CaptionRequest("k", [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
