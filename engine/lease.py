@@ -3,7 +3,8 @@
 A run takes the lease before it writes ``layer.json`` or stages anything, renews it every
 ``ttl / 3`` seconds from a thread, and removes it at the end. A second run on the same layer
 is refused with the holder's name while the lease is alive; a lease whose heartbeat stopped
-(the holder was killed) may be taken over once it has expired.
+(the holder was killed) may be taken over once it has expired, or at once when the holder ran
+on this machine and its process is gone.
 
 Exclusive creation is atomic on both stores: a local file is created with ``O_EXCL``; on S3
 the PUT carries ``If-None-Match: *`` (S3 conditional writes; moto >= 5.0.x honours them).
@@ -44,6 +45,19 @@ def _precondition(e: BaseException | None) -> bool:
     return False
 
 
+def _dead_here(cur: dict[str, Any]) -> bool:
+    """The holder ran on this machine and its process is gone (killed): no need to wait."""
+    if cur.get("host") != socket.gethostname() or not isinstance(cur.get("pid"), int):
+        return False
+    try:
+        os.kill(cur["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class Lease:
     def __init__(self, store: Store, name: str, ttl: float = 120.0, owner: str | None = None) -> None:
         self.store = store
@@ -60,7 +74,14 @@ class Lease:
     def _body(self) -> bytes:
         now = time.time()
         return json.dumps(
-            {"owner": self.owner, "run_id": self.run_id, "heartbeat": now, "expires": now + self.ttl}
+            {
+                "owner": self.owner,
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "heartbeat": now,
+                "expires": now + self.ttl,
+            }
         ).encode()
 
     def _path(self) -> str:
@@ -139,7 +160,7 @@ class Lease:
             if cur is None:
                 continue  # released between our two calls: try again
             left = float(cur.get("expires", 0)) - time.time()
-            if left > 0:
+            if left > 0 and not _dead_here(cur):
                 raise LeaseHeld(
                     f"layer {self.name!r} is being written by {cur.get('owner')} (run {cur.get('run_id')}, "
                     f"last heartbeat {time.time() - float(cur.get('heartbeat', 0)):.0f}s ago, "

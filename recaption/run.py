@@ -31,6 +31,7 @@ from engine.layout import Dataset, code_version
 from engine.shards import Progress, ShardTask, run_shard_tasks
 from engine.stats import LayerStats, Reason, RowStatus
 from recaption.backends.base import Backend, BackendError, CircuitOpen
+from recaption.cache import ResponseCache, fingerprint
 from recaption.config import RecaptionConfig, RecaptionRunConfig
 from recaption.plan import (
     RecaptionReport,
@@ -58,6 +59,7 @@ async def process_shard(
     backend: Backend,
     only_keys: set[str] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    cache: ResponseCache | None = None,
 ) -> tuple[list[dict[str, Any]], Metrics]:
     """The layer rows of one shard (in the shard's order) and what it took. ``only_keys``:
     caption just these samples (``retry_failed``); rows of the others are not returned.
@@ -74,9 +76,19 @@ async def process_shard(
     tripped: list[CircuitOpen] = []
 
     async def run_one(sample: Sample) -> None:
+        k = cache.key(sample) if cache is not None else None
         try:
-            row = await task.run(backend, sample, metrics)
+            hit = await cache.lookup(k) if k is not None else None
+            if hit is not None:
+                metrics.cache_hits += 1
+                row = {**hit, "key": sample.key}
+            else:
+                row = await task.run(backend, sample, metrics)
+                if k is not None:
+                    cache.put(k, row)
         except CircuitOpen as e:
+            if k is not None:
+                cache.put(k, task.failed_row(sample.key, str(e)))
             tripped.append(e)
             return
         except Exception as e:
@@ -134,6 +146,7 @@ class ShardWorker:
         self.layer = self.dataset.layer(layer_name(cfg))
         self._backend: Backend | None = None
         self._lock: asyncio.Lock | None = None
+        self.cache = ResponseCache(fingerprint(self.task, {"family": cfg.model_family}))
 
     async def backend(self) -> Backend:
         from recaption.backends import make_backend
@@ -180,7 +193,9 @@ class ShardWorker:
         round's requests and tokens}``."""
         started = time.time()
         backend = await self.backend()
-        rows, metrics = await process_shard(self.dataset, shard, self.cfg, self.task, backend)
+        rows, metrics = await process_shard(
+            self.dataset, shard, self.cfg, self.task, backend, cache=self.cache
+        )
         extra = self._extra(metrics, time.time() - started, len(rows))
         loop = asyncio.get_running_loop()
         stats = await loop.run_in_executor(None, self._commit, shard, rows, started, extra)
@@ -271,6 +286,8 @@ def recaption(
     resolve_prompt(cfg)  # a clear error now if the prompt is unknown
     show = cfg.progress if progress is None else progress
     layer = dataset.layer(name)
+    # the backend answers before anything is written (not even the lease)
+    model = asyncio.run(_check_backend(cfg)) if cfg.backend != "vllm" else cfg.model
     layer.store.makedirs()
     with Lease(layer.store, name, ttl=cfg.lease_ttl) as lease:
         layer.store.clear_staging()  # the lease is ours: no other run is staging in this layer
@@ -279,7 +296,6 @@ def recaption(
 
             run_vllm(dataset, run_cfg, report, lease, progress=show, say=say)
         else:
-            model = asyncio.run(_check_backend(cfg))
             check_or_write_info(layer, layer_info(cfg, model))
             todo = plan_tasks(dataset, cfg, report)
             if todo:

@@ -63,6 +63,7 @@ class Metrics:
     completion_tokens: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     dropped_boxes: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0  # samples answered from the response cache (recaption/cache.py)
 
     def add(self, r: CaptionResult) -> None:
         self.requests += r.attempts
@@ -94,6 +95,7 @@ class Metrics:
             "images_per_s": round(images / seconds, 3) if seconds > 0 else None,
             "tokens_per_s": round(self.completion_tokens / seconds, 3) if seconds > 0 else None,
             "dropped_boxes": dict(self.dropped_boxes),
+            "cache_hits": self.cache_hits,
         }
 
 

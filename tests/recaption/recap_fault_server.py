@@ -45,6 +45,7 @@ class FaultServer:
     seen: Counter = field(default_factory=Counter)  # body hash -> attempts
     modes: Counter = field(default_factory=Counter)  # mode -> times served
     times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    content: dict[str, str] = field(default_factory=dict)  # body hash -> content hash (picks the fault)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     keep_bodies: bool = False
 
@@ -134,6 +135,7 @@ class FaultServer:
         # when a retry changes the seed, temperature or max_tokens (a model that always fails)
         content = {k: v for k, v in body.items() if k not in ("seed", "temperature", "max_tokens")}
         ch = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        self.content[h] = ch
         mode = self._mode(ch, self.seen[h])
         self.modes[mode] += 1
         if self.keep_bodies:
