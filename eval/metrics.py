@@ -56,10 +56,13 @@ def classification_metrics(
     positive_NC = F.one_hot(target_N, C).bool()
     ranks_N = positive_ranks(logits_NC, positive_NC)
     out: dict[str, float | None] = {
-        f"top{k}": (float((ranks_N < k).float().mean()) if k <= C else None) for k in ks
+        f"top{k}": (int((ranks_N < k).sum()) / len(ranks_N) if k <= C else None) for k in ks
     }
     pred_N = logits_NC.argmax(1)
-    recalls = [float((pred_N[target_N == c] == c).float().mean()) for c in target_N.unique().tolist()]
+    recalls = [
+        int((pred_N[target_N == c] == c).sum()) / int((target_N == c).sum())
+        for c in target_N.unique().tolist()
+    ]
     out["mean_per_class_recall"] = sum(recalls) / len(recalls) if recalls else 0.0
     return out
 
