@@ -157,8 +157,9 @@ def stage1_vision_state(step_dir: str, model_cfg: ModelConfig) -> dict[str, torc
         raise ConfigError(
             f"the stage-1 checkpoint {step_dir} does not match model.vision of the recipe "
             f"(width {model_cfg.vision.width}, depth {model_cfg.vision.depth}, patch_size "
-            f"{model_cfg.vision.patch_size}, mlp_ratio {model_cfg.vision.mlp_ratio}):\n  "
-            + "\n  ".join(problems[:8])
+            f"{model_cfg.vision.patch_size}, mlp_ratio {model_cfg.vision.mlp_ratio}): "
+            + "; ".join(problems[:3])
+            + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
         )
     state = {"model": {k: torch.empty_like(v) for k, v in want.items()}}
     with warnings.catch_warnings():
