@@ -247,3 +247,80 @@ def test_lm_without_tokenizer_or_chat_template_is_a_clear_error(
     err = capsys.readouterr().err.strip()
     assert err.startswith("finevit: error: lm.path"), err
     assert str(lm) in err and (remove.replace("_", " ") in err), err
+
+
+@pytest.mark.slow
+def test_exported_vlm_serves_as_a_captioner_and_writes_a_layer(
+    trained: Path, stage1_data: Stage1Data, tmp_path: Path
+) -> None:
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    from engine.layers import read_layer
+
+    out = tmp_path / "vlm"
+    assert finevit_cli(["export", str(trained), str(out), "--part", "vlm"]) == 0
+    ds = tmp_path / "ds"
+    shutil.copytree(stage1_data.root, ds)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = [sys.executable, "-m", "finevit"]
+    server = subprocess.Popen(
+        [*cli, "serve-captioner", str(out), "--port", str(port), "--device", "cpu", "--trust-remote-code"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "serve-captioner did not come up"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        r = subprocess.run(
+            [
+                *cli,
+                "recaption",
+                str(ds),
+                "--backend",
+                "openai",
+                "--endpoint",
+                url,
+                "--task",
+                "global",
+                "--layer",
+                "s2-global",
+                "--max-tokens",
+                "8",
+                "--keep-truncated",
+                "--limit",
+                "16",
+                "--retries",
+                "0",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    rows = read_layer(str(ds), "s2-global").to_pylist()
+    assert len(rows) == 16
+    ok = [x for x in rows if x["status"] == "ok"]
+    assert len(ok) == 16 and all(x["model"] == "vlm" and isinstance(x["caption"], str) for x in ok), rows[:2]
