@@ -135,6 +135,18 @@ def _commands() -> list[tuple[str, list[str]]]:
     return out
 
 
+def _strict(parser: Any) -> Any:
+    """No abbreviated flags (argparse accepts ``--worker`` for ``--workers``), subcommands too."""
+    import argparse
+
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _strict(sub)
+    return parser
+
+
 @pytest.mark.parametrize("name,argv", _commands(), ids=[n for n, _ in _commands()])
 def test_commands_in_manifests_parse(name: str, argv: list[str]) -> None:
     """A renamed flag breaks a recipe silently on a cluster; here it breaks a test."""
@@ -144,9 +156,9 @@ def test_commands_in_manifests_parse(name: str, argv: list[str]) -> None:
     if argv[0] == "torchrun":
         argv = argv[argv.index("-m") + 1 :]
     if argv[0] == "finevit":
-        build_parser().parse_args(argv[1:])
+        _strict(build_parser()).parse_args(argv[1:])
     elif argv[:3] == ["python", "-m", "train.launch_ray"]:
-        launch_parser().parse_args(argv[3:])
+        _strict(launch_parser()).parse_args(argv[3:])
     elif argv[0] != "torchrun":
         pytest.fail(f"{name}: unknown command {argv[0]}")
 
