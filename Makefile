@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# the suite cross-checks against OpenCLIP and CLIP_benchmark, so it installs them (.bench-deps/, --no-deps)
+test: bench-deps
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup
@@ -57,9 +58,12 @@ demo: setup
 # torchvision._autograd_registrations in sys.modules before importing open_clip: OpenCLIP uses
 # only torchvision's pure-Python transforms. webdataset 0.2.86: OpenCLIP's trainer breaks on
 # newer releases (KeyError 'fname' in its group_by_keys); the project itself keeps img2dataset's.
+# clip-benchmark (+ scikit-learn <1.8: no narwhals; joblib, threadpoolctl, cloudpickle): the eval
+# cross-check (tests/eval/test_clip_benchmark.py, skipped without it) and bench/eval_throughput.py.
 bench-deps: setup
-	test -d .bench-deps/open_clip_train -a -d .bench-deps/webdataset || $(BIN)/pip install -q --no-deps \
-		--target .bench-deps open_clip_torch==3.3.0 torchvision==0.28.0 webdataset==0.2.86 ftfy wcwidth
+	test -d .bench-deps/open_clip_train -a -d .bench-deps/webdataset -a -d .bench-deps/clip_benchmark || $(BIN)/pip install -q --no-deps \
+		--target .bench-deps open_clip_torch==3.3.0 torchvision==0.28.0 webdataset==0.2.86 ftfy wcwidth \
+		clip-benchmark==1.6.2 scikit-learn==1.7.2 joblib threadpoolctl cloudpickle
 
 bench-quick: bench-deps
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done

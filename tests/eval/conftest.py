@@ -1,0 +1,81 @@
+"""Tiny encoders for the eval tests: a BPE tokenizer trained on synthetic dense captions (no ingest)
+and a randomly initialized stage-1 model saved as a real DCP checkpoint with its run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+TINY_MODEL = {
+    "vision": {"width": 32, "depth": 2, "heads": 2, "patch_size": 8},
+    "text": {"width": 32, "depth": 1, "heads": 2, "context": 64},
+    "embed_dim": 32,
+}
+
+
+def train_tokenizer(out: Path, n_scenes: int = 300, vocab: int = 320) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.synthetic import alt_text, dense_caption, make_scene
+    from train.tokenizer import SPECIALS
+
+    texts = []
+    for i in range(n_scenes):
+        s = make_scene(99, i, 64)
+        texts += [dense_caption(s), alt_text(s)]
+    texts += [f"a photo of a {w}." for w in ("cat", "dog", "car", "red", "blue", "circle", "square")]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(str(out))
+    return out
+
+
+@dataclass
+class TinyCkpt:
+    run: Path  # the log dir (config.yaml here, checkpoints/step_* below)
+    tokenizer: Path
+    config: dict
+
+
+def save_stage1_checkpoint(run: Path, tokenizer: Path, seed: int = 0, write_config: bool = True) -> TinyCkpt:
+    """A stage-1 run folder as the trainer leaves it: checkpoints/step_N (DCP + extras + done)."""
+    from train import checkpoint as ckpt
+    from train.config import Stage1Config
+    from train.data.loader import load_tokenizer
+    from train.model.towers import Stage1Model
+
+    cfg = {"model": TINY_MODEL, "data": {"tokenizer": str(tokenizer), "max_patches": 48}}
+    parsed = Stage1Config.model_validate(cfg)
+    torch.manual_seed(seed)
+    model = Stage1Model(parsed.model, len(load_tokenizer(str(tokenizer))))
+    optim = torch.optim.AdamW(model.parameters())
+    ckpt.save(str(run / "checkpoints"), 1, model, optim, {"step": 1})
+    if write_config:
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return TinyCkpt(run, tokenizer, cfg)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> TinyCkpt:
+    return save_stage1_checkpoint(tmp_path_factory.mktemp("run"), tokenizer_dir)
