@@ -12,7 +12,7 @@ export WANDB_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= demo_out
 
-.PHONY: setup test test-fast lint format demo bench-deps bench-quick clean
+.PHONY: setup test test-fast lint format demo bench-deps bench-quick clean image image-sglang
 
 setup: $(STAMP)
 
@@ -67,6 +67,16 @@ bench-deps: setup
 
 bench-quick: bench-deps
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done
+
+# Container images for a cluster (infra/Dockerfile, CUDA base): the project with its GPU extras.
+# vLLM and SGLang pin different torch builds, hence two images. IMAGE_REPO=... to push elsewhere.
+IMAGE_REPO ?= ghcr.io/finevit
+IMAGE_TAG ?= latest
+image:
+	DOCKER_BUILDKIT=1 docker build -f infra/Dockerfile --build-arg EXTRAS=vllm,gpu -t $(IMAGE_REPO)/finevit:$(IMAGE_TAG) .
+
+image-sglang:
+	DOCKER_BUILDKIT=1 docker build -f infra/Dockerfile --build-arg EXTRAS=sglang -t $(IMAGE_REPO)/finevit-sglang:$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
