@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# the suite cross-checks against OpenCLIP and CLIP_benchmark, so it installs them (.bench-deps/, --no-deps)
+test: bench-deps
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup
@@ -42,13 +43,21 @@ format: setup
 demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH DEMO_DIR=$(DEMO_DIR) scripts/demo.sh
 
-# OpenCLIP (the anchor of bench/train_throughput_cpu.py) with --no-deps: its torchvision is a
-# CUDA build that cannot import beside torch 2.13 CPU; the bench stubs what it needs of it.
+# OpenCLIP (the CPU training anchor of bench/train_throughput_cpu.py, and the loader that
+# tests/engine/test_ingest.py runs over our shards) goes into .bench-deps with --no-deps, never
+# into the project's dependencies. torchvision 0.28.0 is the release built for torch 2.13.0 (its
+# metadata requires torch==2.13.0; 0.29.x is for 2.14), but PyPI only has CUDA builds of it: its
+# compiled ops link libtorch_cuda.so, so beside torch 2.13 CPU `import torchvision` fails with
+# "operator torchvision::nms does not exist" (checked: pip download --no-deps torchvision==0.28.0).
+# That is why the two users put empty stand-ins for torchvision._meta_registrations and
+# torchvision._autograd_registrations in sys.modules before importing open_clip: OpenCLIP uses
+# only torchvision's pure-Python transforms. webdataset 0.2.86: OpenCLIP's trainer breaks on
+# newer releases (KeyError 'fname' in its group_by_keys); the project itself keeps img2dataset's.
 # clip-benchmark (+ scikit-learn <1.8: no narwhals; joblib, threadpoolctl, cloudpickle): the eval
 # cross-check (tests/eval/test_clip_benchmark.py, skipped without it) and bench/eval_throughput.py.
 bench-deps: setup
-	test -d .bench-deps/open_clip -a -d .bench-deps/clip_benchmark || $(BIN)/pip install -q --no-deps --target .bench-deps \
-		open_clip_torch==3.3.0 torchvision==0.29.1 ftfy wcwidth \
+	test -d .bench-deps/open_clip_train -a -d .bench-deps/webdataset -a -d .bench-deps/clip_benchmark || $(BIN)/pip install -q --no-deps \
+		--target .bench-deps open_clip_torch==3.3.0 torchvision==0.28.0 webdataset==0.2.86 ftfy wcwidth \
 		clip-benchmark==1.6.2 scikit-learn==1.7.2 joblib threadpoolctl cloudpickle
 
 bench-quick: bench-deps

@@ -90,6 +90,8 @@ class IngestConfig(StrictModel):
     image: ImageConfig = ImageConfig()
     retry_failed: bool = False
     allow_private_network: bool = False
+    # hosts (as written in URLs) that may resolve to private addresses, e.g. an internal mirror
+    allow_hosts: list[str] = []
     # URL downloads (img2dataset's downloader)
     download_threads: int = Field(default=32, ge=1)
     timeout: float = Field(default=10.0, gt=0)

@@ -1,19 +1,32 @@
 """URL downloads: img2dataset's downloader inside our Ray task, behind a network guard.
 
-The guard resolves each host at connect time, refuses private targets before a packet is
-sent, and connects only to the addresses it checked (so DNS rebinding and redirects to
-internal hosts are caught too): loopback, private, link-local
-(cloud metadata at 169.254.169.254), multicast, reserved and unspecified addresses are
-refused with ``blocked: private address`` unless ``allow_private_network`` is set.
+Only ``http`` and ``https`` are fetched. Any other scheme (``file``, ``ftp``, ``data``,
+``gopher``, ``jar:...``) is refused before anything is opened, with ``blocked: scheme X``:
+the opener we install holds no file, FTP or data handler at all, and every redirect
+target passes the same check.
+
+The address guard resolves each host at connect time, refuses non-public targets before a
+packet is sent, and connects only to the addresses it checked (so DNS rebinding and
+redirects to internal hosts are caught too): loopback, private, link-local (cloud metadata
+at 169.254.169.254), shared (100.64/10), multicast, reserved and unspecified (``0.0.0.0``,
+``::``) addresses, and IPv6 addresses that embed one of those (``::ffff:127.0.0.1``, 6to4,
+NAT64, Teredo) are refused with ``blocked: private address`` unless
+``allow_private_network`` is set. Numeric spellings (``2130706433``, ``0x7f000001``,
+``0177.0.0.1``, ``127.1``) resolve to the address they spell and are judged as that.
+``allow_hosts`` names hosts (as written in the URL) that may resolve to private addresses,
+e.g. an internal image mirror, without opening the rest of the network.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import os
 import socket
+import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +40,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports al
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 BLOCKED_REASON = "blocked: private address"
+ALLOWED_SCHEMES = ("http", "https")
 # img2dataset's defaults: respect the opt-outs site owners publish
 DISALLOWED_HEADER_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 
@@ -35,12 +49,48 @@ class BlockedAddressError(Exception):
     """Not an OSError on purpose: urllib re-raises it unchanged, so the reason stays clean."""
 
 
+class BlockedSchemeError(BlockedAddressError):
+    """A URL (or a redirect target) whose scheme is not http or https."""
+
+
+def url_scheme(url: str) -> str:
+    """The scheme as urllib reads it (lower case; ``""`` when there is none)."""
+    return urllib.parse.urlsplit(url.strip()).scheme.lower()
+
+
+def check_scheme(url: str, what: str = "") -> None:
+    """Raise :class:`BlockedSchemeError` (``blocked: scheme X``) unless ``url`` is http(s)."""
+    scheme = url_scheme(url)
+    if scheme not in ALLOWED_SCHEMES:
+        raise BlockedSchemeError(f"blocked: scheme {scheme or '(none)'}{what}")
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, compatible, 6to4, NAT64, Teredo), if any."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    packed = addr.packed
+    if packed[:12] == bytes(12) and packed[12:] != bytes(4):  # ::a.b.c.d (deprecated "compatible")
+        return ipaddress.IPv4Address(packed[12:])
+    if addr in ipaddress.IPv6Network("64:ff9b::/96"):  # NAT64's well-known prefix
+        return ipaddress.IPv4Address(packed[12:])
+    return None
+
+
 def is_private_address(ip: str) -> bool:
+    """Whether a connection to ``ip`` could reach something that is not the public internet."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(addr)
+        if inner is not None:  # the packet ends up at the IPv4 address: judge that one
+            return is_private_address(str(inner))
     return (
-        addr.is_private
+        not addr.is_global
+        or addr.is_private
         or addr.is_loopback
         or addr.is_link_local
         or addr.is_multicast
@@ -50,15 +100,19 @@ def is_private_address(ip: str) -> bool:
 
 
 def guarded_create_connection(
-    address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT, source_address: Any = None
+    address: tuple[str, int],
+    timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,
+    source_address: Any = None,
+    allow_hosts: frozenset[str] = frozenset(),
 ) -> socket.socket:
     """``socket.create_connection`` that resolves first, refuses private targets *before* any
     packet is sent, and then connects only to the addresses it checked (no DNS rebinding)."""
     host, port = address
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    for *_, sockaddr in infos:
-        if is_private_address(sockaddr[0]):
-            raise BlockedAddressError(f"{BLOCKED_REASON} ({sockaddr[0]})")
+    if host.lower() not in allow_hosts:
+        for *_, sockaddr in infos:
+            if is_private_address(sockaddr[0]):
+                raise BlockedAddressError(f"{BLOCKED_REASON} ({sockaddr[0]})")
     err: OSError | None = None
     for family, socktype, proto, _, sockaddr in infos:
         sock = socket.socket(family, socktype, proto)
@@ -76,40 +130,91 @@ def guarded_create_connection(
 
 
 class _GuardedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, allow_hosts: frozenset[str] = frozenset(), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._create_connection = guarded_create_connection
+        self._create_connection = functools.partial(guarded_create_connection, allow_hosts=allow_hosts)
 
 
 class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, allow_hosts: frozenset[str] = frozenset(), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._create_connection = guarded_create_connection  # TLS is wrapped after this in connect()
+        # TLS is wrapped after this in connect()
+        self._create_connection = functools.partial(guarded_create_connection, allow_hosts=allow_hosts)
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allow_hosts: frozenset[str]) -> None:
+        super().__init__()
+        self.allow_hosts = allow_hosts
+
     def http_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(_GuardedHTTPConnection, req)
+        return self.do_open(functools.partial(_GuardedHTTPConnection, allow_hosts=self.allow_hosts), req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow_hosts: frozenset[str]) -> None:
+        super().__init__()
+        self.allow_hosts = allow_hosts
+
     def https_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(_GuardedHTTPSConnection, req, context=self._context)
+        conn = functools.partial(_GuardedHTTPSConnection, allow_hosts=self.allow_hosts)
+        return self.do_open(conn, req, context=self._context)
 
 
-def install_network_guard(allow_private_network: bool) -> None:
-    """Set this process's urllib opener (img2dataset downloads through ``urlopen``)."""
+class _SchemeGuardRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects only to http(s); the new target then meets the address guard again."""
+
+    def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            check_scheme(urllib.parse.urljoin(req.full_url, target), f" (redirect to {target})")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+class _SchemeGuardOpener(urllib.request.OpenerDirector):
+    """An opener that refuses every scheme but http(s) before any handler (proxies included) runs."""
+
+    def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT) -> Any:
+        check_scheme(fullurl if isinstance(fullurl, str) else fullurl.full_url)
+        return super().open(fullurl, data, timeout)
+
+
+def build_guarded_opener(
+    allow_private_network: bool, allow_hosts: Iterable[str] = ()
+) -> urllib.request.OpenerDirector:
+    """http(s) only, redirects re-checked; private targets refused unless allowed.
+
+    Built by hand rather than with ``build_opener``, which always adds the file, FTP and data
+    handlers."""
+    opener = _SchemeGuardOpener()
     if allow_private_network:
-        urllib.request.install_opener(urllib.request.build_opener())
+        http_handlers: list[Any] = [urllib.request.HTTPHandler(), urllib.request.HTTPSHandler()]
     else:
-        urllib.request.install_opener(urllib.request.build_opener(_GuardedHTTPHandler, _GuardedHTTPSHandler))
+        hosts = frozenset(h.lower().strip("[]") for h in allow_hosts)
+        http_handlers = [_GuardedHTTPHandler(hosts), _GuardedHTTPSHandler(hosts)]
+    for handler in (
+        urllib.request.ProxyHandler(),
+        *http_handlers,
+        urllib.request.HTTPDefaultErrorHandler(),
+        _SchemeGuardRedirectHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+def install_network_guard(allow_private_network: bool, allow_hosts: Iterable[str] = ()) -> None:
+    """Set this process's urllib opener (img2dataset downloads through ``urlopen``)."""
+    urllib.request.install_opener(build_guarded_opener(allow_private_network, allow_hosts))
 
 
 def fetch_url(url: str, cfg: IngestConfig) -> bytes:
     """One URL's bytes with img2dataset's downloader (user agent, X-Robots-Tag, retries)."""
     from img2dataset.downloader import download_image_with_retry
 
-    install_network_guard(cfg.allow_private_network)
+    install_network_guard(cfg.allow_private_network, cfg.allow_hosts)
     _, stream, err = download_image_with_retry(
         (0, url), cfg.timeout, cfg.retries, cfg.user_agent_token, DISALLOWED_HEADER_DIRECTIVES
     )
@@ -136,7 +241,7 @@ def download_shard(
 
     from engine.images import Img2datasetResizer
 
-    install_network_guard(cfg.allow_private_network)
+    install_network_guard(cfg.allow_private_network, cfg.allow_hosts)
     table = pa.table(
         {
             "url": [u for u, _ in rows],

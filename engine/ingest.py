@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.config import FineVitConfig, IngestConfig
 from engine.layout import (
+    MANIFEST,
     STATS_SUFFIX,
     Dataset,
     LayoutError,
@@ -25,7 +26,8 @@ from engine.layout import (
     shard_name,
 )
 from engine.shards import Progress, ShardTask, StageReport, run_shard_tasks
-from engine.sources.base import Source, open_source
+from engine.sources import open_source
+from engine.sources.base import Source
 from engine.stats import ShardStats
 from engine.store import Store
 
@@ -88,9 +90,17 @@ def ingest_shard(
                 for layer, row in raw.layers.items():
                     layer_rows[layer].append({"key": key, **row})
 
-            rows = write_shard(
-                source.read(payload), shard_index, cfg.samples_per_shard, staging, label, cfg.image, collect
-            )
+            rows = source.build_shard(payload, shard_index, staging, cfg, collect)
+            if rows is None:  # the usual path: decode every sample, number the keys
+                rows = write_shard(
+                    source.read(payload),
+                    shard_index,
+                    cfg.samples_per_shard,
+                    staging,
+                    label,
+                    cfg.image,
+                    collect,
+                )
             stats = ShardStats.from_rows(rows, started, code_version=code_version())
         stats.shard, stats.source, stats.kind = name, source.uri, source.kind
         # layers first, the image shard's marker last: a shard is visible only when all of it is
@@ -192,6 +202,10 @@ def _source_entry(dataset: Dataset, source: Source, cfg: FineVitConfig) -> dict[
                     f"resuming with different ones ({image}) would mix two formats in one dataset"
                 )
             return e
+    if sources and source.keeps_keys:
+        raise LayoutError(
+            f"{source.uri} keeps its own keys ({source.kind}): ingest it into an empty OUTPUT, then add other sources"
+        )
     if sources and sources[-1].get("num_shards") is None:
         raise LayoutError(
             f"the ingest of {sources[-1]['uri']} into {dataset.root} has not finished: rerun it before adding another source"
@@ -257,6 +271,7 @@ def ingest(
     t0 = time.time()
     source = open_source(source_uri, cfg)
     dataset = Dataset(output, cfg.storage)
+    _check_output(dataset)
     report = IngestReport(output=dataset.root, source=source_uri)
     if isinstance(source, ExistingShardsSource):
         return _register_existing(source, dataset, report)
@@ -322,8 +337,14 @@ def ingest(
         run_shard_tasks(plan(), submit, on_done, max_in_flight=max_in_flight, on_error=on_error, progress=bar)
         report.shards_planned = n_planned
         _finish_entry(dataset, source.uri, n_planned)
+    except BaseException:
+        if n_planned == 0:
+            _forget_unplanned_source(dataset, source.uri, first)
+        raise
     finally:
         shards.clear_staging()  # every task has ended: nothing of ours is staged any more
+        if dataset.exists():
+            write_size_files(dataset)
     report.seconds = time.time() - t0
     return report
 
@@ -335,3 +356,63 @@ def _finish_entry(dataset: Dataset, uri: str, n_planned: int) -> None:
             e["num_shards"] = n_planned
             dataset.write_manifest(m)
             return
+
+
+def _check_output(dataset: Dataset) -> None:
+    """OUTPUT must be a folder (or not exist yet): a file there, or above it, is bad input."""
+    if not dataset.store.is_local:
+        return
+    path = os.path.abspath(dataset.root)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.isfile(path):
+        what = "is a file" if path == os.path.abspath(dataset.root) else f"is inside {path}, which is a file"
+        raise LayoutError(f"OUTPUT {dataset.root} {what}: give a folder (new or a FineViT dataset)")
+
+
+def _forget_unplanned_source(dataset: Dataset, uri: str, first: int) -> None:
+    """A source whose plan failed before its first shard (an empty folder, an unreadable list)
+    leaves no unfinished entry behind: the next source could never be added after it."""
+    m = dict(dataset.manifest)
+    sources = list(m.get("sources", []))
+    entry = next((e for e in sources if e["uri"] == uri), None)
+    if entry is None or entry.get("num_shards") is not None:
+        return
+    committed = dataset.committed_shards()
+    if any(int(name) >= first for name in committed):
+        return  # shards of an earlier run of this source exist: keep the entry, a rerun resumes it
+    m["sources"] = [e for e in sources if e is not entry]
+    if not m["sources"] and not committed:
+        dataset.store.rm(MANIFEST)  # this entry was all there was: OUTPUT is as before the run
+        return
+    dataset.write_manifest(m)
+
+
+SIZES_FILE = "sizes.json"  # OpenCLIP's loader: tar name -> samples (no --train-num-samples needed)
+INFO_FILE = "_info.json"  # webdataset's wids shard index (wids-shard-index-v1)
+
+
+def write_size_files(dataset: Dataset) -> None:
+    """Write ``sizes.json`` and ``_info.json`` beside the tars: the samples in each committed tar
+    (its successes), from the commit markers alone. Checked at the end of every run, so a
+    ``--retry-failed`` that turned failures into images keeps them true; a file whose content
+    is already right is left alone (a rerun that does nothing changes nothing)."""
+    shards = dataset.shards
+    markers = {name: dataset.shard_stats(name) for name in dataset.committed_shards()}
+    sizes = {f"{name}.tar": st.successes for name, st in markers.items()}
+    info = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": dataset.manifest.get("name", "dataset"),
+        "shardlist": [
+            {"url": f"{name}.tar", "nsamples": st.successes, "filesize": st.bytes}
+            for name, st in markers.items()
+        ],
+    }
+    for rel, content in ((SIZES_FILE, sizes), (INFO_FILE, info)):
+        try:
+            if shards.read_json(rel) == content:
+                continue
+        except (FileNotFoundError, ValueError):
+            pass
+        shards.write_json(rel, content)

@@ -82,8 +82,19 @@ FILTER_BASE_SCHEMA = pa.schema(
     ]
 )
 
+# Signature layers (filtering's perceptual hashes, MinHash bands): computed once, reused by
+# every filter run that asks for the same parameters; their own columns follow these.
+SIGNATURE_BASE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
 LAYER_SCHEMAS: dict[str, pa.Schema] = {
     "caption": GLOBAL_CAPTION_SCHEMA,
     "regions": REGION_SCHEMA,
     "filter": FILTER_BASE_SCHEMA,
+    "signatures": SIGNATURE_BASE_SCHEMA,
 }

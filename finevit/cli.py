@@ -20,6 +20,7 @@ STAGE_COMMAND_MODULES: list[str] = [
     "finevit.cmd_audit",
     "finevit.cmd_recaption",
     "finevit.cmd_train",
+    "finevit.cmd_filter",
     "finevit.cmd_eval",
 ]
 

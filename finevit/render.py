@@ -52,7 +52,9 @@ def print_dataset_summary(ds: Any) -> None:
         f"v{m['layout_version']}, {m['samples_per_shard']} samples per shard, shards at {ds.shards.root}",
     )
     for src in m.get("sources", []):
-        t.add_row("source", f"{src.get('kind')}: {src.get('uri')} ({src.get('num_shards')} shards)")
+        n = src.get("num_shards")
+        state = f"{n} shards" if n is not None else "ingest not finished: rerun it to resume"
+        t.add_row("source", f"{src.get('kind') or '?'}: {src.get('uri')} ({state})")
     t.add_row("shards", f"{s['shards']} committed")
     t.add_row("samples", f"{s['count']}  ok {s['successes']}  failed {s['failed']}")
     console.print(t)

@@ -152,7 +152,7 @@ def ray_local() -> Iterator[None]:
 class ImageServer:
     """Serves ``files`` at ``/<name>``. ``/flaky/<n>/<name>`` answers 503 to the first n requests
     for that path, ``/ratelimit/<n>/<name>`` answers 429, ``/slow/<seconds>/<name>`` sleeps first,
-    ``/status/<code>`` always answers that code."""
+    ``/status/<code>`` always answers that code, ``/redirect/<url>`` answers 302 to ``<url>``."""
 
     host: str
     port: int
@@ -185,6 +185,12 @@ def _make_handler(state: ImageServer):
             parts = path.split("/")
             if parts[0] == "status" and len(parts) == 2:
                 return self._send(int(parts[1]), b"error")
+            if parts[0] == "redirect" and len(parts) >= 2:
+                self.send_response(302)
+                self.send_header("Location", path[len("redirect/") :])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             if parts[0] in ("flaky", "ratelimit") and len(parts) >= 3:
                 if state.hits[path] <= int(parts[1]):
                     return self._send(503 if parts[0] == "flaky" else 429, b"try later")

@@ -26,7 +26,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["ingest", "synthetic://scenes?n=5", "OUT", "--set", "ingest.bogus=1"], "ingest.bogus"),
         (["ingest", "synthetic://scenes?n=0", "OUT"], "parameter 'n'"),
         (["ingest", "synthetic://cubes?n=3", "OUT"], "cubes"),
-        (["ingest", "/no/such/folder", "OUT"], "cannot read source"),
+        (["ingest", "/no/such/folder", "OUT"], "/no/such/folder does not exist"),
         (["info", "/no/such/dataset"], "dataset.json not found"),
     ],
 )

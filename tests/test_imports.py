@@ -24,9 +24,6 @@ STAGES = ("recaption", "filtering", "train", "eval")
 KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
     # issue 10 (recap): the Ray Data LLM driver borrows run.py's helpers, run.py dispatches to it
     ("recaption.backends.vllm_ray", "recaption.run"),
-    # issue 9 (ingest): open_source() imports the package that imports base.py to register the
-    # sources; defining open_source in engine/sources/__init__.py (after the imports) ends it
-    ("engine.sources.base", "engine.sources"),
 }
 
 

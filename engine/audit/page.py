@@ -138,11 +138,15 @@ def build(data: ReportData, samples: list[Sample], plots: ReportPlots) -> Doc:
         secs["captions"],
         data.captions,
         plots.captions,
-        "No caption layer with a valid schema.",
+        _no_layer(data, "caption", "run finevit recaption DATASET to write one"),
         lambda s, c, drawn: _caption_section(s, c, data, drawn),
     )
     _per_layer(
-        secs["regions"], data.regions, plots.regions, "No region layer with a valid schema.", _region_section
+        secs["regions"],
+        data.regions,
+        plots.regions,
+        _no_layer(data, "regions", "run finevit recaption DATASET --task regions to write one"),
+        _region_section,
     )
     _duplicates(secs["duplicates"], data)
     _per_layer(
@@ -171,6 +175,17 @@ def build(data: ReportData, samples: list[Sample], plots: ReportPlots) -> Doc:
     return Doc(
         "FineViT audit", data.root, gen, cards, data.warnings, [secs[sid] for sid, _ in SECTIONS], footer
     )
+
+
+def _no_layer(data: ReportData, kind: str, how: str) -> str:
+    """Why a section has no layer: none of that kind yet, or only ones whose schema is wrong."""
+    noun = "region" if kind == "regions" else kind
+    bad = [
+        f"{row.name} ({row.problem})" if row.problem else row.name for row in data.layers if row.kind == kind
+    ]
+    if bad:
+        return f"No {noun} layer with a valid schema: {', '.join(bad)}."
+    return f"No {noun} layer yet: {how}."
 
 
 def _per_layer(
@@ -347,6 +362,17 @@ def _dist_row(name: str, c: Counts, unit: str = "") -> list[Any]:
     ]
 
 
+def _measured_row(name: str, q: dict[str, float | None], unit: str, why_missing: str) -> list[Any]:
+    """A row of per-request numbers (latency, tokens); "—" and the reason where a layer has none.
+
+    A layer written without requests (a ground-truth layer, an import) has no latency: null or
+    0 everywhere, which would otherwise read as "0 ms"."""
+    cols = ("p10", "p50", "mean", "p90", "p99", "max")
+    if not q.get("max"):
+        return [name, *("—" for _ in cols), why_missing]
+    return [name, *(num(q.get(k)) for k in cols), unit]
+
+
 def _caption_section(s: Section, c: CaptionStats, data: ReportData, drawn: list[Plot]) -> None:
     s.add(Heading(f"caption layer {c.layer.name}", _layer_sub(c.layer.info)))
     missing = data.samples - c.rows
@@ -361,26 +387,12 @@ def _caption_section(s: Section, c: CaptionStats, data: ReportData, drawn: list[
             [
                 _dist_row("characters", c.chars),
                 _dist_row("words", c.words),
-                [
-                    "latency",
-                    "",
-                    num(lat.get("p50")),
-                    "",
-                    num(lat.get("p90")),
-                    num(lat.get("p99")),
-                    num(lat.get("max")),
-                    "ms",
-                ],
-                [
-                    "tokens",
-                    "",
-                    num(tok.get("p50")),
-                    "",
-                    num(tok.get("p90")),
-                    num(tok.get("p99")),
-                    num(tok.get("max")),
-                    f"total {num(tok.get('total'))}",
-                ],
+                _measured_row(
+                    "latency", lat, "ms", "not measured: no request made this layer (e.g. ground truth)"
+                ),
+                _measured_row(
+                    "tokens", tok, f"total {num(tok.get('total'))}", "not recorded by what made this layer"
+                ),
             ],
             {1, 2, 3, 4, 5, 6},
             "ok rows",
@@ -498,8 +510,8 @@ td.n, th.n { text-align:right; font-variant-numeric:tabular-nums; padding-left:1
 .note { color:var(--muted); } .ok { color:#24703a; }
 .warn, .warnings { background:#fff7e0; border:1px solid #f0d58a; border-radius:8px; padding:8px 12px; }
 .warnings { margin:16px 0 0; } .warnings ul { margin:4px 0 0 18px; padding:0; }
-.plots { display:flex; flex-wrap:wrap; gap:12px; margin:8px 0; }
-.plots img { border:1px solid var(--line); border-radius:6px; background:#fff; max-width:100%; }
+.plots { display:flex; flex-wrap:wrap; gap:12px; margin:8px 0; align-items:flex-start; }
+.plots img { border:1px solid var(--line); border-radius:6px; background:#fff; max-width:100%; height:auto; }
 .gallery { display:grid; grid-template-columns:repeat(auto-fill,minmax(250px,1fr)); gap:12px; }
 .sample { border:1px solid var(--line); border-radius:8px; padding:8px; background:#fff; font-size:12px; }
 .sample .img { height:168px; display:flex; align-items:center; justify-content:center;

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from engine.audit.stats import Counts
 
@@ -30,6 +30,7 @@ def _style(ax, title: str, xlabel: str, count_axis: str = "y") -> None:
     ax.spines["left"].set_color("#999")
     ax.spines["bottom"].set_color("#999")
     axis = ax.yaxis if count_axis == "y" else ax.xaxis
+    axis.set_major_locator(MaxNLocator(integer=True))  # counts are whole: no 0.5-sample ticks
     axis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
     ax.grid(axis=count_axis, color="#eee", linewidth=0.8)
     ax.set_axisbelow(True)

@@ -342,12 +342,14 @@ def _caption_stats(audit: Audit, lv: LayerView) -> CaptionStats:
     st.chars, st.words = _counts(list(nc.items())), _counts(list(nw.items()))
     q = _rows(
         audit,
-        f"SELECT quantile_cont(latency_ms, [0.5, 0.9, 0.99]), max(latency_ms), "
-        f"quantile_cont(n_tokens, [0.5, 0.9, 0.99]), max(n_tokens), sum(n_tokens) FROM {v} WHERE status = 'ok'",
+        f"SELECT quantile_cont(latency_ms, [0.1, 0.5, 0.9, 0.99]), max(latency_ms), avg(latency_ms), "
+        f"quantile_cont(n_tokens, [0.1, 0.5, 0.9, 0.99]), max(n_tokens), sum(n_tokens), avg(n_tokens) "
+        f"FROM {v} WHERE status = 'ok'",
     )[0]
-    lat, tok = q[0] or [None] * 3, q[2] or [None] * 3
-    st.latency = {"p50": lat[0], "p90": lat[1], "p99": lat[2], "max": q[1]}
-    st.tokens = {"p50": tok[0], "p90": tok[1], "p99": tok[2], "max": q[3], "total": q[4]}
+    lat, tok = q[0] or [None] * 4, q[3] or [None] * 4
+    st.latency = {"p10": lat[0], "p50": lat[1], "p90": lat[2], "p99": lat[3], "max": q[1], "mean": q[2]}
+    st.tokens = {"p10": tok[0], "p50": tok[1], "p90": tok[2], "p99": tok[3], "max": q[4], "mean": q[6]}
+    st.tokens["total"] = q[5]
     st.dups = _dups(audit, v, "caption", "status = 'ok' AND caption <> ''")
     return st
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from engine.config import FineVitConfig
+from engine.config import FineVitConfig, IngestConfig
 
 
 class SourceError(ValueError):
@@ -64,6 +64,8 @@ class Source(ABC):
     layers: ClassVar[tuple[LayerSpec, ...]] = ()
     #: whether samples are fetched over the network (img2dataset's downloader path)
     downloads: ClassVar[bool] = False
+    #: whether the source's own keys are kept (then it must be the first source of a dataset)
+    keeps_keys: ClassVar[bool] = False
 
     def __init__(self, uri: str, cfg: FineVitConfig) -> None:
         self.uri = uri
@@ -81,6 +83,20 @@ class Source(ABC):
     @abstractmethod
     def read(self, payload: Any) -> Iterator[RawSample]:
         """Yield one RawSample per input of ``payload``, in plan order."""
+
+    def build_shard(
+        self,
+        payload: Any,
+        shard_index: int,
+        staging_dir: str,
+        cfg: IngestConfig,
+        on_sample: Callable[[str, RawSample], None] | None = None,
+    ) -> list[dict[str, Any]] | None:
+        """Write ``<shard>.tar`` + ``<shard>.parquet`` into ``staging_dir`` and return the rows,
+        or None (the default) to let ingest decode every sample of :meth:`read` and number the
+        keys. A source whose inputs already are finished img2dataset shards overrides it to
+        keep their keys and statuses."""
+        return None
 
     def fetch(self, url: str) -> bytes:
         """Fetch one sample's bytes again (``--retry-failed``); sources that can't, raise."""
@@ -101,20 +117,6 @@ _REGISTRY: list[type[Source]] = []
 def register(cls: type[Source]) -> type[Source]:
     _REGISTRY.append(cls)
     return cls
-
-
-def open_source(uri: str, cfg: FineVitConfig) -> Source:
-    """The first registered source that recognises ``uri``; a clear error when none does."""
-    from engine import sources  # noqa: F401  - registers the built-in sources
-
-    for cls in sorted(_REGISTRY, key=lambda c: c.priority):
-        if cls.matches(uri, cfg):
-            return cls(uri, cfg)
-    kinds = ", ".join(c.kind for c in _REGISTRY)
-    raise SourceError(
-        f"cannot read source {uri!r}: not a folder of images, URL list, WebDataset tar, Parquet file, "
-        f"s3:// prefix or synthetic:// URI (known kinds: {kinds})"
-    )
 
 
 def chunked(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from engine.config import FineVitConfig
 from engine.sources.base import RawSample, Source, SourceError, register, segment_plan
-from engine.sources.urllist import CAPTION_COLUMNS, URL_COLUMNS, _list_files
+from engine.sources.urllist import CAPTION_COLUMNS, URL_COLUMNS, _list_files, first_line, parquet_schema
 from engine.store import filesystem_for
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes")
@@ -51,9 +51,7 @@ class ImageParquetSource(Source):
         files = _list_files(uri, cfg)
         if not files:
             return False
-        fs, path = filesystem_for(files[0], cfg.storage)
-        with fs.open(path, "rb") as f:
-            return image_column(pq.ParquetFile(f).schema_arrow) is not None
+        return image_column(parquet_schema(files[0], cfg)) is not None
 
     def plan(self, samples_per_shard: int) -> Iterator[Any]:
         files = _list_files(self.uri, self.cfg)
@@ -63,8 +61,11 @@ class ImageParquetSource(Source):
         def counts() -> Iterator[tuple[str, int]]:
             for uri in files:
                 fs, path = filesystem_for(uri, self.cfg.storage)
-                with fs.open(path, "rb") as f:
-                    yield uri, pq.ParquetFile(f).metadata.num_rows
+                try:
+                    with fs.open(path, "rb") as f:
+                        yield uri, pq.ParquetFile(f).metadata.num_rows
+                except pa.ArrowInvalid as e:
+                    raise SourceError(f"{uri} is not a Parquet file: {first_line(e)}") from None
 
         yield from segment_plan(counts(), samples_per_shard)
 

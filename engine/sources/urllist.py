@@ -37,16 +37,63 @@ def _pick(names: list[str], wanted: tuple[str, ...]) -> str | None:
     return next((w for w in wanted if w in names), None)
 
 
+def first_line(err: BaseException | str) -> str:
+    """An error's first line (pyarrow's messages run on with context)."""
+    return str(err).strip().split("\n", 1)[0]
+
+
+def parquet_schema(uri: str, cfg: FineVitConfig) -> pa.Schema:
+    """A Parquet file's schema; :class:`SourceError` naming the file when it is not Parquet."""
+    fs, path = filesystem_for(uri, cfg.storage)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).schema_arrow
+    except FileNotFoundError:
+        raise SourceError(f"{uri} does not exist") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SourceError(f"{uri} is not a Parquet file: {first_line(e)}") from None
+
+
 def parquet_url_column(uri: str, cfg: FineVitConfig) -> str | None:
     """The URL column of a Parquet file that holds no image bytes, else None."""
-    fs, path = filesystem_for(uri, cfg.storage)
-    with fs.open(path, "rb") as f:
-        schema = pq.ParquetFile(f).schema_arrow
+    schema = parquet_schema(uri, cfg)
     if any(
         pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t) for t in schema.types
     ):
         return None
     return _pick(schema.names, URL_COLUMNS)
+
+
+def _text_lines(fs: Any, path: str, uri: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file; a line that is not UTF-8 is a SourceError."""
+    with fs.open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SourceError(f"{uri}, line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _csv_error(uri: str, fs: Any, path: str, row: Any, err: Exception) -> str:
+    """One line naming the file, the line and what is wrong, for a CSV/TSV that pyarrow refused."""
+    kind = "TSV" if path.lower().endswith(".tsv") else "CSV"
+    if row is None:
+        return f"{uri}: not a valid {kind} URL list: {first_line(err).removeprefix('CSV ')}"
+    text = row.text or ""
+    head = text.split("\n", 1)[0]
+    where = uri
+    try:  # the streaming reader does not number rows: find the line that starts the bad record
+        for n, line in _text_lines(fs, path, uri):
+            if line.rstrip("\r\n") == head:
+                where = f"{uri}, line {n}"
+                break
+    except SourceError:
+        pass
+    if text.count('"') % 2:
+        what = "a quote that is never closed"
+    else:
+        what = f"{row.actual_columns} columns where the header has {row.expected_columns}"
+    return f"{where}: not a valid {kind} URL list: {what}: {head[:100]!r}"
 
 
 @register
@@ -69,30 +116,30 @@ class UrlListSource(Source):
         fs, path = filesystem_for(uri, self.cfg.storage)
         low = path.lower()
         if low.endswith(".txt"):
-            with fs.open(path, "rt", encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if line and not line.startswith("#"):
-                        yield line, None
+            for _, line in _text_lines(fs, path, uri):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield line, None
             return
         if low.endswith(".jsonl"):
-            with fs.open(path, "rt", encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise SourceError(f"{uri}:{n}: not valid JSON: {e}") from None
-                    url = next((obj[c] for c in URL_COLUMNS if c in obj), None)
-                    if url is None:
-                        raise SourceError(
-                            f"{uri}:{n}: no url field (expected one of {', '.join(URL_COLUMNS)})"
-                        )
-                    yield (
-                        str(url),
-                        next((str(obj[c]) for c in CAPTION_COLUMNS if obj.get(c) is not None), None),
+            for n, line in _text_lines(fs, path, uri):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SourceError(f"{uri}, line {n}: not valid JSON: {e}") from None
+                if not isinstance(obj, dict):
+                    raise SourceError(f"{uri}, line {n}: not a JSON object")
+                url = next((obj[c] for c in URL_COLUMNS if c in obj), None)
+                if url is None:
+                    raise SourceError(
+                        f"{uri}, line {n}: no url field (expected one of {', '.join(URL_COLUMNS)})"
                     )
+                yield (
+                    str(url),
+                    next((str(obj[c]) for c in CAPTION_COLUMNS if obj.get(c) is not None), None),
+                )
             return
         if low.endswith(".parquet"):
             with fs.open(path, "rb") as f:
@@ -106,21 +153,37 @@ class UrlListSource(Source):
                     yield from self._batch_rows(batch, url_col, cap_col)
             return
         delimiter = "\t" if low.endswith(".tsv") else ","
+        invalid: list[Any] = []
+
+        def on_invalid(row: Any) -> str:
+            invalid.append(row)
+            return "error"
+
         with fs.open(path, "rb") as f:
-            reader = pacsv.open_csv(
-                io.BufferedReader(f) if not hasattr(f, "peek") else f,
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
-                read_options=pacsv.ReadOptions(block_size=1 << 20),
-            )
-            names = reader.schema.names
-            url_col, cap_col = _pick(names, URL_COLUMNS), _pick(names, CAPTION_COLUMNS)
-            if url_col is None:
-                raise SourceError(
-                    f"{uri}: no url column in header {names} (expected one of {', '.join(URL_COLUMNS)})"
+            try:
+                reader = pacsv.open_csv(
+                    io.BufferedReader(f) if not hasattr(f, "peek") else f,
+                    parse_options=pacsv.ParseOptions(
+                        delimiter=delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
+                    ),
+                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+                    read_options=pacsv.ReadOptions(block_size=1 << 20),
                 )
-            for batch in reader:
-                yield from self._batch_rows(batch, url_col, cap_col)
+                names = reader.schema.names
+                url_col, cap_col = _pick(names, URL_COLUMNS), _pick(names, CAPTION_COLUMNS)
+                if url_col is None:
+                    raise SourceError(
+                        f"{uri}: no url column in header {names} (expected one of {', '.join(URL_COLUMNS)})"
+                    )
+                for col in (url_col, cap_col):
+                    if col and not pa.types.is_string(reader.schema.field(col).type):
+                        # pyarrow reads text that is not UTF-8 as binary: name the line instead
+                        for _ in _text_lines(fs, path, uri):
+                            pass
+                for batch in reader:
+                    yield from self._batch_rows(batch, url_col, cap_col)
+            except pa.ArrowInvalid as e:
+                raise SourceError(_csv_error(uri, fs, path, invalid[0] if invalid else None, e)) from None
 
     @staticmethod
     def _batch_rows(

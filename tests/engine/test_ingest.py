@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -197,19 +198,50 @@ def test_url_list_formats(fmt, tmp_path, http_images):
 
 
 def test_private_addresses_are_refused_by_default(tmp_path, http_images):
+    local = tmp_path / "local.jpg"
+    local.write_bytes(jpeg(40, 30, seed=7))
     urls = _serve(http_images, 2, "private") + [
         "http://169.254.169.254/latest/meta-data/",
         "http://localhost:9/x.jpg",
+        "http://0.0.0.0:9/x.jpg",
+        "http://[::ffff:127.0.0.1]:9/x.jpg",
+        http_images.url("redirect/http://169.254.169.254/latest/meta-data/"),
     ]
+    schemes = {
+        local.as_uri(): "file",
+        "ftp://127.0.0.1:1/x.jpg": "ftp",
+        "gopher://127.0.0.1:1/x": "gopher",
+        "data:image/jpeg;base64,/9j/4AAQ": "data",
+    }
     lst = tmp_path / "l.txt"
-    lst.write_text("\n".join(urls))
-    ingest(str(lst), str(tmp_path / "out"), cfg_for(samples_per_shard=10, timeout=2), progress=False)
-    rows = rows_of(Dataset(str(tmp_path / "out")))
-    assert len(rows) == 4
-    for r in rows:
+    lst.write_text("\n".join(urls + list(schemes)))
+    out = tmp_path / "out"
+    ingest(str(lst), str(out), cfg_for(samples_per_shard=20, timeout=2), progress=False)
+    rows = {r["url"]: r for r in rows_of(Dataset(str(out)))}
+    assert len(rows) == len(urls) + len(schemes)
+    for url in urls:
+        r = rows[url]
         assert r["status"] == "failed_to_download"
         assert r["error_message"].startswith("blocked: private address"), r["error_message"]
+    for url, scheme in schemes.items():
+        assert rows[url]["status"] == "failed_to_download"
+        assert rows[url]["error_message"] == f"blocked: scheme {scheme}", rows[url]
     assert http_images.hits["private/0.jpg"] == 0, "no request reached the private server"
+    assert not any(p.name.endswith(".jpg") for p in _tar_members(out / "shards" / "00000.tar"))
+    # with private addresses allowed, other schemes are still refused, and redirects to them too
+    urls = [local.as_uri(), http_images.url(f"redirect/{local.as_uri()}"), http_images.url("private/0.jpg")]
+    lst.write_text("\n".join(urls))
+    out = tmp_path / "out2"
+    ingest(str(lst), str(out), cfg_for(samples_per_shard=20, allow_private_network="true"), progress=False)
+    rows = {r["url"]: r for r in rows_of(Dataset(str(out)))}
+    assert rows[urls[0]]["error_message"] == "blocked: scheme file"
+    assert rows[urls[1]]["error_message"].startswith("blocked: scheme file (redirect to")
+    assert rows[urls[2]]["status"] == "success"
+
+
+def _tar_members(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as t:
+        return t.getmembers()
 
 
 def test_retry_failed_rewrites_only_affected_shards(tmp_path, http_images):
@@ -222,6 +254,7 @@ def test_retry_failed_rewrites_only_affected_shards(tmp_path, http_images):
     cfg = cfg_for(samples_per_shard=4, allow_private_network="true", timeout=5)
     first = ingest(str(lst), str(out), cfg, progress=False)
     assert first.successes == 4 and first.failed == 2
+    assert _sizes(out) == {"00000.tar": 4, "00001.tar": 0}
     ds = Dataset(str(out))
     untouched = (out / "shards" / "00000.tar").stat().st_mtime_ns
     again = ingest(str(lst), str(out), cfg, progress=False)
@@ -234,6 +267,83 @@ def test_retry_failed_rewrites_only_affected_shards(tmp_path, http_images):
     assert rows[http_images.url("status/404")]["status"] == "failed_to_download", "404 is not transient"
     assert (out / "shards" / "00000.tar").stat().st_mtime_ns == untouched
     assert ds.shard_stats("00001").retried == 1
+    assert _sizes(out) == {"00000.tar": 4, "00001.tar": 1}, "sizes.json follows --retry-failed"
+    assert _sizes(out) == _tar_sample_counts(out)
+
+
+def _sizes(out: Path) -> dict[str, int]:
+    return json.loads((out / "shards" / "sizes.json").read_text())
+
+
+def _tar_sample_counts(out: Path) -> dict[str, int]:
+    counts = {}
+    for tar in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            counts[tar.name] = len({m.name.split(".")[0] for m in t})
+    return counts
+
+
+def test_size_files_let_openclip_and_wids_size_an_epoch(tmp_path):
+    out = tmp_path / "ds"
+    ingest("synthetic://scenes?n=7&seed=1&size=64", str(out), cfg_for(samples_per_shard=3), progress=False)
+    assert _sizes(out) == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1} == _tar_sample_counts(out)
+    info = json.loads((out / "shards" / "_info.json").read_text())
+    assert info["__kind__"] == "wids-shard-index-v1"
+    assert [(s["url"], s["nsamples"]) for s in info["shardlist"]] == list(_sizes(out).items())
+    import wids
+
+    wds = wids.ShardListDataset(str(out / "shards" / "_info.json"), cache_dir=str(tmp_path / "wids"))
+    assert len(wds) == 7 and wds[6]["__key__"] == "000020"
+    deps = Path(__file__).resolve().parents[2] / ".bench-deps"
+    if not (deps / "open_clip_train").is_dir():
+        pytest.skip(
+            "OpenCLIP is not installed: `make bench-deps` puts it (and webdataset 0.2.86) in .bench-deps"
+        )
+    probe = Path(__file__).with_name("openclip_probe.py")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(deps), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(
+        [sys.executable, str(probe), str(out / "shards" / "{00000..00002}.tar")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["num_samples"] == 8 and got["num_batches"] == 4  # 7 samples, batches of 2, rounded up
+    assert got["seen"] == 8 and got["image_shape"] == [2, 3, 32, 32] and got["text_shape"] == [2, 77]
+
+
+def test_a_source_that_plans_no_shard_leaves_no_stuck_dataset(tmp_path, capsys):
+    from engine.sources.base import SourceError
+    from finevit.render import print_dataset_summary
+
+    empty, out = tmp_path / "empty", tmp_path / "ds"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="no image files"):
+        ingest(str(empty), str(out), cfg_for(samples_per_shard=5), progress=False)
+    assert not (out / "dataset.json").exists(), "a refused first source leaves no dataset behind"
+    ingest("synthetic://scenes?n=3&seed=0&size=64", str(out), cfg_for(samples_per_shard=5), progress=False)
+    with pytest.raises(SourceError, match="no image files"):
+        ingest(str(empty), str(out), cfg_for(samples_per_shard=5), progress=False)
+    # the refused source left no unfinished entry: another source can still be added
+    ingest("synthetic://scenes?n=2&seed=5&size=64", str(out), cfg_for(samples_per_shard=5), progress=False)
+    ds = Dataset(str(out))
+    assert [s["num_shards"] for s in ds.manifest["sources"]] == [1, 1]
+    # a dataset left stuck by an older version (an unfinished entry for the empty folder) is freed
+    m = json.loads((out / "dataset.json").read_text())
+    stuck = {"uri": str(empty), "kind": "folder", "first_shard": 2, "num_shards": None}
+    m["sources"].append({**stuck, "image": m["sources"][0]["image"]})  # as an older version left it
+    (out / "dataset.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    print_dataset_summary(Dataset(str(out)))
+    shown = capsys.readouterr().out
+    assert "None" not in shown and "ingest not finished" in shown
+    with pytest.raises(SourceError):
+        ingest(str(empty), str(out), cfg_for(samples_per_shard=5), progress=False)
+    assert [s["uri"] for s in Dataset(str(out)).manifest["sources"]] == [s["uri"] for s in m["sources"][:2]]
+    print_dataset_summary(Dataset(str(out)))
+    assert "None" not in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- 3. WebDataset tars
@@ -401,6 +511,74 @@ def i2d_output(tmp_path_factory, http_images) -> Path:
     ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=_env())
     return out
+
+
+@pytest.fixture(scope="module")
+def i2d_parquet_output(tmp_path_factory, http_images) -> Path:
+    """A real img2dataset download in its Parquet output format: 4 images, a 404 and a non-image."""
+    tmp = tmp_path_factory.mktemp("i2dp")
+    http_images.files["i2dp/html.jpg"] = b"<html>not an image</html>"
+    urls = _serve(http_images, 4, "i2dp") + [http_images.url("status/404"), http_images.url("i2dp/html.jpg")]
+    lst = tmp / "urls.csv"
+    lst.write_text("url,caption\n" + "".join(f"{u},caption {i}\n" for i, u in enumerate(urls)))
+    out = tmp / "i2dp"
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from img2dataset import download; download(url_list=sys.argv[1], output_folder=sys.argv[2], "
+        "input_format='csv', caption_col='caption', output_format='parquet', processes_count=1, thread_count=4, "
+        "number_sample_per_shard=4, image_size=64, resize_mode='keep_ratio', distributor='multiprocessing', "
+        "enable_wandb=False)",
+        str(lst),
+        str(out),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=_env())
+    return out
+
+
+@pytest.mark.parametrize("form", ["folder", "glob"])
+def test_img2dataset_parquet_output_keeps_keys_and_statuses(form, tmp_path, i2d_parquet_output):
+    import hashlib
+
+    originals = {}
+    for f in sorted(i2d_parquet_output.glob("*.parquet")):
+        for r in pq.read_table(f).to_pylist():
+            originals[r["key"]] = r
+    assert {r["status"] for r in originals.values()} == {"success", "failed_to_download", "failed_to_resize"}
+    source = str(i2d_parquet_output) if form == "folder" else str(i2d_parquet_output / "*.parquet")
+    out = tmp_path / "ds"
+    report = ingest(source, str(out), cfg_for(samples_per_shard=4), progress=False)
+    assert (report.count, report.successes) == (6, 4)
+    ds = Dataset(str(out))
+    assert ds.committed_shards() == ["00000", "00001"]
+    rows = {r["key"]: r for r in assert_exactly_once(ds, 6)}
+    assert sorted(rows) == sorted(originals), "img2dataset's keys are kept, not renumbered"
+    for key, orig in originals.items():
+        got = rows[key]
+        for col in ("status", "error_message", "url", "caption", "width", "height", "sha256"):
+            assert got[col] == orig[col], (key, col, got[col], orig[col])
+        assert json.loads(got["meta"]).get("exif") == orig["exif"]
+    assert rows[min(k for k, r in originals.items() if "404" in r["url"])]["error_message"].startswith(
+        "HTTP Error 404"
+    )
+    # the tar holds img2dataset's image bytes as they were: nothing re-encoded
+    for shard in ds.committed_shards():
+        with tarfile.open(out / "shards" / f"{shard}.tar") as t:
+            for m in t:
+                if m.name.endswith(".jpg"):
+                    key = m.name[: -len(".jpg")]
+                    data = t.extractfile(m).read()
+                    assert hashlib.sha256(data).digest() == hashlib.sha256(originals[key]["jpg"]).digest()
+    assert _sizes(out) == {"00000.tar": 4, "00001.tar": 0}
+    # it must be the first source (its keys are its own); a rerun changes nothing
+    again = ingest(source, str(out), cfg_for(samples_per_shard=4), progress=False)
+    assert again.shards_written == 0
+    with pytest.raises(LayoutError, match="keeps its own keys"):
+        other = tmp_path / "other"
+        ingest(
+            "synthetic://scenes?n=2&seed=0&size=64", str(other), cfg_for(samples_per_shard=4), progress=False
+        )
+        ingest(source, str(other), cfg_for(samples_per_shard=4), progress=False)
 
 
 def test_existing_img2dataset_output_is_registered_not_copied(tmp_path, i2d_output):

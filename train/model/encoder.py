@@ -434,6 +434,27 @@ def _load_stage1(p: Path, config: Any, overrides: list[str] | None, tokenizer: s
     return shell
 
 
+def encoder_from_model(model: nn.Module, cfg: Any, tokenizer: Any) -> FineViTEncoder:
+    """A view of a live stage-1 model (``model.vision`` / ``model.text`` shared, not copied) with the
+    run's preprocessing: for evaluating during training (``eval.hooks.periodic_eval``).
+
+    ``cfg``: the run's ``Stage1Config``. Under FSDP2 the towers' parameters are sharded: every rank
+    must call the encoder together (as in a forward pass)."""
+    model = getattr(model, "module", model)  # DDP
+    pre = Preprocess(
+        patch_size=cfg.model.vision.patch_size,
+        max_patches=cfg.data.max_patches,
+        mean=tuple(cfg.data.mean),
+        std=tuple(cfg.data.std),
+        context=cfg.model.text.context,
+    )
+    enc = FineViTEncoder.__new__(FineViTEncoder)
+    nn.Module.__init__(enc)
+    enc.model_cfg, enc.preprocess, enc.tokenizer = cfg.model, pre, tokenizer
+    enc.vision, enc.text = model.vision, model.text
+    return enc
+
+
 def random_encoder(
     model_cfg: ModelConfig, preprocess: Preprocess, tokenizer: Any, seed: int = 0
 ) -> FineViTEncoder:

@@ -1,0 +1,548 @@
+"""``finevit filter``: a list of filters over a dataset, written as a keep/drop layer.
+
+Driver (:func:`filter_dataset`):
+
+1. check the config (every filter built once on the driver: a bad parameter or a missing
+   library stops here), the ``--on`` layers (one caption layer, one region layer) and the
+   filter layer's ``layer.json`` (a rerun must use the same filters);
+2. pick the shards: committed image shards that every ``--on`` layer has committed; the others
+   are reported and skipped with a reason;
+3. pass 1 (only with duplicate filters): per shard on Ray, the signature layers that are not
+   committed yet (:mod:`filtering.dedup`); then, on the driver, DuckDB finds the duplicate
+   clusters over the whole dataset;
+4. pass 2: per shard on Ray (:func:`filter_shard`), every filter over every row, written with
+   the one layer writer (Parquet moved into place, ``_stats.json`` with per-filter counters
+   last). A rerun skips committed shards, so a killed run resumes, each shard exactly once;
+   the global pass is recomputed (it is deterministic: same signatures, same clusters).
+
+The layer: ``key, keep, reasons: list<string>`` plus each filter's score columns. Nothing is
+deleted; the trainer (``data.filters``) and the audit read the keep mask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.config import ConfigError, StorageConfig
+from engine.layout import Dataset, LayerDir, LayoutError, sample_digits
+from engine.schemas import FILTER_BASE_SCHEMA
+from engine.shards import Progress, StageReport, run_shard_tasks
+from filtering.base import Filter, Sample
+from filtering.config import FilterRunConfig, FilterStageConfig, build_filters
+from filtering.dedup import (
+    PHASH_SCHEMA,
+    ExactDupImageFilter,
+    NearDupCaptionFilter,
+    NearDupImageFilter,
+    exact_image_dups,
+    near_caption_dups,
+    near_image_dups,
+    phash_int,
+)
+from filtering.text import caption_problem
+
+META_COLUMNS = [
+    "key",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "sha256",
+]
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(kw_only=True)
+class FilterReport(StageReport):
+    dataset: str
+    layer: str
+    kept: int = 0
+    dropped: int = 0
+    by_filter: Counter = field(default_factory=Counter)  # filter name -> rows it drops
+    shards_missing: dict[str, str] = field(default_factory=dict)  # shard -> why it was skipped
+    hash_shards_written: int = 0
+
+
+# ---------------------------------------------------------------- what to run
+
+
+def _layer_kind(ds: Dataset, name: str) -> str:
+    layer = ds.layer(name)
+    info = layer.info() or {}
+    kind = info.get("kind")
+    if kind in ("caption", "regions"):
+        return kind
+    committed = layer.committed()
+    if not committed:
+        raise LayoutError(f"layer {name!r} has no committed shards at {layer.store.root}")
+    with layer.store.open(layer.parquet(committed[0])) as f:
+        names = pq.read_schema(f).names
+    if "regions" in names:
+        return "regions"
+    if "caption" in names:
+        return "caption"
+    raise LayoutError(f"layer {name!r} is neither a caption layer nor a region layer (columns {names})")
+
+
+def resolve_on(ds: Dataset, on: list[str], filters: list[Filter]) -> dict[str, str | None]:
+    """``{"caption": layer|None, "regions": layer|None}`` from ``--on``; errors name the problem."""
+    out: dict[str, str | None] = {"caption": None, "regions": None}
+    for name in on:
+        kind = _layer_kind(ds, name)
+        if out[kind] is not None:
+            raise ConfigError(
+                f"--on: two {kind} layers ({out[kind]!r}, {name!r}); give one of each kind at most"
+            )
+        out[kind] = name
+    for f in filters:
+        if (f.needs == "caption" or isinstance(f, NearDupCaptionFilter)) and out["caption"] is None:
+            raise ConfigError(f"filter {f.name!r} reads captions: give a caption layer with --on")
+        if f.needs == "regions" and out["regions"] is None:
+            raise ConfigError(f"filter {f.name!r} reads regions: give a region layer with --on")
+    return out
+
+
+def layer_info(st: FilterStageConfig, on: dict[str, str | None], filters: list[Filter]) -> dict[str, Any]:
+    return {
+        "kind": "filter",
+        "stage": "filter",
+        "on": on,
+        "filters": [f.model_dump() for f in st.filters],
+        "score_columns": list(score_schema(filters).names),
+    }
+
+
+def check_or_write_info(layer: LayerDir, info: dict[str, Any]) -> None:
+    old = layer.info()
+    if old is None:
+        layer.write_info(info)
+        return
+    for k in ("on", "filters"):
+        if old.get(k) != info.get(k):
+            raise LayoutError(
+                f"filter layer {layer.name!r} was written with other {k} ({old.get(k)!r}); "
+                "a layer holds one filter config: choose another --layer name"
+            )
+
+
+def score_schema(filters: list[Filter]) -> pa.Schema:
+    fields = []
+    for f in filters:
+        fields += [pa.field(n, t) for n, t in f.score_columns().items()]
+    return pa.schema(fields)
+
+
+def layer_schema(filters: list[Filter]) -> pa.Schema:
+    return pa.schema([*FILTER_BASE_SCHEMA, *score_schema(filters)])
+
+
+# ---------------------------------------------------------------- applying filters
+
+
+def apply_filters(filters: list[Filter], samples: list[Sample]) -> tuple[pa.Table, dict[str, Any]]:
+    """Every filter over every sample: the layer table and the per-filter counters."""
+    schema = layer_schema(filters)
+    cols: dict[str, list[Any]] = {n: [] for n in schema.names}
+    score_names = [n for n in schema.names if n not in ("key", "keep", "reasons")]
+    reads_captions = any(f.needs == "caption" for f in filters)
+    checked: Counter = Counter()
+    dropped: Counter = Counter()
+    reasons_all: Counter = Counter()
+    for s in samples:
+        reasons: list[str] = []
+        scores: dict[str, Any] = {}
+        bad = caption_problem(s) if reads_captions else None
+        if bad is not None:
+            reasons.append(bad)
+            dropped["caption"] += 1
+        for f in filters:
+            if bad is not None and f.needs == "caption":
+                continue
+            v = f.check(s)
+            checked[f.name] += 1
+            if v.scores:
+                scores.update(v.scores)
+            if not v.keep:
+                reasons.append(v.reason or f.name)
+                dropped[f.name] += 1
+        cols["key"].append(s.key)
+        cols["keep"].append(not reasons)
+        cols["reasons"].append(reasons)
+        for n in score_names:
+            cols[n].append(scores.get(n))
+        reasons_all.update(reasons)
+    table = pa.table(cols, schema=schema)
+    kept = sum(cols["keep"])
+    names = (["caption"] if reads_captions else []) + [f.name for f in filters]
+    stats = {
+        "kept": kept,
+        "dropped": len(samples) - kept,
+        "filters": {n: {"checked": checked[n], "dropped": dropped[n]} for n in names},
+        "drop_reasons": dict(reasons_all.most_common(50)),
+    }
+    if reads_captions:
+        stats["filters"]["caption"]["checked"] = len(samples)
+    return table, stats
+
+
+def _read(store: Any, rel: str, want: list[str]) -> dict[str, list[Any]]:
+    with store.open(rel) as f:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in want if c in pf.schema_arrow.names]
+        return pf.read(columns=cols).to_pydict()
+
+
+def shard_samples(ds: Dataset, shard: str, on: dict[str, str | None]) -> list[Sample]:
+    """One :class:`Sample` per row of the image shard, joined by key with the ``--on`` layers."""
+    meta = _read(ds.shards, f"{shard}.parquet", META_COLUMNS)
+    n = len(meta["key"])
+    samples = [Sample(key=meta["key"][i], meta={c: meta[c][i] for c in meta}) for i in range(n)]
+    by_key = {s.key: s for s in samples}
+    if on.get("caption"):
+        lay = ds.layer(on["caption"])
+        c = _read(
+            lay.store, lay.parquet(shard), ["key", "caption", "status", "error", "finish_reason", "n_tokens"]
+        )
+        seen = set()
+        for i, key in enumerate(c["key"]):
+            s = by_key.get(key)
+            if s is None:
+                continue
+            seen.add(key)
+            s.caption = c["caption"][i] if "caption" in c else None
+            s.caption_status = c["status"][i] if "status" in c else "ok"
+            s.caption_error = c["error"][i] if "error" in c else None
+            s.finish_reason = c["finish_reason"][i] if "finish_reason" in c else None
+            s.n_tokens = c["n_tokens"][i] if "n_tokens" in c else None
+        for s in samples:
+            if s.key not in seen:
+                s.caption_status, s.caption_error = "failed", f"no row in caption layer {on['caption']!r}"
+    if on.get("regions"):
+        lay = ds.layer(on["regions"])
+        r = _read(lay.store, lay.parquet(shard), ["key", "regions", "status"])
+        for s in samples:
+            s.regions_status = "failed"
+        for i, key in enumerate(r["key"]):
+            s = by_key.get(key)
+            if s is not None:
+                s.regions = r["regions"][i]
+                s.regions_status = r["status"][i] if "status" in r else "ok"
+    return samples
+
+
+def filter_shard(
+    root: str,
+    storage: StorageConfig,
+    st: FilterStageConfig,
+    on: dict[str, str | None],
+    shard: str,
+    dups: dict[str, dict[str, str]],
+) -> dict[str, Any]:
+    """Filter one shard and commit its layer shard; returns its stats (``LayerStats.to_dict()``).
+
+    ``dups``: the global pass's verdicts for this shard's keys (key -> filter name -> reason)."""
+    from engine.layers import write_layer_shard
+
+    started = time.time()
+    ds = Dataset(root, storage)
+    filters = build_filters(st)
+    samples = shard_samples(ds, shard, on)
+    for s in samples:
+        d = dups.get(s.key)
+        if d:
+            s.cache["dups"] = d
+    for f in filters:
+        prepare = getattr(f, "prepare", None)
+        if prepare is not None:
+            with ds.shards.open(f"{shard}.tar") as tar:
+                prepare(tar, samples)
+    table, extra = apply_filters(filters, samples)
+    layer = ds.layer(st.layer or "")
+    with layer.store.staging(f"filter-{shard}") as staging:
+        stats = write_layer_shard(layer, shard, table, table.schema, staging, started, extra)
+    return stats.to_dict()
+
+
+# ---------------------------------------------------------------- pass 1: signatures
+
+
+def _iter_images(ds: Dataset, shard: str):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with ds.shards.open(f"{shard}.tar") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for m in tar:
+            key, _, ext = m.name.rpartition("/")[2].partition(".")
+            if m.isfile() and ext.lower() in IMAGE_EXTS:
+                data = tar.extractfile(m).read()
+                try:
+                    yield key, Image.open(io.BytesIO(data)), None
+                except Exception as e:
+                    yield key, None, f"image not decodable: {type(e).__name__}: {e}"
+
+
+def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, Any]) -> dict[str, int]:
+    """Write the signature layer shards in ``jobs`` (``{"phash": layer}``, ``{"minhash": (layer,
+    caption layer, filter)}``) for one shard; returns rows written per layer."""
+    from engine.layers import write_layer_shard
+
+    ds = Dataset(root, storage)
+    keys = _read(ds.shards, f"{shard}.parquet", ["key", "status"])
+    out: dict[str, int] = {}
+    if "phash" in jobs:
+        started = time.time()
+        layer = ds.layer(jobs["phash"])
+        ok = {k for k, s in zip(keys["key"], keys["status"], strict=True) if s == "success"}
+        got: dict[str, dict[str, Any]] = {}
+        for key, img, err in _iter_images(ds, shard):
+            if key not in ok:
+                continue
+            if img is None:
+                got[key] = {"key": key, "phash": None, "status": "failed", "error": err}
+            else:
+                try:
+                    got[key] = {"key": key, "phash": phash_int(img), "status": "ok", "error": None}
+                except Exception as e:
+                    got[key] = {
+                        "key": key,
+                        "phash": None,
+                        "status": "failed",
+                        "error": f"{type(e).__name__}: {e}",
+                    }
+        rows = [
+            got.get(k) or {"key": k, "phash": None, "status": "failed", "error": "image not available"}
+            for k in keys["key"]
+        ]
+        with layer.store.staging(f"phash-{shard}") as staging:
+            write_layer_shard(layer, shard, rows, PHASH_SCHEMA, staging, started, {"hash": "phash"})
+        out[jobs["phash"]] = len(rows)
+    if "minhash" in jobs:
+        started = time.time()
+        name, cap_layer, flt = jobs["minhash"]
+        layer = ds.layer(name)
+        lay = ds.layer(cap_layer)
+        c = _read(lay.store, lay.parquet(shard), ["key", "caption", "status"])
+        caps = {
+            k: (c["caption"][i] if "caption" in c else None, c["status"][i] if "status" in c else "ok")
+            for i, k in enumerate(c["key"])
+        }
+        items = [(k, *caps.get(k, (None, "failed"))) for k in keys["key"]]
+        rows = flt.hasher.rows_for(items)
+        with layer.store.staging(f"minhash-{shard}") as staging:
+            write_layer_shard(layer, shard, rows, flt.hasher.schema(), staging, started, {"hash": "minhash"})
+        out[name] = len(rows)
+    return out
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _fresh(store: Any) -> None:
+    if not store.is_local:
+        store.fs.invalidate_cache()
+
+
+def _shard_of(key: str, digits: int) -> int:
+    return int(key[:-digits]) if digits else int(key)
+
+
+def global_dups(
+    ds: Dataset, storage: StorageConfig, shards: list[str], filters: list[Filter], on: dict[str, str | None]
+) -> dict[int, dict[str, dict[str, str]]]:
+    """The duplicate filters' verdicts over the whole dataset: shard -> key -> filter -> reason."""
+    from engine.audit.views import connect
+
+    con = connect(storage, s3=not ds.store.is_local)
+    if not ds.store.is_local:  # the workers wrote the signature layers: forget cached listings
+        from engine.store import s3_filesystem
+
+        s3_filesystem(storage).invalidate_cache()
+        _fresh(ds.store)
+    found: dict[str, dict[str, str]] = defaultdict(dict)
+    exact: dict[str, str] = {}
+    for f in filters:
+        if isinstance(f, ExactDupImageFilter):
+            exact = exact_image_dups(con, [ds.shard_parquet(s) for s in shards])
+            for k, r in exact.items():
+                found[k][f.name] = r
+    for f in filters:
+        if isinstance(f, NearDupImageFilter):
+            lay = ds.layer(f.layer_name)
+            near = near_image_dups(
+                con, [lay.store.uri(lay.parquet(s)) for s in shards], f.max_distance, set(exact)
+            )
+            for k, r in near.items():
+                found[k][f.name] = r
+        elif isinstance(f, NearDupCaptionFilter):
+            lay = ds.layer(f.layer_name(on["caption"] or ""))
+            near = near_caption_dups(
+                con, [lay.store.uri(lay.parquet(s)) for s in shards], f.hasher, f.threshold
+            )
+            for k, r in near.items():
+                found[k][f.name] = r
+    con.close()
+    digits = sample_digits(ds.samples_per_shard)
+    out: dict[int, dict[str, dict[str, str]]] = defaultdict(dict)
+    for k, v in found.items():
+        out[_shard_of(k, digits)][k] = v
+    return out
+
+
+def filter_dataset(
+    dataset_root: str,
+    cfg: FilterRunConfig,
+    progress: bool | None = None,
+    on_event: Any = None,
+) -> FilterReport:
+    """Filter every usable shard of ``dataset_root`` into ``cfg.filter.layer``; resumable, exactly once."""
+    import ray
+
+    from engine.runtime import init_ray
+
+    st = cfg.filter
+    say = on_event or (lambda _m: None)
+    t0 = time.time()
+    if not st.layer:
+        raise ConfigError("filter.layer: give the filter layer's name (--layer NAME)")
+    storage = cfg.storage.resolved()
+    ds = Dataset(dataset_root, storage)
+    ds.manifest  # noqa: B018 - a clear error now if there is no dataset
+    filters = build_filters(st)
+    on = resolve_on(ds, st.on, filters)
+    report = FilterReport(dataset=ds.root, layer=st.layer)
+    layer = ds.layer(st.layer)
+    if st.layer in st.on:
+        raise ConfigError(f"--layer {st.layer!r} is also an --on layer: name the filter layer something else")
+    check_or_write_info(layer, layer_info(st, on, filters))
+    layer.store.makedirs()
+    layer.store.clear_staging()
+
+    shards = ds.committed_shards()
+    for name in [n for n in on.values() if n]:
+        lay = ds.layer(name)
+        _fresh(lay.store)
+        done = set(lay.committed())
+        for s in shards:
+            if s not in done and s not in report.shards_missing:
+                report.shards_missing[s] = f"layer {name!r} has not committed this shard"
+    usable = [s for s in shards if s not in report.shards_missing]
+    if report.shards_missing:
+        say(f"{len(report.shards_missing)} shard(s) skipped: an --on layer has not committed them")
+    report.shards_planned = len(usable)
+    _fresh(layer.store)
+    committed = set(layer.committed())
+    todo = [s for s in usable if s not in committed]
+    report.shards_skipped = len(usable) - len(todo)
+    if not todo:
+        report.seconds = time.time() - t0
+        return report
+
+    init_ray(cfg.ray)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    in_flight = st.workers or max(2 * cpus, 1)
+
+    # pass 1: signature layers, then the global view
+    jobs: dict[str, dict[str, Any]] = defaultdict(dict)
+    for f in filters:
+        if isinstance(f, NearDupImageFilter):
+            lay = ds.layer(f.layer_name)
+            lay.write_info({"kind": "signatures", "stage": "filter", "hash": "phash", "bits": f.hash_bits})
+            _fresh(lay.store)
+            have = set(lay.committed())
+            for s in usable:
+                if s not in have:
+                    jobs[s]["phash"] = f.layer_name
+        elif isinstance(f, NearDupCaptionFilter):
+            name = f.layer_name(on["caption"] or "")
+            lay = ds.layer(name)
+            h = f.hasher
+            lay.write_info(
+                {
+                    "kind": "signatures",
+                    "stage": "filter",
+                    "hash": "minhash",
+                    "on": on["caption"],
+                    "num_perm": h.num_perm,
+                    "bands": h.bands,
+                    "rows": h.rows,
+                    "ngram": h.ngram,
+                    "seed": h.seed,
+                }
+            )
+            _fresh(lay.store)
+            have = set(lay.committed())
+            for s in usable:
+                if s not in have:
+                    jobs[s]["minhash"] = (name, on["caption"], f)
+    has_global = any(f.needs == "global" for f in filters)
+    dups: dict[int, dict[str, dict[str, str]]] = {}
+    if jobs:
+        hash_task = ray.remote(num_cpus=st.task_cpus)(hash_shard)
+        failed_hash: dict[str, str] = {}
+
+        def on_hash_done(s: str, out: dict[str, int]) -> None:
+            report.hash_shards_written += 1
+
+        def on_hash_error(s: str, e: BaseException) -> None:
+            failed_hash[s] = report.shard_failed(s, e)
+
+        run_shard_tasks(
+            sorted(jobs),
+            lambda s: hash_task.remote(ds.root, storage, s, jobs[s]),
+            on_hash_done,
+            max_in_flight=in_flight,
+            on_error=on_hash_error,
+            progress=Progress(
+                "filter: signatures", unit="shard", total=len(jobs), enabled=_progress(st, progress)
+            ),
+        )
+        if failed_hash:
+            say(f"{len(failed_hash)} shard(s) failed computing signatures: no duplicate pass, no filtering")
+            report.seconds = time.time() - t0
+            return report
+    if has_global:
+        dups = global_dups(ds, storage, usable, filters, on)
+
+    # pass 2: the filter layer
+    task = ray.remote(num_cpus=st.task_cpus)(filter_shard)
+    total = sum(ds.shard_stats(s).count for s in todo)
+    bar = Progress(f"filter {st.layer}", unit="row", total=total, enabled=_progress(st, progress))
+
+    def on_done(s: str, stats: dict[str, Any]) -> None:
+        report.shards_written += 1
+        n = int(stats.get("count", 0))
+        report.add_rows(n, n, {})
+        report.kept += int(stats.get("kept", 0))
+        report.dropped += int(stats.get("dropped", 0))
+        for name, c in (stats.get("filters") or {}).items():
+            report.by_filter[name] += int(c.get("dropped", 0))
+        report.reasons.update({k: int(v) for k, v in (stats.get("drop_reasons") or {}).items()})
+        bar.update(n, kept=report.kept, dropped=report.dropped)
+
+    def on_error(s: str, e: BaseException) -> None:
+        say(f"shard {s} failed: {report.shard_failed(s, e)}")
+
+    run_shard_tasks(
+        todo,
+        lambda s: task.remote(ds.root, storage, st, on, s, dups.get(int(s), {})),
+        on_done,
+        max_in_flight=in_flight,
+        on_error=on_error,
+        progress=bar,
+    )
+    report.seconds = time.time() - t0
+    return report
+
+
+def _progress(st: FilterStageConfig, progress: bool | None) -> bool:
+    return st.progress if progress is None else progress
