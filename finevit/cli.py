@@ -22,6 +22,7 @@ STAGE_COMMAND_MODULES: list[str] = [
     "finevit.cmd_train",
     "finevit.cmd_filter",
     "finevit.cmd_eval",
+    "finevit.cmd_export",
 ]
 
 

@@ -74,8 +74,15 @@ class HFBackend(Backend):
             "float16": torch.float16,
         }[self.dtype_name]
         try:
-            self.processor = AutoProcessor.from_pretrained(self.model_dir)
-            self.net = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype).to(dev).eval()
+            # trust_remote_code: exported FineViT VLMs (finevit export --part vlm) ship their modeling code
+            self.processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=True)
+            self.net = (
+                AutoModelForImageTextToText.from_pretrained(
+                    self.model_dir, dtype=dtype, trust_remote_code=True
+                )
+                .to(dev)
+                .eval()
+            )
         except Exception as e:
             raise BackendError(f"cannot load a VLM from {self.model_dir}: {type(e).__name__}: {e}") from e
         tok = getattr(self.processor, "tokenizer", None)

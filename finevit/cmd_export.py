@@ -1,0 +1,37 @@
+"""``finevit export CKPT OUT_DIR --part encoder|vlm``: parse, call train/export.py."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def register(sub: argparse._SubParsersAction, config_args: Callable[..., None]) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint: the encoder (safetensors + AutoModel remote code) or the stage-2 VLM",
+    )
+    p.add_argument(
+        "checkpoint", help="a stage-1 or stage-2 checkpoint (step folder, checkpoints folder or log dir)"
+    )
+    p.add_argument("out", help="output directory")
+    p.add_argument("--part", choices=["encoder", "vlm"], default="encoder")
+    p.add_argument(
+        "--run-config",
+        help="the stage-1 recipe (YAML/JSON) when no run config sits beside a stage-1 checkpoint",
+    )
+    config_args(p, ray=False)
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from finevit.common import fail
+    from train.export import export
+    from train.model.encoder import EncoderError
+
+    try:
+        out = export(args.checkpoint, args.out, args.part, args.run_config)
+    except EncoderError as e:
+        return fail(str(e))
+    print(f"{args.part} exported to {out}")
+    return 0

@@ -1,0 +1,499 @@
+"""Stage 2: align the stage-1 encoder with a causal LM on region and global captions.
+
+``train_stage2(cfg)`` is the whole run: the stage-1 vision tower (``init.checkpoint``, its shapes
+checked against ``model``), the projector, the LM from a local directory (``lm.path``), the
+schedule's phases (which parts train), AdamW + warmup/cosine, the loader
+(:mod:`train.data.regions`), DCP checkpoints with exact resume, DDP, NaN guard, logs with
+tokens/s and MFU. The CLI only builds the config.
+
+Schedule: ``schedule`` is a list of phases ``{until: STEP, train: projector|encoder|all}``:
+``projector`` trains the projector only; ``encoder`` the vision tower + projector with the LM
+frozen; ``all`` everything. All parameters stay in the optimizer (frozen ones get no gradient,
+so AdamW leaves them alone), which keeps the optimizer state and checkpoints one shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from engine.config import ConfigError, StorageConfig, StrictModel
+from train import checkpoint as ckpt
+from train.config import CheckpointConfig, LogConfig, LoopConfig, ModelConfig, OptimConfig
+from train.data.regions import TASKS, Stage2Loader
+from train.distributed import init_from_env, is_dist
+from train.metrics import Logger, peak_tflops
+from train.model.vlm import (
+    IMAGE_TOKEN,
+    FineViTVLMConfig,
+    FineViTVLMForConditionalGeneration,
+    FineViTVLMProcessor,
+)
+
+
+class TaskWeight(StrictModel):
+    task: Literal["box_caption", "caption_box", "global"]
+    weight: float = Field(default=1.0, gt=0)
+
+
+class Stage2Data(StrictModel):
+    dataset: str = Field(default="", description="dataset root: a local path or s3://bucket/prefix")
+    regions_layer: str = Field(default="gt-regions", description="a regions layer (gt-regions, recaption)")
+    global_layer: str = Field(default="gt-global", description="a global caption layer; '' for none")
+    tasks: list[TaskWeight] = [
+        TaskWeight(task="box_caption", weight=0.4),
+        TaskWeight(task="caption_box", weight=0.4),
+        TaskWeight(task="global", weight=0.2),
+    ]
+    max_patches: int = Field(default=256, ge=1, description="NaFlex patch budget per image")
+    seq_len: int = Field(default=1024, ge=1, description="vision tokens per packed row")
+    batch: int = Field(default=8, ge=1, description="samples (image + prompt + target) per step per rank")
+    max_len: int = Field(default=0, ge=0, description="LM tokens per sample; 0: the LM's context")
+    seed: int = 0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+class InitConfig(StrictModel):
+    checkpoint: str = Field(default="", description="a stage-1 step folder, checkpoints folder or log dir")
+
+
+class LMConfig(StrictModel):
+    path: str = Field(
+        default="", description="a local causal-LM directory (AutoModelForCausalLM + tokenizer)"
+    )
+
+
+class Phase(StrictModel):
+    until: int = Field(ge=1, description="this phase runs until this step (exclusive of later phases)")
+    train: Literal["projector", "encoder", "all"]
+
+
+class Stage2Config(StrictModel):
+    storage: StorageConfig = StorageConfig()
+    model: ModelConfig = ModelConfig()
+    init: InitConfig = InitConfig()
+    lm: LMConfig = LMConfig()
+    data: Stage2Data = Stage2Data()
+    schedule: list[Phase] = [Phase(until=10**9, train="projector")]
+    optim: OptimConfig = OptimConfig()
+    loop: LoopConfig = LoopConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig(dir="runs/stage2")
+
+
+def check_fits(cfg: Stage2Config) -> None:
+    d, problems = cfg.data, []
+    if not d.dataset:
+        problems.append("data.dataset is empty: give a dataset root")
+    if not cfg.init.checkpoint:
+        problems.append("init.checkpoint is empty: give a stage-1 checkpoint with --init")
+    if not cfg.lm.path:
+        problems.append("lm.path is empty: give a local causal-LM directory")
+    if d.max_patches > d.seq_len:
+        problems.append(f"data.max_patches ({d.max_patches}) > data.seq_len ({d.seq_len})")
+    if not d.tasks:
+        problems.append("data.tasks is empty")
+    if any(t.task == "global" for t in d.tasks) and not d.global_layer:
+        problems.append("data.tasks has 'global' but data.global_layer is empty")
+    if problems:
+        raise ConfigError("config cannot fit:\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def load_lm(path: str) -> tuple[Any, Any]:
+    """``(causal LM, tokenizer)`` from a local directory; clear errors for what is missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"lm.path: {path} is not a model directory (no config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ConfigError(f"lm.path: no tokenizer in {path}: {type(e).__name__}: {e}") from None
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(
+            f"lm.path: the tokenizer in {path} has no chat template (tokenizer.chat_template): "
+            "stage 2 builds its prompts with it"
+        )
+    if tok.eos_token_id is None:
+        raise ConfigError(f"lm.path: the tokenizer in {path} has no EOS token")
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:
+        raise ConfigError(f"lm.path: cannot load a causal LM from {path}: {type(e).__name__}: {e}") from None
+    return lm, tok
+
+
+def stage1_vision_state(step_dir: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The ``vision.*`` weights of a stage-1 DCP checkpoint, after checking every shape against the
+    recipe's ``model`` (a mismatch stops here, naming the tensors and the fields to fix)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from train.model.towers import VisionTower
+
+    want = {f"vision.{k}": v for k, v in VisionTower(model_cfg).state_dict().items()}
+    meta = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    have = {k[len("model.") :]: v for k, v in meta.items() if k.startswith("model.vision.")}
+    problems = []
+    for k, v in want.items():
+        if k not in have:
+            problems.append(f"{k} missing in the checkpoint")
+        elif tuple(have[k].size) != tuple(v.shape):
+            problems.append(f"{k}: {tuple(have[k].size)} in the checkpoint, {tuple(v.shape)} from the recipe")
+    problems += [f"{k} in the checkpoint, not in the recipe" for k in have if k not in want]
+    if problems:
+        raise ConfigError(
+            f"the stage-1 checkpoint {step_dir} does not match model.vision of the recipe "
+            f"(width {model_cfg.vision.width}, depth {model_cfg.vision.depth}, patch_size "
+            f"{model_cfg.vision.patch_size}, mlp_ratio {model_cfg.vision.mlp_ratio}):\n  "
+            + "\n  ".join(problems[:8])
+        )
+    state = {"model": {k: torch.empty_like(v) for k, v in want.items()}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=step_dir)
+    return {k[len("vision.") :]: v for k, v in state["model"].items()}
+
+
+def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineViTVLMProcessor]:
+    """The VLM (stage-1 vision weights, fresh projector, the LM's weights) and its processor."""
+    from train.model.encoder import resolve_checkpoint
+
+    step_dir = str(resolve_checkpoint(cfg.init.checkpoint))
+    vision_sd = stage1_vision_state(step_dir, cfg.model)
+    lm, tok = load_lm(cfg.lm.path)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if len(tok) > lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(len(tok))
+    d = cfg.data
+    preprocess = {
+        "patch_size": cfg.model.vision.patch_size,
+        "max_patches": d.max_patches,
+        "mean": list(d.mean),
+        "std": list(d.std),
+    }
+    lm_config = lm.config.to_dict()
+    vcfg = FineViTVLMConfig(
+        vision=cfg.model.model_dump(mode="json"),
+        preprocess=preprocess,
+        lm_config=lm_config,
+        image_token=IMAGE_TOKEN,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    lm_sd = {k: v.clone() for k, v in lm.state_dict().items()}
+    model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)
+    model.language_model.load_state_dict(lm_sd)  # whatever post_init touched: the LM's own weights
+    model.vision.load_state_dict(vision_sd)
+    return model, FineViTVLMProcessor(tok, preprocess)
+
+
+def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
+    model.projector.requires_grad_(True)
+    enc = train in ("encoder", "all")
+    for name, p in model.vision.named_parameters():
+        p.requires_grad_(enc and not name.startswith(("head.", "proj.")))
+    model.language_model.requires_grad_(train == "all")
+
+
+def phase_at(cfg: Stage2Config, step: int) -> str:
+    for ph in cfg.schedule:
+        if step < ph.until:
+            return ph.train
+    return cfg.schedule[-1].train
+
+
+def lm_flops_per_token(model: FineViTVLMForConditionalGeneration) -> float:
+    """Forward FLOPs per token of the LM (2 x its matmul parameters, embeddings not counted)."""
+    n = sum(
+        p.numel()
+        for name, p in model.language_model.named_parameters()
+        if p.ndim == 2 and "embed" not in name
+    )
+    return 2.0 * n
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Stage2Result:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    checkpoint: str | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    rank: int = 0
+    tokens_per_s: float = 0.0
+
+
+def _lr_lambda(cfg: Stage2Config):
+    o, total = cfg.optim, cfg.loop.steps
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
+    """Run (or resume) stage 2 as configured; returns what the run did on this rank."""
+    from train.stage1 import seed_all
+
+    check_fits(cfg)
+    rank, world, device = init_from_env()
+    if cfg.loop.threads:
+        torch.set_num_threads(cfg.loop.threads)
+    torch.manual_seed(cfg.loop.seed)  # same projector init on every rank
+    model, processor = build(cfg)
+    model.to(device)
+    seed_all(cfg.loop.seed + rank)
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # frozen phases and the unused pooling head
+        )
+    o = cfg.optim
+    params = [p for n, p in model.named_parameters() if not n.startswith(("vision.head.", "vision.proj."))]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
+    d = cfg.data
+    max_len = d.max_len or int(getattr(model.language_model.config, "max_position_embeddings", 2048))
+    loader = Stage2Loader(
+        d.dataset,
+        cfg.storage,
+        d.regions_layer,
+        d.global_layer or None,
+        [(t.task, t.weight) for t in d.tasks],
+        processor,
+        d.batch,
+        max_len,
+        d.seq_len,
+        d.seed,
+        rank,
+        world,
+    )
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
+    step = 0
+    result = Stage2Result()
+    last = ckpt.latest(ckpt_dir) if cfg.checkpoint.resume else None
+    if last:
+        extra = ckpt.load(last, net, optim)
+        sched.load_state_dict(extra["sched"])
+        loader.load_state_dict(extra["loader"])
+        step = int(extra["step"])
+        if rank == 0:
+            on_event(f"resumed from {last} at step {step}")
+    dtype = (
+        torch.bfloat16
+        if (cfg.loop.dtype == "bfloat16" or (cfg.loop.dtype == "auto" and device.type == "cuda"))
+        else None
+    )
+    peak = peak_tflops(device, dtype or torch.float32)
+    logger = Logger(
+        cfg.log.dir, cfg.log.tensorboard, cfg.log.progress, cfg.loop.steps, enabled=rank == 0, start=step
+    )
+    lm_fpt = lm_flops_per_token(model)
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        on_event(
+            f"stage2: {n_params / 1e6:.2f}M params (LM {type(model.language_model).__name__}), world={world}, "
+            f"device={device}, max_len={max_len}, peak={peak:.3g} TFLOP/s"
+        )
+    bad_in_a_row = 0
+    window = {"t": time.perf_counter(), "tokens": 0.0, "target": 0.0, "samples": 0.0, "flops": 0.0}
+    t_start, all_tokens = time.perf_counter(), 0
+    stop = min(cfg.loop.steps, cfg.loop.stop_at or cfg.loop.steps)
+    phase = None
+    while step < stop:
+        if phase_at(cfg, step) != phase:
+            phase = phase_at(cfg, step)
+            set_phase(model, phase)
+            if rank == 0:
+                on_event(f"step {step}: phase {phase!r}")
+        batch = loader.next()
+        amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with amp:
+            out = net(
+                input_ids=batch["input_ids_BL"].to(device),
+                attention_mask=batch["mask_BL"].to(device),
+                labels=batch["labels_BL"].to(device),
+                vision=batch["vision"].to(device),
+                spans=batch["spans"],
+            )
+        loss = out.loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip or float("inf")
+        )
+        value = loss.detach().float()
+        if is_dist():
+            import torch.distributed as dist
+
+            both = torch.stack([value, norm.float()])
+            dist.all_reduce(both)
+            value, norm = both[0] / world, both[1]
+        step += 1
+        if not (torch.isfinite(value) and torch.isfinite(norm)):
+            bad_in_a_row += 1
+            result.skipped_steps += 1
+            optim.zero_grad(set_to_none=True)
+            sched.step()
+            logger.log(step, {"skipped": "non-finite loss or gradient", "loss": float(value)})
+            if bad_in_a_row >= cfg.loop.max_bad_steps:
+                raise FloatingPointError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping")
+            continue
+        bad_in_a_row = 0
+        optim.step()
+        sched.step()
+        result.losses.append(float(value))
+        tokens = batch["real_tokens"]
+        all_tokens += tokens
+        window["tokens"] += tokens
+        window["target"] += int((batch["labels_BL"] != -100).sum())
+        window["samples"] += len(batch["spans"])
+        window["flops"] += 3 * lm_fpt * tokens
+        logger.advance()
+        if step % cfg.log.every == 0 or step == stop:
+            dt = time.perf_counter() - window["t"]
+            tflops = window["flops"] / dt / 1e12
+            logger.log(
+                step,
+                {
+                    "loss": float(value),
+                    "lr": sched.get_last_lr()[0],
+                    "phase": phase,
+                    "tokens_per_s": window["tokens"] / dt,
+                    "target_tokens_per_s": window["target"] / dt,
+                    "samples_per_s": window["samples"] / dt,
+                    "lm_tflops_per_device": tflops,
+                    "mfu_lm": tflops / peak,
+                    "grad_norm": float(norm),
+                },
+            )
+            window = {"t": time.perf_counter(), "tokens": 0.0, "target": 0.0, "samples": 0.0, "flops": 0.0}
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop:
+            result.checkpoint = _save(ckpt_dir, step, net, optim, sched, loader, cfg)
+    if step > 0 and (not last or step > int(last.rsplit("_", 1)[-1])):
+        result.checkpoint = _save(ckpt_dir, step, net, optim, sched, loader, cfg)
+    result.steps = step
+    result.stats = loader.stats()
+    result.seconds = time.perf_counter() - t_start
+    result.tokens_per_s = all_tokens / max(result.seconds, 1e-9)
+    result.rank = rank
+    if rank == 0:
+        on_event(f"stage2 done: {step} steps, data: {result.stats}, checkpoint: {result.checkpoint}")
+    logger.close()
+    return result
+
+
+def _save(
+    root: str, step: int, net: Any, optim: Any, sched: Any, loader: Stage2Loader, cfg: Stage2Config
+) -> str:
+    extra = {"step": step, "sched": sched.state_dict(), "loader": loader.state_dict()}
+    path = ckpt.save(root, step, net, optim, extra, keep=cfg.checkpoint.keep)
+    if ckpt.rank() == 0:
+        # the run's config beside the checkpoints: export rebuilds the model from it
+        with open(os.path.join(os.path.dirname(path), "stage2_config.json"), "w") as f:
+            f.write(cfg.model_dump_json(indent=2))
+    return path
+
+
+def load_stage2(path: str) -> tuple[FineViTVLMForConditionalGeneration, FineViTVLMProcessor, Stage2Config]:
+    """Rebuild a trained stage-2 model from a checkpoint (step folder, checkpoints folder or log dir)."""
+    import torch.distributed.checkpoint as dcp
+
+    from train.model.encoder import resolve_checkpoint
+
+    step_dir = resolve_checkpoint(path)
+    cfg_path = next(
+        (
+            p / "stage2_config.json"
+            for p in [step_dir, *list(step_dir.parents)[:3]]
+            if (p / "stage2_config.json").is_file()
+        ),
+        None,
+    )
+    if cfg_path is None:
+        raise ConfigError(f"no stage2_config.json beside {step_dir}: not a stage-2 checkpoint")
+    cfg = Stage2Config.model_validate_json(cfg_path.read_text())
+    model, processor = build(cfg)
+    state = {"model": model.state_dict()}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(step_dir))
+    model.load_state_dict(state["model"])
+    return model.eval(), processor, cfg
+
+
+def make_tiny_lm(
+    tokenizer_dir: str,
+    out: str,
+    arch: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    context: int = 256,
+) -> str:
+    """A tiny random causal LM (Llama or Qwen2 config) with the project's tokenizer, a chat template
+    and the ``<image>`` token: for tests and the tiny recipe (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok.chat_template = (
+        "{% for m in messages %}{{ bos_token }}{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}{{ bos_token }}assistant\n{% endif %}"
+    )
+    kw = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = AutoConfig.for_model(arch, **kw)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config)
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+TASK_NAMES = TASKS
