@@ -262,6 +262,67 @@ def run_engine(urls: list[str], n: int, in_flight: int, work: str) -> float:
     return n / span
 
 
+def engine_suite(urls: list[str], n: int, in_flight: int, capacity: int, service_s: float, work: str) -> None:
+    """Issue 10's engine numbers: the whole engine on ``n`` images vs the server's ideal; a
+    rerun with identical settings (requests sent); a dataset with 20 % duplicate images
+    (requests sent vs unique images). Prints one line per measurement."""
+    from engine.config import FineVitConfig, IngestConfig
+    from engine.ingest import ingest
+    from engine.layout import Dataset
+    from recaption.config import RecaptionConfig, RecaptionRunConfig
+    from recaption.run import recaption
+
+    ideal = len(urls) * capacity / service_s
+    ds = os.path.join(work, "ds")
+    ingest(
+        f"synthetic://scenes?n={n}&seed=0&size=256",
+        ds,
+        FineVitConfig(ingest=IngestConfig(samples_per_shard=250)),
+        progress=False,
+    )
+
+    def cfg(layer: str, **kw) -> RecaptionRunConfig:
+        return RecaptionRunConfig(
+            recaption=RecaptionConfig(
+                endpoints=urls,
+                layer=layer,
+                max_in_flight=in_flight,
+                max_tokens=256,
+                image_max_side=256,
+                progress=False,
+                shards_in_flight=4,
+                **kw,
+            )
+        )
+
+    rep = recaption(ds, cfg("eng"), progress=False)
+    assert rep.ok == n, rep
+    lay = Dataset(ds).layer("eng")
+    stats = [lay.read_stats(s) for s in lay.committed()]
+    span = max(s.end_time for s in stats) - min(s.start_time for s in stats)
+    print(
+        f"engine: {n} images in {span:.1f} s = {n / span:.1f} img/s; ideal {ideal:.1f} -> {n / span / ideal:.3f} of ideal"
+    )
+    again = recaption(ds, cfg("eng"), progress=False)
+    print(f"rerun, identical settings: {again.requests} requests, {again.shards_skipped} shards skipped")
+
+    # 20 % duplicates: a folder where every fifth image repeats an earlier one
+    folder = os.path.join(work, "dups")
+    os.makedirs(folder, exist_ok=True)
+    images = make_images(n - n // 5, seed=1)
+    for i in range(n):
+        data = images[i - (i // 5) - 1] if i % 5 == 4 else images[i - i // 5]
+        with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as f:
+            f.write(data)
+    ds2 = os.path.join(work, "ds-dups")
+    ingest(folder, ds2, FineVitConfig(ingest=IngestConfig(samples_per_shard=250)), progress=False)
+    d = recaption(ds2, cfg("dup"), progress=False)
+    print(
+        f"20 % duplicate images: {d.requests} requests for {d.count} images ({d.cache_hits} cache hits); "
+        f"{1 - d.requests / d.count:.3f} fewer requests than images"
+    )
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -278,6 +339,9 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=32)
     ap.add_argument("--n", type=int, default=None, help="images per run of ours")
     ap.add_argument("--serve")
+    ap.add_argument(
+        "--engine-suite", action="store_true", help="issue 10's engine numbers only (see engine_suite)"
+    )
     args = ap.parse_args()
     if args.serve:
         return serve([int(p) for p in args.serve.split(",")], args.service_s, args.capacity)
@@ -301,6 +365,14 @@ def main() -> None:
     from engine.runtime import init_ray
 
     init_ray(RayConfig(num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="fvbench-", dir="/tmp")))
+    if args.engine_suite:
+        srv = Server(1, S, C)
+        try:
+            with tempfile.TemporaryDirectory(prefix="fvbench-eng-") as work:
+                engine_suite(srv.urls, args.n or 5000, in_flight, C, S, work)
+        finally:
+            srv.close()
+        return
     srv = Server(1, S, C)
     rows, ours, cpu, base = [], [], [], []
     try:

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.config import StorageConfig
 from engine.layout import LayerDir, commit_parts
 from engine.stats import LayerStats
 
@@ -40,3 +41,18 @@ def write_layer_shard(
     stats = LayerStats.from_table(table, started, shard=shard, layer=layer.name, **(extra_stats or {}))
     commit_parts(layer.store, {layer.parquet(shard): local}, layer.stats(shard), stats)
     return stats
+
+
+def read_layer(dataset_root: str, layer: str, storage: StorageConfig | None = None) -> pa.Table | None:
+    """All committed rows of a layer as one Arrow table (union by name across shards); only
+    shards with their commit marker, never a bare ``*.parquet`` glob."""
+    from engine.layout import Dataset
+
+    lay = Dataset(dataset_root, storage).layer(layer)
+    if not lay.store.is_local:
+        lay.store.fs.invalidate_cache()
+    tables = []
+    for s in lay.committed():
+        with lay.store.open(lay.parquet(s)) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables, promote_options="default") if tables else None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, get_args
+
+from recaption.presets import ModelFamily
 
 EXIT_USAGE = 2
 
@@ -59,6 +61,14 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     p.add_argument("--limit", type=int, help="process at most this many images (whole shards)")
     p.add_argument("--clients", type=int, help="client actors (one asyncio loop each)")
     p.add_argument("--retry-failed", action="store_true", help="redo failed rows of committed layer shards")
+    p.add_argument(
+        "--model-family",
+        choices=list(get_args(ModelFamily)),
+        help="box convention and resize grid of the model (recaption/presets.py; default generic)",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="hf/vllm: run the model directory's own code"
+    )
     p.add_argument("--no-progress", action="store_true")
     config_args(p)
     p.set_defaults(func=cmd_recaption)
@@ -75,6 +85,11 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model directory's own code (exported FineViT VLMs: finevit export --part vlm)",
+    )
     config_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -127,6 +142,9 @@ def cmd_recaption(args: argparse.Namespace) -> int:
             "recaption.clients": args.clients,
             "recaption.retry_failed": flag(args.retry_failed),
             "recaption.progress": "false" if args.no_progress else None,
+            "recaption.model_family": args.model_family,
+            "recaption.hf.trust_remote_code": flag(args.trust_remote_code),
+            "recaption.vllm.trust_remote_code": flag(args.trust_remote_code),
         },
         model=RecaptionRunConfig,
     )
@@ -135,7 +153,9 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     except (BackendError, PromptError) as e:
         return _fail(str(e))
     print_report(report)
-    return 1 if report.shards_failed else 0
+    if report.stopped:
+        print(f"finevit: recaption stopped: {report.stopped}", file=sys.stderr)
+    return 1 if report.shards_failed or report.stopped else 0
 
 
 def print_report(report: Any) -> None:
@@ -156,7 +176,8 @@ def print_report(report: Any) -> None:
     t.add_row("samples", f"{report.count}  ok {report.ok}  failed {report.failed}")
     t.add_row(
         "requests",
-        f"{report.requests}  retries {report.retries}  completion tokens {report.completion_tokens}",
+        f"{report.requests}  retries {report.retries}  completion tokens {report.completion_tokens}"
+        + (f"  cache hits {report.cache_hits}" if report.cache_hits else ""),
     )
     if report.count:
         t.add_row(
@@ -181,6 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             batch_size=args.batch_size,
+            trust_remote_code=args.trust_remote_code,
         )
     except BackendError as e:
         return _fail(str(e))

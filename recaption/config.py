@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from engine.config import RayConfig, StorageConfig, StrictModel
+from recaption.presets import PRESETS, ModelFamily
 
 BBoxFormat = Literal["pixels", "norm1000", "norm1"]
 
@@ -22,6 +23,14 @@ class HFConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(default=8, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0)
+    trust_remote_code: bool = Field(
+        default=False, description="run the model directory's own code (InternVL, MiniCPM-V, Phi-3.5-V)"
+    )
+    num_gpus: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs per hf actor (default: 1 when CUDA is visible and device is auto/cuda)",
+    )
 
 
 class VLLMConfig(StrictModel):
@@ -35,6 +44,7 @@ class VLLMConfig(StrictModel):
     max_num_seqs: int = Field(default=256, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     engine_kwargs: dict = Field(default_factory=dict)
+    trust_remote_code: bool = False
 
 
 class RecaptionConfig(StrictModel):
@@ -54,6 +64,14 @@ class RecaptionConfig(StrictModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     keep_truncated: bool = Field(
         default=False, description="keep captions cut by max_tokens (status ok) instead of failing them"
+    )
+    model_family: ModelFamily = Field(
+        default="generic", description="box convention and resize grid of the model (recaption/presets.py)"
+    )
+    extra_body: dict = Field(
+        default_factory=dict,
+        description="extra request fields passed to the engine: chat_template_kwargs, mm_processor_kwargs, "
+        "repetition_penalty, stop, top_p, seed, ...",
     )
     # images
     image_max_side: int = Field(default=768, ge=16)
@@ -83,6 +101,15 @@ class RecaptionConfig(StrictModel):
     shards_in_flight: int = Field(default=4, ge=1, description="shards per client processed at once")
     client_cpus: float = Field(default=0.25, gt=0, description="Ray CPUs reserved per client actor")
     progress: bool = True
+    lease_ttl: float = Field(
+        default=120.0, gt=0, description="seconds a layer lease lives without a heartbeat"
+    )
+    breaker_outage_s: float = Field(
+        default=120.0, gt=0, description="stop the run after this long with no endpoint in rotation"
+    )
+    breaker_http400: int = Field(
+        default=32, ge=1, description="stop the run after this many HTTP 400 in a row with no success"
+    )
     hf: HFConfig = HFConfig()
     vllm: VLLMConfig = VLLMConfig()
 
@@ -94,6 +121,12 @@ class RecaptionConfig(StrictModel):
         if isinstance(v, int):
             return [str(v)]
         return v
+
+    @model_validator(mode="after")
+    def _preset(self):
+        if "bbox_format" not in self.model_fields_set:
+            self.bbox_format = PRESETS[self.model_family].bbox_format  # type: ignore[assignment]
+        return self
 
     @field_validator("endpoints", mode="before")
     @classmethod

@@ -1,6 +1,9 @@
-"""Images as the captioner sees them: decoded from the shard, downscaled to ``image_max_side``,
-re-encoded as JPEG once per request. Boxes are given and returned relative to this image;
-normalized [0,1] coordinates are the same for the shard's image."""
+"""Images as the captioner sees them: decoded from the shard, downscaled to ``image_max_side``
+(then, for a model family with a resize grid, to the size its processor would use), encoded as
+JPEG once. Only the JPEG is kept while a sample waits for the backend (a decoded image is
+~10x its JPEG); drawing or cropping a proposal box decodes it again. Boxes are given and
+returned relative to this image; normalized [0,1] coordinates are the same for the shard's
+image."""
 
 from __future__ import annotations
 
@@ -9,15 +12,16 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from recaption.presets import Grid
+
 
 @dataclass
 class Prepared:
-    image: Image.Image  # RGB, downscaled
     jpeg: bytes
+    size: tuple[int, int]  # (width, height) of the image sent
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.size
+    def decoded(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.jpeg)).convert("RGB")
 
 
 def encode_jpeg(im: Image.Image, quality: int) -> bytes:
@@ -26,15 +30,20 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def prepare(data: bytes, max_side: int, quality: int) -> Prepared:
-    """Decode, convert to RGB, downscale so the long side is at most ``max_side`` (never up)."""
+def prepare(data: bytes, max_side: int, quality: int, grid: Grid | None = None) -> Prepared:
+    """Decode, convert to RGB, downscale so the long side is at most ``max_side`` (never up),
+    then resize to the model's grid (``grid``: see :mod:`recaption.presets`)."""
     im = Image.open(io.BytesIO(data))
     im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale when it can
     im = im.convert("RGB")
     if max(im.size) > max_side:
         s = max_side / max(im.size)
         im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.BICUBIC)
-    return Prepared(im, encode_jpeg(im, quality))
+    if grid is not None:
+        size = grid.size(im.width, im.height)
+        if size != im.size:
+            im = im.resize(size, Image.Resampling.BICUBIC)
+    return Prepared(encode_jpeg(im, quality), im.size)
 
 
 def draw_box(im: Image.Image, box: tuple[float, float, float, float], quality: int) -> bytes:

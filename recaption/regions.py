@@ -51,6 +51,33 @@ GROUNDED_SCHEMA: dict[str, Any] = {
 }
 
 
+CAPTION_MAX_CHARS = 600  # per region, in the schema: constrained decoding cannot run on forever
+LABEL_MAX_CHARS = 80
+
+
+def grounded_schema(max_regions: int = 64) -> dict[str, Any]:
+    """:data:`GROUNDED_SCHEMA` bounded: at most ``max_regions`` regions (``maxItems``) and
+    bounded strings (``maxLength``), so a constrained decoder cannot loop until ``max_tokens``."""
+    item = GROUNDED_SCHEMA["properties"]["regions"]["items"]
+    return {
+        **GROUNDED_SCHEMA,
+        "properties": {
+            "regions": {
+                "type": "array",
+                "maxItems": max_regions,
+                "items": {
+                    **item,
+                    "properties": {
+                        **item["properties"],
+                        "label": {"type": "string", "maxLength": LABEL_MAX_CHARS},
+                        "caption": {"type": "string", "maxLength": CAPTION_MAX_CHARS},
+                    },
+                },
+            }
+        },
+    }
+
+
 class RegionError(ValueError):
     """A model answer that gives no usable regions; the message is the recorded reason."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -24,7 +24,7 @@ from engine.schemas import GLOBAL_CAPTION_SCHEMA, LAYER_FAILED, LAYER_OK, REGION
 from recaption.backends.base import Backend, CaptionRequest, CaptionResult, SamplingParams
 from recaption.images import Prepared, crop_box, draw_box
 from recaption.prompts import Prompt
-from recaption.regions import CONVENTION_TEXT, GROUNDED_SCHEMA, RegionError, from_unit, parse_grounded
+from recaption.regions import CONVENTION_TEXT, RegionError, from_unit, grounded_schema, parse_grounded
 
 RAW_FIELD = pa.field("raw", pa.string())
 GLOBAL_LAYER_SCHEMA = GLOBAL_CAPTION_SCHEMA.append(RAW_FIELD)
@@ -49,6 +49,7 @@ class Sample:
     error: str | None = None  # why there is no image
     proposals: list[dict[str, Any]] | None = None
     proposals_error: str | None = None
+    sha256: str | None = None  # of the image bytes in the shard (the response cache's key)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Metrics:
     completion_tokens: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     dropped_boxes: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0  # samples answered from the response cache (recaption/cache.py)
 
     def add(self, r: CaptionResult) -> None:
         self.requests += r.attempts
@@ -93,6 +95,7 @@ class Metrics:
             "images_per_s": round(images / seconds, 3) if seconds > 0 else None,
             "tokens_per_s": round(self.completion_tokens / seconds, 3) if seconds > 0 else None,
             "dropped_boxes": dict(self.dropped_boxes),
+            "cache_hits": self.cache_hits,
         }
 
 
@@ -109,6 +112,39 @@ def judge_text(r: CaptionResult, keep_truncated: bool) -> str:
     return text
 
 
+def varied(req: CaptionRequest, attempt: int, last: CaptionResult | None) -> CaptionRequest:
+    """The request of answer attempt ``attempt`` (0: as given). A retry of a bad answer must be
+    able to come back different: another seed, a small temperature step (0.2 per retry, at most
+    1.0), and after ``finish_reason=length`` twice the ``max_tokens`` (at most 4x)."""
+    if attempt == 0:
+        return req
+    s = req.sampling
+    max_tokens = s.max_tokens
+    if last is not None and last.finish_reason == "length":
+        max_tokens = min(s.max_tokens * 2**attempt, s.max_tokens * 4)
+    return replace(
+        req,
+        sampling=replace(
+            s,
+            seed=(s.seed or 0) + attempt,
+            temperature=min(1.0, s.temperature + 0.2 * attempt),
+            max_tokens=max_tokens,
+        ),
+    )
+
+
+def judge_one(
+    r: CaptionResult, judge: Callable[[CaptionResult], Any]
+) -> tuple[Any, CaptionResult, str | None]:
+    """``(value, r, error)`` of one result: a transport error, a bad answer or the judged value."""
+    if not r.ok:
+        return None, r, r.error
+    try:
+        return judge(r), r, None
+    except (AnswerError, RegionError) as e:
+        return None, r, str(e)
+
+
 async def ask(
     backend: Backend,
     req: CaptionRequest,
@@ -116,19 +152,19 @@ async def ask(
     retries: int,
     metrics: Metrics,
 ) -> tuple[Any, CaptionResult, str | None]:
-    """``(value, last result, error)``: asks again while the answer is bad, up to ``retries`` times."""
-    r = CaptionResult(req.key, error="not attempted")
+    """``(value, last result, error)``: asks again while the answer is bad, up to ``retries``
+    times, each time with a varied request (:func:`varied`)."""
+    r: CaptionResult | None = None
+    err = "not attempted"
     for attempt in range(retries + 1):
-        r = await backend.generate(req)
+        r = await backend.generate(varied(req, attempt, r))
         metrics.add(r)
-        if not r.ok:
-            return None, r, r.error
-        try:
-            return judge(r), r, None
-        except (AnswerError, RegionError) as e:
-            err = str(e)
-            if attempt < retries:
-                metrics.answer_retries += 1
+        value, r, err = judge_one(r, judge)
+        if err is None or not r.ok:
+            return value, r, err
+        if attempt < retries:
+            metrics.answer_retries += 1
+    assert r is not None
     return None, r, f"{err} (after {retries + 1} answers)"
 
 
@@ -147,6 +183,10 @@ class TaskSettings:
 
 
 class Task:
+    """One sample in, one layer row out: :meth:`requests` to send, :meth:`judge` for each
+    answer, :meth:`finish` to build the row. :meth:`run` does the three with a backend (and
+    asks again on a bad answer); the vLLM driver does them apart, the engine in between."""
+
     kind = "?"
     schema: pa.Schema
 
@@ -157,8 +197,41 @@ class Task:
     def failed_row(self, key: str, error: str, raw: str | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
-    async def run(self, backend: Backend, sample: Sample, metrics: Metrics) -> dict[str, Any]:
+    def premade_row(self, sample: Sample) -> dict[str, Any] | None:
+        """The row of a sample that gets no request (no image, no proposals); None otherwise."""
+        if sample.image is None:
+            return self.failed_row(sample.key, sample.error or "image not available")
+        return None
+
+    def meta(self, sample: Sample) -> dict[str, Any]:
+        """What judging and the row need of a sample, without its image (small, picklable)."""
+        assert sample.image is not None
+        w, h = sample.image.size
+        return {"key": sample.key, "w": w, "h": h, "proposals": sample.proposals}
+
+    def requests(self, sample: Sample) -> list[CaptionRequest]:
         raise NotImplementedError
+
+    def judge(self, meta: dict[str, Any]) -> Callable[[CaptionResult], Any]:
+        return lambda r: judge_text(r, self.s.keep_truncated)
+
+    def finish(
+        self, meta: dict[str, Any], outs: list[tuple[Any, CaptionResult, str | None]], metrics: Metrics
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def run(self, backend: Backend, sample: Sample, metrics: Metrics) -> dict[str, Any]:
+        import asyncio
+
+        row = self.premade_row(sample)
+        if row is not None:
+            return row
+        meta = self.meta(sample)
+        judge = self.judge(meta)
+        outs = await asyncio.gather(
+            *(ask(backend, q, judge, self.s.retries, metrics) for q in self.requests(sample))
+        )
+        return self.finish(meta, list(outs), metrics)
 
     def _user(self, text: str, n_images: int = 1) -> list[dict[str, Any]]:
         return [
@@ -170,15 +243,17 @@ class GlobalTask(Task):
     kind = "global"
     schema = GLOBAL_LAYER_SCHEMA
 
-    def build(self, sample: Sample) -> CaptionRequest:
+    def requests(self, sample: Sample) -> list[CaptionRequest]:
         assert sample.image is not None
         w, h = sample.image.size
-        return CaptionRequest(
-            sample.key,
-            self._user(self.prompt.render(width=w, height=h)),
-            [sample.image.jpeg],
-            self.s.sampling,
-        )
+        return [
+            CaptionRequest(
+                sample.key,
+                self._user(self.prompt.render(width=w, height=h)),
+                [sample.image.jpeg],
+                self.s.sampling,
+            )
+        ]
 
     def failed_row(
         self, key: str, error: str, raw: str | None = None, r: CaptionResult | None = None
@@ -196,20 +271,14 @@ class GlobalTask(Task):
             "raw": raw[:RAW_KEEP] if raw else None,
         }
 
-    async def run(self, backend: Backend, sample: Sample, metrics: Metrics) -> dict[str, Any]:
-        if sample.image is None:
-            return self.failed_row(sample.key, sample.error or "image not available")
-        text, r, err = await ask(
-            backend,
-            self.build(sample),
-            lambda r: judge_text(r, self.s.keep_truncated),
-            self.s.retries,
-            metrics,
-        )
+    def finish(
+        self, meta: dict[str, Any], outs: list[tuple[Any, CaptionResult, str | None]], metrics: Metrics
+    ) -> dict[str, Any]:
+        ((text, r, err),) = outs
         if err is not None:
-            return self.failed_row(sample.key, err, r.text, r)
+            return self.failed_row(meta["key"], err, r.text, r)
         return {
-            "key": sample.key,
+            "key": meta["key"],
             "caption": text,
             "model": self.s.model,
             "prompt_id": self.prompt.id,
@@ -253,24 +322,22 @@ class RegionTask(Task):
 class GroundedTask(RegionTask):
     kind = "grounded"
 
-    def build(self, sample: Sample) -> CaptionRequest:
+    def requests(self, sample: Sample) -> list[CaptionRequest]:
         assert sample.image is not None
         w, h = sample.image.size
         text = self.prompt.render(width=w, height=h, bbox_convention=CONVENTION_TEXT[self.s.bbox_format])
-        return CaptionRequest(
-            sample.key,
-            self._user(text),
-            [sample.image.jpeg],
-            self.s.sampling,
-            json_schema=GROUNDED_SCHEMA,
-            schema_name="regions",
-        )
+        return [
+            CaptionRequest(
+                sample.key,
+                self._user(text),
+                [sample.image.jpeg],
+                self.s.sampling,
+                json_schema=grounded_schema(self.s.max_regions),
+                schema_name="regions",
+            )
+        ]
 
-    async def run(self, backend: Backend, sample: Sample, metrics: Metrics) -> dict[str, Any]:
-        if sample.image is None:
-            return self.failed_row(sample.key, sample.error or "image not available")
-        w, h = sample.image.size
-
+    def judge(self, meta: dict[str, Any]) -> Callable[[CaptionResult], Any]:
         def judge(r: CaptionResult):
             if r.finish_reason == "length":
                 raise AnswerError("truncated (finish_reason=length)")
@@ -279,20 +346,25 @@ class GroundedTask(RegionTask):
             return parse_grounded(
                 r.text,
                 self.s.bbox_format,
-                w,
-                h,
+                meta["w"],
+                meta["h"],
                 min_area=self.s.min_box_area,
                 dedup_iou=self.s.dedup_iou,
                 max_regions=self.s.max_regions,
             )
 
-        value, r, err = await ask(backend, self.build(sample), judge, self.s.retries, metrics)
+        return judge
+
+    def finish(
+        self, meta: dict[str, Any], outs: list[tuple[Any, CaptionResult, str | None]], metrics: Metrics
+    ) -> dict[str, Any]:
+        ((value, r, err),) = outs
         if err is not None:
-            return self.failed_row(sample.key, err, r.text)
+            return self.failed_row(meta["key"], err, r.text)
         regions, dropped = value
         for k, n in dropped.items():
             metrics.dropped_boxes[k] = metrics.dropped_boxes.get(k, 0) + n
-        return self.ok_row(sample.key, regions)
+        return self.ok_row(meta["key"], regions)
 
 
 class ProposalTask(RegionTask):
@@ -307,6 +379,16 @@ class ProposalTask(RegionTask):
             return f"The second image is a close-up of one region of the first image: {where}."
         return f"Look at the region inside {where}."
 
+    def premade_row(self, sample: Sample) -> dict[str, Any] | None:
+        row = super().premade_row(sample)
+        if row is None and sample.proposals is None:
+            return self.failed_row(sample.key, sample.proposals_error or "no proposals for this image")
+        return row
+
+    @staticmethod
+    def boxes(props: list[dict[str, Any]]) -> list[tuple[float, float, float, float]]:
+        return [(float(p["x0"]), float(p["y0"]), float(p["x1"]), float(p["y1"])) for p in props]
+
     def build(self, sample: Sample, i: int, box: tuple[float, float, float, float]) -> CaptionRequest:
         assert sample.image is not None
         w, h = sample.image.size
@@ -318,31 +400,22 @@ class ProposalTask(RegionTask):
         )
         q = self.s.jpeg_quality
         if self.s.box_hint == "draw":
-            images = [draw_box(sample.image.image, box, q)]
+            images = [draw_box(sample.image.decoded(), box, q)]
         elif self.s.box_hint == "crop":
-            images = [sample.image.jpeg, crop_box(sample.image.image, box, q)]
+            images = [sample.image.jpeg, crop_box(sample.image.decoded(), box, q)]
         else:
             images = [sample.image.jpeg]
         return CaptionRequest(f"{sample.key}#{i}", self._user(text, len(images)), images, self.s.sampling)
 
-    async def run(self, backend: Backend, sample: Sample, metrics: Metrics) -> dict[str, Any]:
-        import asyncio
+    def requests(self, sample: Sample) -> list[CaptionRequest]:
+        return [self.build(sample, i, b) for i, b in enumerate(self.boxes(sample.proposals or []))]
 
-        if sample.image is None:
-            return self.failed_row(sample.key, sample.error or "image not available")
-        if sample.proposals is None:
-            return self.failed_row(sample.key, sample.proposals_error or "no proposals for this image")
-        props = sample.proposals
-        boxes = [(float(p["x0"]), float(p["y0"]), float(p["x1"]), float(p["y1"])) for p in props]
-        judge = lambda r: judge_text(r, self.s.keep_truncated)  # noqa: E731
-        outs = await asyncio.gather(
-            *(
-                ask(backend, self.build(sample, i, b), judge, self.s.retries, metrics)
-                for i, b in enumerate(boxes)
-            )
-        )
+    def finish(
+        self, meta: dict[str, Any], outs: list[tuple[Any, CaptionResult, str | None]], metrics: Metrics
+    ) -> dict[str, Any]:
+        props = meta["proposals"] or []
         regions, first_err = [], None
-        for (text, r, err), b, p in zip(outs, boxes, props, strict=True):
+        for (text, r, err), b, p in zip(outs, self.boxes(props), props, strict=True):
             if err is not None:
                 first_err = first_err or (f"region: {err}", r.text)
                 continue
@@ -350,5 +423,5 @@ class ProposalTask(RegionTask):
                 {"x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3], "caption": text, "label": p.get("label")}
             )
         if first_err is not None:
-            return self.failed_row(sample.key, first_err[0], first_err[1], regions)
-        return self.ok_row(sample.key, regions)
+            return self.failed_row(meta["key"], first_err[0], first_err[1], regions)
+        return self.ok_row(meta["key"], regions)

@@ -6,14 +6,17 @@
 #   MODEL=Qwen/Qwen2.5-VL-7B-Instruct N=2000 scripts/recaption_vllm_gpu.sh [WORKDIR]
 #
 # MODEL may be a local directory (no download at run time) or a Hugging Face id already in the
-# cache. Qwen2.5-VL writes boxes in absolute pixels: BBOX_FORMAT=pixels (norm1000 for Qwen2-VL).
+# cache. FAMILY (qwen2.5-vl | qwen2-vl | qwen3-vl | internvl | generic) sets the box convention
+# and sends images already on the model's resize grid (recaption/presets.py), so boxes map back
+# exactly. Layers are read through engine.layers.read_layer: committed shards only, never a
+# bare *.parquet glob (a killed run's uncommitted files would be counted).
 # Expected: every layer row ok or failed-with-reason; the two global layers' ok counts printed;
 # images/s for each path in the summaries (put them in bench/README.md with the GPU's name).
 set -euo pipefail
 MODEL=${MODEL:?set MODEL to a local model directory or a cached Hugging Face id}
 N=${N:-2000}
 WORK=${1:-/tmp/finevit-vllm}
-BBOX_FORMAT=${BBOX_FORMAT:-pixels}
+FAMILY=${FAMILY:-qwen2.5-vl}
 PORT=${PORT:-8011}
 TP=${TP:-1}
 PY=${PY:-python}
@@ -30,7 +33,7 @@ DS="$WORK/ds"
 "${FINEVIT[@]}" recaption "$DS" --backend vllm --model "$MODEL" --layer vllm-global --task global \
   --max-tokens 512 --no-progress --set recaption.vllm.tensor_parallel_size="$TP"
 "${FINEVIT[@]}" recaption "$DS" --backend vllm --model "$MODEL" --layer vllm-grounded --task regions \
-  --region-mode grounded --bbox-format "$BBOX_FORMAT" --max-tokens 1024 --no-progress --set recaption.vllm.tensor_parallel_size="$TP"
+  --region-mode grounded --model-family "$FAMILY" --max-tokens 1024 --no-progress --set recaption.vllm.tensor_parallel_size="$TP"
 
 # 2) the same model behind `vllm serve`, through the openai backend (the SGLang path is identical:
 #    python -m sglang.launch_server --model-path "$MODEL" --port $PORT, then the same command)
@@ -42,15 +45,16 @@ for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null &&
 "${FINEVIT[@]}" recaption "$DS" --endpoint "http://127.0.0.1:$PORT" --layer http-global --task global \
   --max-tokens 512 --max-in-flight 256 --no-progress
 "${FINEVIT[@]}" recaption "$DS" --endpoint "http://127.0.0.1:$PORT" --layer http-proposals --task regions \
-  --region-mode proposals --proposals-layer gt-regions --bbox-format "$BBOX_FORMAT" --max-tokens 128 \
+  --region-mode proposals --proposals-layer gt-regions --model-family "$FAMILY" --max-tokens 128 \
   --max-in-flight 256 --no-progress
 
 "$PY" - "$DS" <<'PY'
 import sys, duckdb
+from engine.layers import read_layer
 ds = sys.argv[1]
 for layer in ("vllm-global", "vllm-grounded", "http-global", "http-proposals"):
-    q = f"select status, count(*) from read_parquet('{ds}/layers/{layer}/*.parquet', union_by_name=true) group by 1"
-    print(layer, duckdb.sql(q).fetchall())
-    n = duckdb.sql(f"select count(*), count(distinct key) from read_parquet('{ds}/layers/{layer}/*.parquet')").fetchone()
+    t = read_layer(ds, layer)  # committed shards only (their _stats.json marker exists)
+    print(layer, duckdb.sql("select status, count(*) from t group by 1").fetchall())
+    n = duckdb.sql("select count(*), count(distinct key) from t").fetchone()
     assert n[0] == n[1], f"{layer}: duplicate keys"
 PY

@@ -4,20 +4,34 @@
 ``openai``    any OpenAI-compatible server over HTTP (vLLM, SGLang, serve-captioner)
 ``sglang``    SGLang's server (``python -m sglang.launch_server``) through ``openai``
 ``hf``        transformers from a local model directory, in process
-``vllm``      vLLM engines in the Ray cluster through Ray Data LLM (GPU machines)
 ============  =====================================================================
 """
 
 from __future__ import annotations
 
-from recaption.backends.base import Backend, BackendError, CaptionRequest, CaptionResult, SamplingParams
+from recaption.backends.base import (
+    Backend,
+    BackendError,
+    CaptionRequest,
+    CaptionResult,
+    CircuitOpen,
+    SamplingParams,
+)
 
-__all__ = ["Backend", "BackendError", "CaptionRequest", "CaptionResult", "SamplingParams", "make_backend"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "CircuitOpen",
+    "CaptionRequest",
+    "CaptionResult",
+    "SamplingParams",
+    "make_backend",
+]
 
 
 def make_backend(cfg, model: str | None = None) -> Backend:
     """The async backend for a :class:`recaption.config.RecaptionConfig` (not ``vllm``: that one
-    is a Ray Data pipeline, see :mod:`recaption.backends.vllm_ray`)."""
+    is a Ray Data pipeline, see :mod:`recaption.vllm_driver`)."""
     if cfg.backend in ("openai", "sglang"):
         from recaption.backends.openai_http import OpenAIBackend
 
@@ -32,6 +46,8 @@ def make_backend(cfg, model: str | None = None) -> Backend:
             eject_after=cfg.eject_after,
             probe_interval=cfg.probe_interval,
             api_key=cfg.api_key,
+            outage_s=cfg.breaker_outage_s,
+            breaker_http400=cfg.breaker_http400,
         )
     if cfg.backend == "hf":
         from recaption.backends.hf_local import HFBackend
@@ -44,5 +60,6 @@ def make_backend(cfg, model: str | None = None) -> Backend:
             dtype=cfg.hf.dtype,
             batch_size=cfg.hf.batch_size,
             batch_wait_ms=cfg.hf.batch_wait_ms,
+            trust_remote_code=cfg.hf.trust_remote_code,
         )
     raise BackendError(f"backend {cfg.backend!r} has no async client: it runs as a Ray Data pipeline")

@@ -23,12 +23,18 @@ class BackendError(RuntimeError):
     """A backend cannot be used at all (bad model directory, unreachable endpoints, missing package)."""
 
 
+class CircuitOpen(BackendError):
+    """The run must stop: no endpoint for too long, or every request refused (HTTP 400). The
+    shard in flight is not committed; a rerun redoes it once the fleet is back."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    extra: tuple[tuple[str, Any], ...] = ()  # extra request fields (config ``extra_body``), sorted
 
 
 @dataclass
@@ -56,15 +62,6 @@ class CaptionResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def image_placeholders(messages: list[dict[str, Any]]) -> int:
-    n = 0
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            n += sum(1 for c in content if c.get("type") == "image")
-    return n
 
 
 def fill_images(messages: list[dict[str, Any]], images: list[Any], render) -> list[dict[str, Any]]:
@@ -97,6 +94,3 @@ class Backend(abc.ABC):
     def capacity(self) -> int:
         """How many requests it is worth having in flight at once."""
         return 8
-
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.name}

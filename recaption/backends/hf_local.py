@@ -34,6 +34,7 @@ class HFBackend(Backend):
         dtype: str = "auto",
         batch_size: int = 8,
         batch_wait_ms: float = 5.0,
+        trust_remote_code: bool = False,
     ) -> None:
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise BackendError(
@@ -45,6 +46,7 @@ class HFBackend(Backend):
         self.dtype_name = dtype
         self.batch_size = batch_size
         self.batch_wait = batch_wait_ms / 1000
+        self.trust_remote_code = trust_remote_code
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hf-generate")
         self._queue: asyncio.Queue | None = None
         self._batcher: asyncio.Task | None = None
@@ -55,9 +57,6 @@ class HFBackend(Backend):
     @property
     def capacity(self) -> int:
         return self.batch_size * 2
-
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.model_dir, "device": str(getattr(self, "device", "?"))}
 
     # ---- loading ---------------------------------------------------------------------------
     def _load(self) -> None:
@@ -74,11 +73,12 @@ class HFBackend(Backend):
             "float16": torch.float16,
         }[self.dtype_name]
         try:
-            # trust_remote_code: exported FineViT VLMs (finevit export --part vlm) ship their modeling code
-            self.processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=True)
+            self.processor = AutoProcessor.from_pretrained(
+                self.model_dir, trust_remote_code=self.trust_remote_code
+            )
             self.net = (
                 AutoModelForImageTextToText.from_pretrained(
-                    self.model_dir, dtype=dtype, trust_remote_code=True
+                    self.model_dir, dtype=dtype, trust_remote_code=self.trust_remote_code
                 )
                 .to(dev)
                 .eval()

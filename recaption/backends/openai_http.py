@@ -27,7 +27,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from recaption.backends.base import Backend, BackendError, CaptionRequest, CaptionResult, fill_images
+from recaption.backends.base import (
+    Backend,
+    BackendError,
+    CaptionRequest,
+    CaptionResult,
+    CircuitOpen,
+    fill_images,
+)
 
 RETRY_AFTER_CAP = 300.0
 
@@ -80,6 +87,7 @@ def build_payload(req: CaptionRequest, model: str) -> dict[str, Any]:
         "temperature": req.sampling.temperature,
         "top_p": req.sampling.top_p,
     }
+    body.update(dict(req.sampling.extra))  # chat_template_kwargs, mm_processor_kwargs, stop, ...
     if req.sampling.seed is not None:
         body["seed"] = req.sampling.seed
     if req.json_schema is not None:
@@ -249,6 +257,8 @@ class OpenAIBackend(Backend):
         api_key: str | None = None,
         check_timeout: float = 10.0,
         seed: int | None = None,
+        outage_s: float | None = None,
+        breaker_http400: int = 32,
     ) -> None:
         self.urls = [normalize_endpoint(u) for u in endpoints]
         if not self.urls:
@@ -266,6 +276,9 @@ class OpenAIBackend(Backend):
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self._rng = random.Random(seed)
+        self.outage_s = outage_s if outage_s is not None else timeout
+        self.breaker_http400 = breaker_http400
+        self._http400_in_a_row = 0
         self._session = None
         self.pool: EndpointPool | None = None
 
@@ -295,7 +308,7 @@ class OpenAIBackend(Backend):
                 self.eject_after,
                 self.probe_interval,
                 self._probe,
-                wait_limit=max(self.timeout, self.probe_interval * 3),
+                wait_limit=max(self.outage_s, self.probe_interval * 3),
             )
 
     async def _get(self, url: str) -> tuple[int, Any]:
@@ -373,8 +386,8 @@ class OpenAIBackend(Backend):
         for attempt in range(self.retries + 1):
             try:
                 ep = await self.pool.acquire()
-            except NoEndpoint as e:
-                return CaptionResult(request.key, error=str(e), attempts=attempt)
+            except NoEndpoint as e:  # an outage: stop the run, commit nothing of it
+                raise CircuitOpen(f"circuit breaker: {e} for more than {self.outage_s:g}s") from e
             t0 = time.perf_counter()
             delay = None
             outcome = "fail"
@@ -394,6 +407,7 @@ class OpenAIBackend(Backend):
                     except ValueError as e:  # garbage from the server: a server fault, retry
                         error = f"bad response: not a chat completion ({str(e)[:120]}): {raw[:80]!r}"
                     else:
+                        self._http400_in_a_row = 0
                         await self.pool.release(ep, "ok")
                         return CaptionResult(
                             request.key, text, finish, pt, ct, latency, attempt + 1, None, ep.url
@@ -406,6 +420,13 @@ class OpenAIBackend(Backend):
                     error = f"HTTP {status} server error"
                 else:  # 4xx other than 429: the request itself is wrong; asking again cannot help
                     await self.pool.release(ep, "neutral")
+                    self._http400_in_a_row += 1
+                    if self._http400_in_a_row >= self.breaker_http400:
+                        raise CircuitOpen(
+                            f"circuit breaker: {self._http400_in_a_row} requests in a row refused with "
+                            f"HTTP {status} and none answered (last: {raw[:200].decode(errors='replace')}); "
+                            "check --model, the prompt and the server's limits"
+                        )
                     return CaptionResult(
                         request.key,
                         error=f"HTTP {status}: {raw[:300].decode(errors='replace')}",

@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 CAPTION = "A large red striped circle at the top left and two small blue squares at the bottom right on a grey background."
-TRANSPORT = {"500", "503", "429", "slow", "reset", "garbage"}
+TRANSPORT = {"500", "503", "429", "400", "slow", "reset", "garbage"}
 
 
 @dataclass
@@ -34,6 +34,7 @@ class FaultServer:
     plan: dict[str, float] = field(default_factory=dict)
     persistent: set[str] = field(default_factory=set)
     transient_attempts: int = 1
+    health_ok: bool = True  # False: /health and /v1/models answer 503 (probes fail: an outage)
     model: str = "fake-vlm"
     bbox_format: str = "norm1000"
     retry_after: float = 0.2
@@ -44,6 +45,7 @@ class FaultServer:
     seen: Counter = field(default_factory=Counter)  # body hash -> attempts
     modes: Counter = field(default_factory=Counter)  # mode -> times served
     times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    content: dict[str, str] = field(default_factory=dict)  # body hash -> content hash (picks the fault)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     keep_bodies: bool = False
 
@@ -101,10 +103,12 @@ class FaultServer:
 
     # ---- handlers -------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
+        if not self.health_ok:
+            return web.Response(status=503, text="down")
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        return web.Response(text="ok") if self.health_ok else web.Response(status=503, text="down")
 
     def _mode(self, h: str, attempt: int) -> str:
         u = int(h[:8], 16) / 2**32
@@ -123,18 +127,25 @@ class FaultServer:
         h = hashlib.sha256(raw).hexdigest()
         self.seen[h] += 1
         self.times[h].append(time.monotonic())
-        mode = self._mode(h, self.seen[h])
-        self.modes[mode] += 1
         try:
             body = json.loads(raw)
         except ValueError:
             return web.Response(status=400, text="body is not JSON")
+        # the fault follows the image and prompt, not the sampling: a persistent fault stays
+        # when a retry changes the seed, temperature or max_tokens (a model that always fails)
+        content = {k: v for k, v in body.items() if k not in ("seed", "temperature", "max_tokens")}
+        ch = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        self.content[h] = ch
+        mode = self._mode(ch, self.seen[h])
+        self.modes[mode] += 1
         if self.keep_bodies:
             self.bodies.append(body)
         if self.service_s:
             await asyncio.sleep(self.service_s)
         if mode in ("500", "503"):
             return web.Response(status=int(mode), text="upstream overloaded")
+        if mode == "400":
+            return web.Response(status=400, text="This model's maximum context length is 4096 tokens")
         if mode == "429":
             return web.Response(status=429, text="slow down", headers={"Retry-After": str(self.retry_after)})
         if mode == "slow":

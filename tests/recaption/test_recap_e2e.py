@@ -11,9 +11,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from engine.layers import read_layer
 from engine.layout import Dataset
 from recaption.config import RecaptionConfig, RecaptionRunConfig
-from recaption.run import read_layer, recaption
+from recaption.run import recaption
 from tests.recaption.recap_helpers import CLI, N_IMAGES
 
 pytestmark = pytest.mark.slow

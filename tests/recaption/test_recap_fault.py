@@ -16,7 +16,8 @@ from engine.layout import Dataset
 from recaption.backends.base import BackendError, CaptionRequest, SamplingParams
 from recaption.backends.openai_http import OpenAIBackend
 from recaption.config import RecaptionConfig
-from recaption.run import ShardWorker, check_or_write_info, layer_info, layer_name
+from recaption.plan import check_or_write_info, layer_info, layer_name
+from recaption.run import ShardWorker
 
 TRANSIENT = {"500": 0.1, "503": 0.08, "429": 0.08, "slow": 0.08, "reset": 0.08, "garbage": 0.08}
 
@@ -68,7 +69,7 @@ def test_transient_faults_succeed_on_retry(fault_server):
         n for m, n in srv.modes.items() if m != "ok"
     )  # ... and each one cost exactly one retry
     # Retry-After was honoured: the retry of a 429'd request came no sooner than it said
-    gaps = [t[1] - t[0] for h, t in srv.times.items() if len(t) > 1 and srv._mode(h, 1) == "429"]
+    gaps = [t[1] - t[0] for h, t in srv.times.items() if len(t) > 1 and srv._mode(srv.content[h], 1) == "429"]
     assert gaps and min(gaps) >= 0.2 * 0.95
 
 
@@ -178,7 +179,8 @@ def _run_shards(root, cfg: RecaptionConfig, storage=None, retry=False):
 
     async def go():
         try:
-            return [await (w.retry_shard(s) if retry else w.run_shard(s)) for s in ds.committed_shards()]
+            outs = [await (w.retry_shard(s) if retry else w.run_shard(s)) for s in ds.committed_shards()]
+            return [o and {**o["stats"], "_round": o["usage"]} for o in outs]
         finally:
             await w.close()
 
@@ -239,6 +241,15 @@ def test_global_layer_reasons_raw_and_retry_failed(scenes, fault_server):
     srv.plan, srv.persistent = {}, set()
     retried, _ = _run_shards(scenes, _cfg(srv, layer="cap"), retry=True)
     assert any(r is not None for r in retried)
+    # finding 7: the shard's request and token counts add up over the rounds
+    for first, again in zip(stats, retried, strict=True):
+        if again is not None:
+            assert again["requests"] == first["requests"] + again["_round"]["requests"] > first["requests"]
+            assert (
+                again["completion_tokens"]
+                == first["completion_tokens"] + again["_round"]["completion_tokens"]
+            )
+            assert again["retry_rounds"] == 1
     rows2 = [r for s in layer.committed() for r in _rows(layer, s)]
     assert [r["key"] for r in rows2] == [r["key"] for r in rows]
     assert [r["error"] for r in rows2 if r["status"] == "failed"] == [
@@ -328,3 +339,93 @@ def test_layer_info_mismatch_is_refused(scenes, fault_server):
 def test_backend_error_type():
     with pytest.raises(BackendError, match="no endpoint"):
         OpenAIBackend([])
+
+
+def test_circuit_breaker_stops_the_run_and_commits_nothing(scenes, fault_server):
+    """Finding 10: every request refused (HTTP 400): the run stops with a clear message, no
+    shard is committed, and a rerun on a healthy fleet redoes them."""
+    from engine.layout import Dataset
+    from recaption.config import RecaptionRunConfig
+    from recaption.run import recaption
+
+    srv = fault_server(plan={"400": 1.0})
+    cfg = _cfg(srv, layer="cb", breaker_http400=4)
+    rep = recaption(str(scenes), RecaptionRunConfig(recaption=cfg), progress=False)
+    assert rep.stopped and "circuit breaker" in rep.stopped and "HTTP 400" in rep.stopped, rep
+    assert Dataset(str(scenes)).layer("cb").committed() == []
+    srv.plan = {}
+    again = recaption(str(scenes), RecaptionRunConfig(recaption=cfg), progress=False)
+    assert again.shards_written == 3 and again.stopped is None
+
+
+def test_circuit_breaker_on_an_outage(fault_server):
+    """No endpoint in rotation for breaker_outage_s: the backend raises CircuitOpen (the row is
+    not recorded as failed), instead of answering every request with a failure."""
+    from recaption.backends.base import CircuitOpen
+    from recaption.backends.openai_http import OpenAIBackend
+
+    srv = fault_server()
+
+    async def go():
+        b = OpenAIBackend(
+            [srv.url],
+            timeout=0.5,
+            retries=3,
+            backoff_base=0.01,
+            eject_after=1,
+            probe_interval=0.1,
+            outage_s=0.5,
+        )
+        await b.start()
+        srv.plan, srv.health_ok = {"500": 1.0}, False
+        try:
+            with pytest.raises(CircuitOpen, match="circuit breaker: no endpoint"):
+                for _ in range(20):
+                    await b.generate(_req_for_breaker())
+        finally:
+            await b.close()
+
+    asyncio.run(go())
+
+
+def _req_for_breaker():
+    from recaption.backends.base import CaptionRequest
+
+    return CaptionRequest("k", [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+def _duplicate_image(ds, shard: str = "00002") -> tuple[str, str]:
+    """Give the second image of ``shard`` the bytes of the first; returns their keys."""
+    import io
+    import shutil
+    import tarfile
+
+    p = ds / "shards" / f"{shard}.tar"
+    out = p.with_suffix(".new")
+    first, second = None, None
+    with tarfile.open(p) as src, tarfile.open(out, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else None
+            if m.name.endswith(".jpg"):
+                key = m.name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                if first is None:
+                    first, first_bytes = key, data
+                elif second is None:
+                    second, data = key, first_bytes
+                    m.size = len(data)
+            dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    shutil.move(out, p)
+    return first, second
+
+
+def test_response_cache_answers_duplicate_images(scenes, fault_server):
+    """Operator feature: an image already answered (same sha256, model, prompt, sampling) is not
+    sent again; the hit is counted in _stats.json."""
+    srv = fault_server()
+    a, b = _duplicate_image(scenes)
+    stats, layer = _run_shards(scenes, _cfg(srv, layer="cache"))
+    by_shard = {s["shard"]: s for s in stats}
+    assert by_shard["00002"]["cache_hits"] == 1 and by_shard["00002"]["requests"] == 7
+    assert by_shard["00001"]["cache_hits"] == 0 and by_shard["00001"]["requests"] == 8
+    rows = {r["key"]: r for r in _rows(layer, "00002")}
+    assert rows[b]["status"] == "ok" and rows[b]["caption"] == rows[a]["caption"]

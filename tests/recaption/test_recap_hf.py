@@ -135,9 +135,10 @@ def captioner(tiny_vlm):
 
 @pytest.mark.slow
 def test_serve_captioner_end_to_end(captioner, scenes):
+    from engine.layers import read_layer
     from engine.layout import Dataset
     from recaption.config import RecaptionConfig, RecaptionRunConfig
-    from recaption.run import read_layer, recaption
+    from recaption.run import recaption
 
     with urllib.request.urlopen(captioner + "/v1/models") as r:
         assert json.load(r)["data"][0]["id"] == "tiny-llava"

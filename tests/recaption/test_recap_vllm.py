@@ -1,72 +1,167 @@
-"""The vllm backend up to the engine call: config, request rows, answer parsing, and the
-driver's streaming commit path with the engine replaced by a CPU stand-in (vLLM needs a GPU;
-scripts/recaption_vllm_gpu.sh runs the real thing)."""
+"""The vLLM driver up to the Ray Data LLM processor boundary (vLLM needs a GPU; it does not
+install here; scripts/recaption_vllm_gpu.sh runs the real thing).
+
+The contract below is vLLM's, not ours: every request row must pass it, and the driver test's
+processor stand-in applies it to every row it receives (it refuses what vLLM would refuse).
+"""
 
 from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tarfile
 
 import pytest
 from PIL import Image
 
 from recaption.backends.base import CaptionRequest, SamplingParams
-from recaption.backends.vllm_ray import (
+from recaption.config import RecaptionConfig, RecaptionRunConfig, VLLMConfig
+from recaption.regions import grounded_schema
+from recaption.vllm_driver import (
     engine_kwargs,
+    expand,
     postprocess,
     request_row,
     result_from_row,
     sampling_params,
 )
-from recaption.config import RecaptionConfig, RecaptionRunConfig, VLLMConfig
-from recaption.regions import GROUNDED_SCHEMA
 from tests.recaption.recap_helpers import N_IMAGES
 
+# ---- vLLM's chat content-part contract ------------------------------------------------------
+# From vllm-project/vllm, vllm/entrypoints/chat_utils.py at commit
+# 001eadcf295d90aa0664963cd6a9d93f38a2f3da (the 0.33 line; Ray Data LLM's prepare_multimodal
+# stage calls its parse_chat_messages_async): MM_PARSER_MAP's keys are the part types a message
+# may carry; any other ``type`` parses to "unknown part_type content" and the request fails.
+VLLM_PART_TYPES = {
+    "text",
+    "thinking",
+    "input_text",
+    "output_text",
+    "input_image",
+    "image_url",
+    "image_embeds",
+    "audio_embeds",
+    "prompt_embeds",
+    "image_pil",
+    "audio_url",
+    "input_audio",
+    "refusal",
+    "video_url",
+    "tool_reference",
+}
+# The two we send, with their fields (ChatCompletionContentPartTextParam /
+# ChatCompletionContentPartImageParam, validated by pydantic TypeAdapter in vLLM):
+#   {"type": "text", "text": str}
+#   {"type": "image_url", "image_url": {"url": str (required), "detail": "auto"|"low"|"high"}}
+IMAGE_URL_FIELDS = {"url", "detail"}
 
-def _req(schema=None) -> CaptionRequest:
-    import io
 
+def check_vllm_part(part: object) -> None:
+    assert isinstance(part, dict), f"a content part must be a dict, got {type(part).__name__}"
+    # Ray Data stores a message list as Arrow structs: each part comes back with the union of the
+    # parts' keys, the missing ones None. vLLM casts text parts and validates image parts with a
+    # pydantic TypedDict adapter (extra keys ignored), so None-valued keys are fine.
+    part = {k: v for k, v in part.items() if v is not None}
+    t = part.get("type")
+    assert t in VLLM_PART_TYPES, f"vLLM does not know the content-part type {t!r}"
+    if t == "text":
+        assert set(part) == {"type", "text"} and isinstance(part["text"], str), part
+    elif t == "image_url":
+        assert set(part) == {"type", "image_url"}, sorted(part)
+        iu = part["image_url"]
+        assert isinstance(iu, dict) and set(iu) <= IMAGE_URL_FIELDS and isinstance(iu.get("url"), str), iu
+        assert iu["url"].startswith("data:image/jpeg;base64,"), iu["url"][:40]
+        Image.open(io.BytesIO(base64.b64decode(iu["url"].split(",", 1)[1]))).verify()
+    else:
+        raise AssertionError(f"the recaption driver sends only text and image_url parts, not {t!r}")
+
+
+def check_vllm_messages(messages: list) -> None:
+    assert messages, "no messages"
+    for m in messages:
+        assert m.get("role") in ("system", "user", "assistant"), m.get("role")
+        content = m.get("content")
+        if isinstance(content, list):
+            for part in content:
+                check_vllm_part(part)
+        else:
+            assert isinstance(content, str), type(content)
+
+
+def _jpeg(size=(20, 10)) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (20, 10), (200, 0, 0)).save(buf, "JPEG")
+    Image.new("RGB", size, (200, 0, 0)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _req(schema=None, extra=()) -> CaptionRequest:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
     return CaptionRequest(
-        "000000001#2", msgs, [buf.getvalue()], SamplingParams(77, 0.3, 0.8), json_schema=schema
+        "000000001#2", msgs, [_jpeg()], SamplingParams(77, 0.3, 0.8, extra=extra), json_schema=schema
     )
 
 
-def test_request_rows_and_sampling_params():
-    row = request_row(_req(GROUNDED_SCHEMA), "00000", "000000001")
-    img = row["messages"][0]["content"][0]
-    assert img["type"] == "image" and isinstance(img["image"], Image.Image) and img["image"].size == (20, 10)
-    assert row["messages"][0]["content"][1] == {"type": "text", "text": "describe"}
+def test_contract_rejects_what_vllm_rejects():
+    """The checker itself: the part the old driver sent (type "image" with a PIL image) fails."""
+    with pytest.raises(AssertionError, match="content-part type 'image'"):
+        check_vllm_part({"type": "image", "image": Image.new("RGB", (4, 4))})
+    with pytest.raises(AssertionError):
+        check_vllm_part({"type": "image_url", "image_url": "data:image/jpeg;base64,AAAA"})
+
+
+def test_request_rows_follow_vllms_contract():
+    schema = grounded_schema(8)
+    row = request_row(_req(schema), "00000", {"key": "000000001", "w": 20, "h": 10})
+    check_vllm_messages(row["messages"])
+    url = row["messages"][0]["content"][0]["image_url"]["url"]
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (20, 10)
     assert (row["shard"], row["key"], row["req_key"]) == ("00000", "000000001", "000000001#2")
-    sp = row["sampling_params"]
-    assert sp == {
+    assert row["sampling_params"] == {
         "max_tokens": 77,
         "temperature": 0.3,
         "top_p": 0.8,
-        "structured_outputs": {"json": GROUNDED_SCHEMA},
+        "structured_outputs": {"json": schema},
     }
-    assert "guided_decoding" not in sampling_params(_req(GROUNDED_SCHEMA))
     assert "structured_outputs" not in sampling_params(_req())
 
 
-def test_processor_config_and_engine_kwargs():
-    from recaption.backends.vllm_ray import processor_config
+def test_extra_fields_pass_through_to_vllm():
+    extra = (
+        ("chat_template_kwargs", {"enable_thinking": False}),
+        ("mm_processor_kwargs", {"max_pixels": 200704}),
+        ("repetition_penalty", 1.05),
+        ("stop", ["</s>"]),
+    )
+    row = request_row(_req(extra=extra), "00000", {"key": "000000001"})
+    assert row["sampling_params"]["repetition_penalty"] == 1.05 and row["sampling_params"]["stop"] == ["</s>"]
+    assert row["mm_processor_kwargs"] == {"max_pixels": 200704}
+    assert "chat_template_kwargs" not in row["sampling_params"]
+    from recaption.vllm_driver import processor_config
+
+    cfg = RecaptionConfig(backend="vllm", model="m", extra_body=dict(extra))
+    assert processor_config(cfg).chat_template_stage["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_processor_config_continues_on_error():
+    from recaption.vllm_driver import processor_config
 
     cfg = RecaptionConfig(
         backend="vllm",
         model="/models/qwen2.5-vl-7b",
         vllm=VLLMConfig(
-            tensor_parallel_size=2, concurrency=3, batch_size=16, engine_kwargs={"enforce_eager": True}
+            tensor_parallel_size=2,
+            concurrency=3,
+            batch_size=16,
+            engine_kwargs={"enforce_eager": True},
+            trust_remote_code=True,
         ),
     )
     kw = engine_kwargs(cfg)
-    assert (
-        kw["tensor_parallel_size"] == 2
-        and kw["enforce_eager"] is True
-        and kw["limit_mm_per_prompt"] == {"image": 2}
-    )
+    assert kw["tensor_parallel_size"] == 2 and kw["enforce_eager"] is True and kw["trust_remote_code"] is True
     pc = processor_config(cfg)
+    assert pc.should_continue_on_error is True
     assert pc.model_source == "/models/qwen2.5-vl-7b" and pc.batch_size == 16 and pc.concurrency == 3
-    assert pc.engine_kwargs["tensor_parallel_size"] == 2
     with pytest.raises(ValueError, match="--model"):
         processor_config(RecaptionConfig(backend="vllm"))
 
@@ -80,42 +175,87 @@ def test_result_from_row():
             "num_input_tokens": 9,
             "time_taken_llm": 0.5,
             "max_tokens": 5,
+            "__inference_error__": "",
         }
     )
-    assert (r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.latency_ms) == (
+    assert (r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.latency_ms, r.ok) == (
         "abc",
         "length",
         9,
         5,
         500.0,
+        True,
+    )
+    # an error row as Ray Data LLM hands it back (the whole row, the user's postprocess bypassed)
+    err = result_from_row({"req_key": "k", "messages": [], "__inference_error__": "prompt too long"})
+    assert err.error == "engine error: prompt too long"
+
+
+def test_postprocess_keeps_ids_and_meta():
+    out = postprocess(
+        {
+            "shard": "00001",
+            "key": "k",
+            "req_key": "k#0",
+            "meta": "{}",
+            "generated_text": "t",
+            "sampling_params": {"max_tokens": 3},
+            "messages": ["big"],
+            "num_generated_tokens": 1,
+        }
     )
     assert (
-        result_from_row(
-            {"req_key": "k", "generated_text": "a", "num_generated_tokens": 1, "max_tokens": 5}
-        ).finish_reason
-        == "stop"
-    )
-    assert (
-        result_from_row({"req_key": "k", "__inference_error__": "CUDA OOM"}).error == "engine error: CUDA OOM"
+        out["req_key"] == "k#0" and out["meta"] == "{}" and out["max_tokens"] == 3 and "messages" not in out
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task, mode", [("global", "grounded"), ("regions", "proposals")])
-def test_driver_path_with_a_cpu_stand_in_engine(scenes, monkeypatch, task, mode):
-    """Everything but the engine: expansion in Ray Data, streaming answers, per-shard commits."""
-    import ray.data.llm
+# ---- the driver, with Ray Data and a processor stand-in that enforces the contract ----------
 
-    from recaption.run import read_layer, recaption
 
-    seen = []
+def _corrupt_one_image(ds, shard: str = "00001") -> str:
+    """Replace one image of ``shard``'s tar by bytes no decoder takes; returns its key."""
+    p = ds / "shards" / f"{shard}.tar"
+    out = p.with_suffix(".new")
+    bad = None
+    with tarfile.open(p) as src, tarfile.open(out, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else None
+            if bad is None and m.name.endswith(".jpg"):
+                bad = m.name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                data = b"not an image at all"
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    shutil.move(out, p)
+    return bad
 
-    def fake_build_processor(config, postprocess=None, **_):
-        assert config.model_source == "tiny-model" and config.engine_kwargs["max_model_len"] == 8192
+
+def test_expand_counts_what_it_emits(scenes):
+    """A corrupt image emits no request; the count reported is the requests emitted (finding 3)."""
+    bad = _corrupt_one_image(scenes)
+    cfg = RecaptionConfig(backend="vllm", model="m", image_max_side=64)
+    told = []
+    rows = list(
+        expand({"shard": "00001"}, str(scenes), None, cfg, on_expanded=lambda s, n, p: told.append((s, n, p)))
+    )
+    ((shard, n, premade),) = told
+    assert shard == "00001" and n == len(rows) and n >= 1
+    assert [r["key"] for r in premade] == [bad] and premade[0]["error"].startswith("image not decodable")
+    for r in rows:
+        check_vllm_messages(r["messages"])
+
+
+def _stand_in(fail_flag):
+    """A processor with the interface of ray.data.llm.build_processor's result. It refuses (with
+    AssertionError, failing the job) any row vLLM would refuse, and answers the others; while
+    ``fail_flag`` exists, the first sample's request comes back as an engine error row."""
+
+    def build(config, postprocess=None, **_):
+        assert config.should_continue_on_error is True
 
         def answer(row):
-            seen.append(row["req_key"])
-            assert isinstance(row["messages"][0]["content"][0]["image"], Image.Image)
+            check_vllm_messages(row["messages"])
+            if fail_flag.exists() and row["key"].endswith("00"):
+                return {**row, "__inference_error__": "CUDA error: simulated"}
             return postprocess(
                 {
                     **row,
@@ -128,44 +268,73 @@ def test_driver_path_with_a_cpu_stand_in_engine(scenes, monkeypatch, task, mode)
 
         return lambda ds: ds.map(answer)
 
-    monkeypatch.setattr(ray.data.llm, "build_processor", fake_build_processor)
+    return build
+
+
+@pytest.mark.slow
+def test_vllm_driver_end_to_end(scenes, tmp_path, monkeypatch):
+    """Errors become failed rows (2), a shard with a corrupt image commits (3), the commit reads
+    no image (4), --retry-failed redoes the failed rows (4) and accumulates counts (7)."""
+    import ray.data.llm
+
+    import recaption.samples as samples_mod
+    from engine.layers import read_layer
+    from engine.layout import Dataset
+    from recaption.run import recaption
+
+    flag = tmp_path / "fail"
+    flag.write_text("1")
+    monkeypatch.setattr(ray.data.llm, "build_processor", _stand_in(flag))
+
+    def no_tar(*a, **k):
+        raise AssertionError("the driver read an image tar: the commit must use the answers' meta")
+
+    monkeypatch.setattr(samples_mod, "iter_tar_images", no_tar)  # the driver process only
+    bad = _corrupt_one_image(scenes)
+    cfg = RecaptionRunConfig(
+        recaption=RecaptionConfig(backend="vllm", model="tiny-model", layer="vl", image_max_side=64)
+    )
+    rep = recaption(str(scenes), cfg, progress=False)
+    assert (rep.shards_written, rep.count) == (3, N_IMAGES), rep
+    rows = {r["key"]: r for r in read_layer(str(scenes), "vl").to_pylist()}
+    engine_failed = [k for k, r in rows.items() if (r["error"] or "").startswith("engine error")]
+    assert engine_failed and all(
+        rows[k]["error"] == "engine error: CUDA error: simulated" for k in engine_failed
+    )
+    assert rows[bad]["error"].startswith("image not decodable")
+    layer = Dataset(str(scenes)).layer("vl")
+    before = {s: layer.read_stats(s).extra["requests"] for s in layer.committed()}
+
+    flag.unlink()
+    again = recaption(
+        str(scenes),
+        cfg.model_copy(update={"recaption": cfg.recaption.model_copy(update={"retry_failed": True})}),
+        progress=False,
+    )
+    assert again.shards_retried == len({k[:5] for k in engine_failed}) and again.requests == len(
+        engine_failed
+    )
+    rows = {r["key"]: r for r in read_layer(str(scenes), "vl").to_pylist()}
+    assert all(rows[k]["status"] == "ok" for k in engine_failed)
+    after = {s: layer.read_stats(s).extra["requests"] for s in layer.committed()}
+    assert sum(after.values()) == sum(before.values()) + len(engine_failed)
+    assert rows[bad]["error"].startswith("image not decodable")
+
+
+@pytest.mark.slow
+def test_vllm_proposals_wait_for_their_layer(scenes, monkeypatch, tmp_path):
+    import ray.data.llm
+
+    from engine.layout import Dataset
+    from recaption.run import recaption
+
+    monkeypatch.setattr(ray.data.llm, "build_processor", _stand_in(tmp_path / "never"))
+    Dataset(str(scenes)).layer("gt-regions").store.rm("00002_stats.json")  # not committed yet
     cfg = RecaptionRunConfig(
         recaption=RecaptionConfig(
-            backend="vllm", model="tiny-model", task=task, region_mode=mode, layer="vl", image_max_side=64
+            backend="vllm", model="m", task="regions", region_mode="proposals", layer="vp", image_max_side=64
         )
     )
     rep = recaption(str(scenes), cfg, progress=False)
-    assert (rep.shards_written, rep.count, rep.ok) == (3, N_IMAGES, N_IMAGES - 1), rep
-    rows = read_layer(str(scenes), "vl").to_pylist()
-    assert len({r["key"] for r in rows}) == N_IMAGES
-    for r in rows:
-        if r["status"] != "ok":
-            assert r["error"].startswith("image not available")
-        elif task == "global":
-            assert r["caption"] == f"A caption of {r['key']}." and r["n_tokens"] == 5
-        else:
-            assert [x["caption"] for x in r["regions"]] == [
-                f"A caption of {r['key']}#{i}." for i in range(len(r["regions"]))
-            ]
-    again = recaption(str(scenes), cfg, progress=False)
-    assert (again.shards_written, again.shards_skipped) == (0, 3)
-
-
-def test_postprocess_keeps_ids():
-    out = postprocess(
-        {
-            "shard": "00001",
-            "key": "k",
-            "req_key": "k#0",
-            "generated_text": "t",
-            "sampling_params": {"max_tokens": 3},
-            "messages": ["big"],
-            "num_generated_tokens": 1,
-        }
-    )
-    assert (
-        out["shard"] == "00001"
-        and out["req_key"] == "k#0"
-        and out["max_tokens"] == 3
-        and "messages" not in out
-    )
+    assert rep.shards_waiting == ["00002"] and rep.shards_written == 2, rep
+    assert sorted(Dataset(str(scenes)).layer("vp").committed()) == ["00000", "00001"]

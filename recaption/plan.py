@@ -1,0 +1,199 @@
+"""What a recaption run does, before any image is read: the layer's name, the task, the
+layer's ``layer.json``, which shards to caption or retry, and which wait for a proposals layer.
+Shared by both drivers (:mod:`recaption.run`, :mod:`recaption.vllm_driver`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.layout import Dataset, LayerDir, LayoutError
+from engine.shards import ShardTask, StageReport
+from engine.stats import LayerStats
+from recaption.backends.base import SamplingParams
+from recaption.config import RecaptionConfig
+from recaption.prompts import DEFAULTS, Prompt, load_prompt
+from recaption.tasks import GlobalTask, GroundedTask, ProposalTask, Task, TaskSettings
+
+
+@dataclass(kw_only=True)
+class RecaptionReport(StageReport):
+    dataset: str
+    layer: str
+    shards_waiting: list[str] = field(default_factory=list)  # proposals not committed yet
+    requests: int = 0
+    retries: int = 0
+    completion_tokens: int = 0
+    cache_hits: int = 0
+    stopped: str | None = None  # the circuit breaker's reason, when it stopped the run
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows_per_second
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def add_usage(self, extra: dict[str, Any]) -> None:
+        self.requests += int(extra.get("requests", 0))
+        self.retries += int(extra.get("retries", 0))
+        self.completion_tokens += int(extra.get("completion_tokens", 0))
+        self.cache_hits += int(extra.get("cache_hits", 0))
+
+
+def resolve_prompt(cfg: RecaptionConfig) -> Prompt:
+    default = DEFAULTS["global"] if cfg.task == "global" else DEFAULTS[cfg.region_mode]
+    return load_prompt(cfg.prompt or default)
+
+
+def layer_name(cfg: RecaptionConfig) -> str:
+    return cfg.layer or (f"recap-{cfg.task}" if cfg.task == "global" else f"recap-regions-{cfg.region_mode}")
+
+
+def sampling(cfg: RecaptionConfig) -> SamplingParams:
+    return SamplingParams(
+        cfg.max_tokens, cfg.temperature, cfg.top_p, extra=tuple(sorted(cfg.extra_body.items()))
+    )
+
+
+def make_task(cfg: RecaptionConfig, model: str) -> Task:
+    s = TaskSettings(
+        model=model,
+        sampling=sampling(cfg),
+        retries=cfg.retries,
+        keep_truncated=cfg.keep_truncated,
+        bbox_format=cfg.bbox_format,
+        box_hint=cfg.box_hint,
+        min_box_area=cfg.min_box_area,
+        dedup_iou=cfg.dedup_iou,
+        max_regions=cfg.max_regions,
+        jpeg_quality=cfg.jpeg_quality,
+    )
+    prompt = resolve_prompt(cfg)
+    if cfg.task == "global":
+        return GlobalTask(prompt, s)
+    return GroundedTask(prompt, s) if cfg.region_mode == "grounded" else ProposalTask(prompt, s)
+
+
+def layer_info(cfg: RecaptionConfig, model: str) -> dict[str, Any]:
+    p = resolve_prompt(cfg)
+    info = {
+        "kind": "caption" if cfg.task == "global" else "regions",
+        "stage": "recaption",
+        "task": cfg.task,
+        "backend": cfg.backend,
+        "model": model,
+        "model_family": cfg.model_family,
+        "prompt_id": p.id,
+        "prompt_text": p.text,
+        "sampling": {
+            "max_tokens": cfg.max_tokens,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            **({"extra": cfg.extra_body} if cfg.extra_body else {}),
+        },
+        "keep_truncated": cfg.keep_truncated,
+        "image_max_side": cfg.image_max_side,
+        "extra_columns": ["raw"],
+    }
+    if cfg.task == "regions":
+        info.update(region_mode=cfg.region_mode, bbox_format=cfg.bbox_format)
+        if cfg.region_mode == "proposals":
+            info.update(proposals_layer=cfg.proposals_layer, box_hint=cfg.box_hint)
+    return info
+
+
+_MUST_MATCH = (
+    "task",
+    "model",
+    "prompt_id",
+    "prompt_text",
+    "sampling",
+    "region_mode",
+    "bbox_format",
+    "proposals_layer",
+    "box_hint",
+    "keep_truncated",
+)
+
+
+def check_or_write_info(layer: LayerDir, info: dict[str, Any]) -> None:
+    """Call with the layer's lease held (engine/lease.py): then check-then-write is safe."""
+    old = layer.info()
+    if old is None:
+        layer.write_info(info)
+        return
+    diff = [k for k in _MUST_MATCH if old.get(k) != info.get(k)]
+    if diff:
+        k = diff[0]
+        raise LayoutError(
+            f"layer {layer.name!r} was written with {k}={old.get(k)!r}; this run has {k}={info.get(k)!r}. "
+            "A layer holds one model and one prompt: choose another --layer name"
+        )
+
+
+def select_shards(dataset: Dataset, cfg: RecaptionConfig) -> list[str]:
+    committed = dataset.committed_shards()
+    if cfg.shards:
+        want = {int(s) for s in cfg.shards if s.strip().isdigit()}
+        bad = [s for s in cfg.shards if not s.strip().isdigit()]
+        if bad:
+            raise LayoutError(f"--shards takes shard numbers (e.g. 00000,00003), not {bad}")
+        missing = sorted(want - {int(s) for s in committed})
+        if missing:
+            raise LayoutError(f"shard(s) {missing} are not committed in {dataset.root}")
+        committed = [s for s in committed if int(s) in want]
+    if cfg.limit:
+        out, n = [], 0
+        for s in committed:
+            if n >= cfg.limit:
+                break
+            out.append(s)
+            n += dataset.shard_stats(s).count
+        committed = out
+    return committed
+
+
+def plan_tasks(dataset: Dataset, cfg: RecaptionConfig, report: RecaptionReport) -> list[ShardTask]:
+    """The shards to caption (``shard``) and, with ``retry_failed``, the committed ones with
+    failed rows to redo (``retry``). In proposals mode a shard waits until the proposals layer
+    has committed it (``report.shards_waiting``)."""
+    layer = dataset.layer(layer_name(cfg))
+    if not layer.store.is_local:
+        layer.store.fs.invalidate_cache()
+    shards = select_shards(dataset, cfg)
+    report.shards_planned = len(shards)
+    committed = set(layer.committed())
+    proposals = cfg.task == "regions" and cfg.region_mode == "proposals"
+    prop_committed = set(dataset.layer(cfg.proposals_layer).committed()) if proposals else None
+    todo: list[ShardTask] = []
+    for s in shards:
+        if prop_committed is not None and s not in prop_committed:
+            report.shards_waiting.append(s)
+            continue
+        if s in committed:
+            report.shards_skipped += 1
+            if cfg.retry_failed and layer.read_stats(s).failed > 0:
+                todo.append(ShardTask(s, "retry"))
+            continue
+        todo.append(ShardTask(s, "shard"))
+    return todo
+
+
+def retry_extra(old: LayerStats, new: dict[str, Any]) -> dict[str, Any]:
+    """The counters of a shard after a ``--retry-failed`` round: usage (requests, tokens,
+    retries, cache hits) accumulates over the rounds; the rest is the last round's."""
+    out = dict(new)
+    for k in (
+        "requests",
+        "retries",
+        "transport_retries",
+        "answer_retries",
+        "prompt_tokens",
+        "completion_tokens",
+        "cache_hits",
+    ):
+        out[k] = int(old.extra.get(k, 0) or 0) + int(new.get(k, 0) or 0)
+    out["retry_rounds"] = int(old.extra.get("retry_rounds", 0) or 0) + 1
+    return out
