@@ -1,12 +1,15 @@
 """Checkpoints with ``torch.distributed.checkpoint`` (model + optimizer, sharded under FSDP2) plus
 per-rank extras (scheduler, step, loader state, RNG) in ``extra_rank<r>.pt``.
 
-Layout: ``<dir>/step_<NNNNNNNN>/`` holding DCP files, the extras and ``done`` (written last by
-rank 0 after every rank finished: the commit marker; a folder without it is ignored).
+Layout: ``<dir>/step_<NNNNNNNN>/`` holding DCP files, the extras, ``config.json`` (the run's
+resolved config: ``data.mean`` / ``data.std`` are the normalization the model was trained with,
+``data.normalize`` says where they came from) and ``done`` (written last by rank 0 after every
+rank finished: the commit marker; a folder without it is ignored).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -60,6 +63,7 @@ def save(
     optim: torch.optim.Optimizer,
     extra: dict[str, Any],
     keep: int = 2,
+    config: dict[str, Any] | None = None,
 ) -> str:
     path = _step_dir(root, step)
     os.makedirs(path, exist_ok=True)
@@ -71,6 +75,9 @@ def save(
     if is_dist():
         dist.barrier()
     if rank() == 0:
+        if config is not None:
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
         with open(os.path.join(path, DONE), "w") as f:
             f.write(str(step))
         old = sorted(n for n in os.listdir(root) if n.startswith("step_"))[:-keep]

@@ -36,7 +36,7 @@ class ModelConfig(StrictModel):
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     embed_dim: int = Field(default=768, ge=8)
-    attention: Literal["auto", "flash_attn", "varlen", "flex", "sdpa_dense"] = "auto"
+    attention: Literal["auto", "flash_attn", "varlen", "flex", "sdpa_docs", "sdpa_dense"] = "auto"
 
 
 class CaptionSource(StrictModel):
@@ -50,6 +50,11 @@ class DataConfig(StrictModel):
     dataset: str = Field(default="", description="dataset root: a local path or s3://bucket/prefix")
     captions: list[CaptionSource] = [CaptionSource(source="alt-text")]
     filters: list[str] = Field(default=[], description="filter layers whose keep=false rows are dropped")
+    failed_captions: Literal["fallback", "drop"] = Field(
+        default="fallback",
+        description="a caption layer row that failed: fall back to the other sources (alt-text) or drop "
+        "the sample; counted as caption_fallback / dropped_caption_failed",
+    )
     tokenizer: str = Field(default="", description="a local tokenizer directory (PreTrainedTokenizerFast)")
     max_patches: int = Field(default=256, ge=1, description="NaFlex patch budget per image")
     seq_len: int = Field(default=1024, ge=1, description="tokens per packed sequence")
@@ -59,6 +64,12 @@ class DataConfig(StrictModel):
     pack_buffer: int = Field(default=64, ge=1, description="images the packer chooses from")
     workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank")
     seed: int = 0
+    normalize: Literal["fixed", "dataset"] = Field(
+        default="fixed",
+        description="image mean/std: fixed (data.mean/std) or the dataset's own, measured once on "
+        "data.stats_samples images and stored at <dataset>/stats/image_stats.json",
+    )
+    stats_samples: int = Field(default=512, ge=1, description="images the dataset mean/std is measured on")
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
@@ -71,13 +82,26 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(default=100, ge=0)
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     grad_clip: float = Field(default=1.0, ge=0, description="0 turns clipping off")
+    schedule: Literal["cosine", "wsd"] = Field(
+        default="cosine",
+        description="cosine to min_lr_ratio over loop.steps, or warmup-stable-decay (a linear decay over "
+        "the last decay_fraction of loop.steps; the stable phase can be extended by raising loop.steps)",
+    )
+    decay_fraction: float = Field(default=0.2, gt=0, le=1, description="wsd: share of steps that decay")
+    logit_lr_mult: float = Field(
+        default=1.0, gt=0, description="learning-rate multiplier of the logit scale and bias (own group)"
+    )
 
 
 class LossConfig(StrictModel):
     kind: Literal["sigmoid", "softmax"] = "sigmoid"
     sigmoid_dist: Literal["all_gather", "ring"] = "all_gather"
     init_logit_scale: float = Field(default=2.302585, description="log(10), SigLIP's init")
-    init_logit_bias: float = -10.0
+    init_logit_bias: float | Literal["auto"] = Field(
+        default="auto",
+        description="sigmoid bias init; auto: -log(global batch) (data.max_images x world), the "
+        "constant-logit optimum (-10 suits ~22k images per batch, not a few dozen)",
+    )
 
 
 class LoopConfig(StrictModel):
@@ -104,6 +128,11 @@ class CheckpointConfig(StrictModel):
     every: int = Field(default=0, ge=0, description="steps between checkpoints; 0: only at the end")
     resume: bool = True
     keep: int = Field(default=2, ge=1)
+    allow_data_change: bool = Field(
+        default=False,
+        description="resume even if the data plan (shards, data config, world, workers) changed: "
+        "warns and starts a fresh epoch instead of refusing",
+    )
 
 
 class LogConfig(StrictModel):

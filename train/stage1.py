@@ -1,16 +1,21 @@
 """Stage 1: contrastive training of the native-resolution ViT and the text tower.
 
 ``train_stage1(cfg)`` is the whole run: process group (torchrun env), model, DDP or FSDP2,
-AdamW + warmup/cosine, the loader, checkpoints and logs. The CLI only builds the config.
+AdamW (three parameter groups) + warmup/cosine or warmup-stable-decay, the loader, checkpoints
+and logs. The CLI only builds the config. The pieces stage 2 reuses: :func:`train_step` (one
+optimizer step with a non-finite guard), :class:`Meter` (throughput window), :func:`lr_lambda`,
+:func:`seed_all` and :mod:`train.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +25,16 @@ import torch.distributed as dist
 
 from train import checkpoint as ckpt
 from train.config import Stage1Config, check_fits
+from train.data.image_stats import resolve_normalization
 from train.data.loader import Stage1Loader, load_tokenizer, usable_shards
 from train.distributed import init_from_env, is_dist
 from train.losses import sigmoid_loss, softmax_loss
 from train.metrics import Logger, peak_tflops, step_flops
 from train.model.attention import pick_backend
 from train.model.towers import Stage1Model
+
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+LOGIT_PARAMS = ("logit_scale", "logit_bias")
 
 
 @dataclass
@@ -39,19 +48,30 @@ class TrainResult:
     rank: int = 0
 
 
-def lr_lambda(cfg: Stage1Config):
+def lr_lambda(cfg: Stage1Config) -> Callable[[int], float]:
+    """Linear warmup, then cosine to ``min_lr_ratio`` or warmup-stable-decay (linear decay at the end)."""
     o, total = cfg.optim, cfg.loop.steps
 
     def f(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
+        if o.schedule == "wsd":
+            decay = max(1, round(o.decay_fraction * total))
+            left = (total - step) / decay
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * min(1.0, max(0.0, left))
         progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
 
 
-def build_model(cfg: Stage1Config, vocab_size: int, device: torch.device) -> Stage1Model:
+def init_logit_bias(cfg: Stage1Config, world: int) -> float:
+    """The configured sigmoid bias, or for ``auto`` the constant-logit optimum ``-log(global batch)``."""
+    b = cfg.loss.init_logit_bias
+    return -math.log(max(2, cfg.data.max_images * world)) if b == "auto" else float(b)
+
+
+def build_model(cfg: Stage1Config, vocab_size: int, device: torch.device, world: int = 1) -> Stage1Model:
     dtype = autocast_dtype(cfg, device)
     backend = pick_backend(cfg.model.attention, device, dtype or torch.float32)
     model = Stage1Model(
@@ -59,12 +79,20 @@ def build_model(cfg: Stage1Config, vocab_size: int, device: torch.device) -> Sta
         cfg.model.text.vocab_size or vocab_size,
         backend,
         cfg.loss.init_logit_scale,
-        cfg.loss.init_logit_bias,
+        init_logit_bias(cfg, world),
     ).to(device)
     if cfg.loss.kind == "softmax":
         model.logit_bias.requires_grad_(False)
     model.set_checkpointing(cfg.loop.activation_checkpointing)
     return model
+
+
+def create_loss(cfg: Stage1Config) -> LossFn:
+    """Pick the loss once (OpenCLIP's ``create_loss``): ``f(img_BE, txt_BE, valid_B, scale, bias)``."""
+    if cfg.loss.kind == "sigmoid":
+        mode = cfg.loss.sigmoid_dist
+        return lambda img, txt, valid, scale, bias: sigmoid_loss(img, txt, valid, scale, bias, mode)
+    return lambda img, txt, valid, scale, bias: softmax_loss(img, txt, valid, scale)
 
 
 def autocast_dtype(cfg: Stage1Config, device: torch.device) -> torch.dtype | None:
@@ -74,7 +102,11 @@ def autocast_dtype(cfg: Stage1Config, device: torch.device) -> torch.dtype | Non
     return None
 
 
-def parallelize(model: Stage1Model, mode: str, world: int, device: torch.device) -> torch.nn.Module:
+def parallelize(
+    model: Stage1Model, mode: str, world: int, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """DDP, or FSDP2 per block; under FSDP2 with a low-precision ``dtype`` parameters are gathered
+    and computed in it while gradients are reduced in fp32 (``MixedPrecisionPolicy``)."""
     if mode == "auto":
         mode = "ddp" if world > 1 else "none"
     if mode == "none" or world == 1:
@@ -83,21 +115,42 @@ def parallelize(model: Stage1Model, mode: str, world: int, device: torch.device)
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw: dict[str, Any] = {}
+    if dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for tower in (model.vision, model.text):
         for blk in tower.blocks:
-            fully_shard(blk)
-    fully_shard(model)
+            fully_shard(blk, **kw)
+    fully_shard(model, **kw)
     return model
+
+
+def param_groups(model: torch.nn.Module, cfg: Stage1Config) -> list[dict[str, Any]]:
+    """Weight-decayed matrices, undecayed vectors, and the logit scale/bias at ``lr x logit_lr_mult``."""
+    o = cfg.optim
+    decay, no_decay, logit = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.rsplit(".", 1)[-1] in LOGIT_PARAMS:
+            logit.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": logit, "weight_decay": 0.0, "lr": o.lr * o.logit_lr_mult, "name": "logit"},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def optimizer_for(model: torch.nn.Module, cfg: Stage1Config) -> torch.optim.Optimizer:
     o = cfg.optim
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=o.betas, eps=o.eps)
 
 
 def seed_all(seed: int) -> None:
@@ -114,28 +167,127 @@ def _sum(x: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train_step(
+    optim: torch.optim.Optimizer,
+    params: Iterable[torch.nn.Parameter],
+    compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step: ``compute()`` gives ``(loss_to_backward, global_loss_value)``.
+
+    Returns ``(value, grad_norm, skipped)``. A non-finite loss or gradient norm skips the update
+    (every rank sees the same global values, so all ranks skip together)."""
+    optim.zero_grad(set_to_none=True)
+    loss, value = compute()
+    loss.backward()
+    norm = _full(torch.nn.utils.clip_grad_norm_(list(params), grad_clip or float("inf")))
+    skipped = not (torch.isfinite(value) and torch.isfinite(norm))
+    if skipped:
+        optim.zero_grad(set_to_none=True)
+    else:
+        optim.step()
+    return value, norm, skipped
+
+
+def contrastive_loss(
+    fwd: torch.nn.Module,
+    loss_fn: LossFn,
+    amp: Callable[[], Any],
+    vision: Any,
+    tokens_BL: torch.Tensor,
+    mask_BL: torch.Tensor,
+    valid_B: torch.Tensor,
+    out: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward both towers and the loss; the embeddings and scalars are left in ``out`` for metrics."""
+    with amp():
+        img_BE, txt_BE, scale, bias = fwd(vision, tokens_BL, mask_BL)
+    out.update(img_BE=img_BE, txt_BE=txt_BE, scale=scale, bias=bias)
+    return loss_fn(img_BE, txt_BE, valid_B, scale, bias)
+
+
+class Meter:
+    """Sums over a logging window (images, real tokens, token slots, FLOPs, loader wait) and turns
+    them into rates summed over ranks."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.images = self.tokens = self.slots = self.flops = self.wait = 0.0
+        self.steps = 0
+
+    def update(self, images: int, tokens: int, slots: int, flops: float, wait: float) -> None:
+        self.images += images
+        self.tokens += tokens
+        self.slots += slots
+        self.flops += flops
+        self.wait += wait
+        self.steps += 1
+
+    def summary(self, device: torch.device, world: int, peak: float) -> dict[str, float]:
+        dt = time.perf_counter() - self.t0
+        images, tokens = _sum(self.images, device), _sum(self.tokens, device)
+        slots, flops = _sum(self.slots, device), _sum(self.flops, device)
+        tflops = flops / dt / 1e12 / world
+        return {
+            "images_per_s": images / dt,
+            "tokens_per_s": tokens / dt,
+            "packing_efficiency": tokens / max(slots, 1.0),
+            "tflops_per_device": tflops,
+            "mfu": tflops / peak,
+            "loader_wait_s": _sum(self.wait, device) / world / max(self.steps, 1),
+        }
+
+
+@torch.no_grad()
+def batch_top1(img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tensor) -> float:
+    """In-batch image->text top-1 over this rank's real pairs (chance: 1 / images)."""
+    n = int(valid_B.sum())
+    if n == 0:
+        return float("nan")
+    sim = img_BE[:n].float() @ txt_BE[:n].float().T
+    return (sim.argmax(1) == torch.arange(n, device=sim.device)).float().mean().item()
+
+
+def tower_grad_norms(model: Stage1Model) -> dict[str, float]:
+    out = {}
+    for name in ("vision", "text"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.grad is not None]
+        if grads:
+            out[f"grad_norm_{name}"] = float(_full(torch.nn.utils.get_total_norm(grads)))
+    return out
+
+
+def train_stage1(cfg: Stage1Config, on_event: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) stage 1 as configured; returns what the run did on this rank."""
     check_fits(cfg)
     rank, world, device = init_from_env()
     if cfg.loop.threads:
         torch.set_num_threads(cfg.loop.threads)
     seed_all(cfg.loop.seed + rank)
-    d = cfg.data
     from engine.layout import Dataset
 
-    usable_shards(Dataset(d.dataset, cfg.storage), d)  # fail early with the path named
+    usable_shards(Dataset(cfg.data.dataset, cfg.storage), cfg.data)  # fail early with the path named
+    patch = cfg.model.vision.patch_size
+    cfg = cfg.model_copy(update={"data": resolve_normalization(cfg.data, cfg.storage, patch)})
+    d = cfg.data
     tokenizer = load_tokenizer(d.tokenizer)
     torch.manual_seed(cfg.loop.seed)  # same init on every rank
-    model = build_model(cfg, len(tokenizer), device)
+    model = build_model(cfg, len(tokenizer), device, world)
     torch.manual_seed(cfg.loop.seed + rank)
-    net = parallelize(model, cfg.loop.parallel, world, device)
+    dtype = autocast_dtype(cfg, device)
+    net = parallelize(model, cfg.loop.parallel, world, device, dtype)
     fwd = torch.compile(net) if cfg.loop.compile else net
     optim = optimizer_for(net, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
-    loader = Stage1Loader(
-        d.dataset, cfg.storage, d, cfg.model.vision.patch_size, cfg.model.text.context, rank, world
-    )
+    loss_fn = create_loss(cfg)
+    loader = Stage1Loader(d.dataset, cfg.storage, d, patch, cfg.model.text.context, rank, world)
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
     step = 0
     result = TrainResult()
@@ -143,11 +295,10 @@ def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:
     if last:
         extra = ckpt.load(last, net, optim)
         sched.load_state_dict(extra["sched"])
-        loader.load_state_dict(extra["loader"])
+        loader.load_state_dict(extra["loader"], cfg.checkpoint.allow_data_change)
         step = int(extra["step"])
         if rank == 0:
             on_event(f"resumed from {last} at step {step}")
-    dtype = autocast_dtype(cfg, device)
     peak = peak_tflops(device, dtype or torch.float32)
     logger = Logger(
         cfg.log.dir, cfg.log.tensorboard, cfg.log.progress, cfg.loop.steps, enabled=rank == 0, start=step
@@ -156,89 +307,62 @@ def train_stage1(cfg: Stage1Config, on_event=print) -> TrainResult:
         n_params = sum(p.numel() for p in model.parameters())
         on_event(
             f"stage1: {n_params / 1e6:.2f}M params, backend={model.vision.backend}, world={world}, "
-            f"parallel={cfg.loop.parallel}, device={device}, peak={peak:.3g} TFLOP/s"
+            f"parallel={cfg.loop.parallel}, device={device}, peak={peak:.3g} TFLOP/s, "
+            f"mean={d.mean}, std={d.std} ({d.normalize})"
         )
+    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    params = [p for p in net.parameters() if p.requires_grad]
     bad_in_a_row = 0
-    window = {"t": time.perf_counter(), "images": 0.0, "tokens": 0.0, "slots": 0.0, "flops": 0.0, "steps": 0}
+    meter = Meter()
     t_start = time.perf_counter()
     stop = min(cfg.loop.steps, cfg.loop.stop_at or cfg.loop.steps)
     while step < stop:
+        t_wait = time.perf_counter()
         batch = loader.next()
+        wait = time.perf_counter() - t_wait
         vision = batch["vision"].to(device)
         tokens_BL, mask_BL = batch["tokens_BL"].to(device), batch["mask_BL"].to(device)
         valid_B = batch["valid_B"].to(device)
-        amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with amp:
-            img_BE, txt_BE, logit_scale, logit_bias = fwd(vision, tokens_BL, mask_BL)
-        if cfg.loss.kind == "sigmoid":
-            loss, value = sigmoid_loss(
-                img_BE, txt_BE, valid_B, logit_scale, logit_bias, cfg.loss.sigmoid_dist
-            )
-        else:
-            loss, value = softmax_loss(img_BE, txt_BE, valid_B, logit_scale)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip or float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        out: dict[str, torch.Tensor] = {}
+        compute = functools.partial(
+            contrastive_loss, fwd, loss_fn, amp, vision, tokens_BL, mask_BL, valid_B, out
+        )
+        value, norm, skipped = train_step(optim, params, compute, cfg.optim.grad_clip)
         step += 1
-        skipped = not (torch.isfinite(value) and torch.isfinite(norm))
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=math.log(100.0))  # a DTensor shard under FSDP2: clamps in place
+        result.losses.append(float(value))
         if skipped:
-            # every rank sees the same global loss and grad norm, so all skip together
             bad_in_a_row += 1
             result.skipped_steps += 1
-            optim.zero_grad(set_to_none=True)
-            sched.step()
             logger.log(step, {"skipped": "non-finite loss or gradient", "loss": float(value)})
             if bad_in_a_row >= cfg.loop.max_bad_steps:
                 raise FloatingPointError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping")
         else:
             bad_in_a_row = 0
-            optim.step()
-            sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(max=math.log(100.0))  # a DTensor shard under FSDP2: clamps in place
-        result.losses.append(float(value))
-        n_img = int(valid_B.sum())
-        real = int(batch["real_tokens"])
+        n_img, real = int(valid_B.sum()), int(batch["real_tokens"])
         text_lengths = mask_BL.sum(1).tolist()
-        flops = step_flops(
-            cfg.model, real, _image_lengths(vision.img_T, n_img), sum(text_lengths), text_lengths
-        )
-        window["images"] += n_img
-        window["tokens"] += real
-        window["slots"] += vision.img_T.numel()
-        window["flops"] += flops
-        window["steps"] += 1
+        lengths = _image_lengths(vision.img_T, n_img)
+        flops = step_flops(cfg.model, real, lengths, sum(text_lengths), text_lengths)
+        meter.update(n_img, real, vision.img_T.numel(), flops, wait)
         logger.advance()
         if (step % cfg.log.every == 0 or step == stop) and not skipped:
-            dt = time.perf_counter() - window["t"]
-            images, tokens = _sum(window["images"], device), _sum(window["tokens"], device)
-            slots, flops_all = _sum(window["slots"], device), _sum(window["flops"], device)
-            tflops = flops_all / dt / 1e12 / world
+            top1 = _sum(batch_top1(out["img_BE"], out["txt_BE"], valid_B), device) / world
             logger.log(
                 step,
                 {
                     "loss": float(value),
+                    "batch_top1": top1,
                     "lr": sched.get_last_lr()[0],
-                    "images_per_s": images / dt,
-                    "tokens_per_s": tokens / dt,
-                    "packing_efficiency": tokens / max(slots, 1.0),
-                    "tflops_per_device": tflops,
-                    "mfu": tflops / peak,
-                    "logit_scale": logit_scale.detach().exp().item(),
-                    "logit_bias": logit_bias.detach().item(),
+                    **meter.summary(device, world, peak),
+                    "logit_scale": out["scale"].detach().exp().item(),
+                    "logit_bias": out["bias"].detach().item(),
                     "grad_norm": float(norm),
+                    **tower_grad_norms(model),
                 },
             )
-            window = {
-                "t": time.perf_counter(),
-                "images": 0.0,
-                "tokens": 0.0,
-                "slots": 0.0,
-                "flops": 0.0,
-                "steps": 0,
-            }
+            meter.reset()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop:
             result.checkpoint = _save(ckpt_dir, step, net, optim, sched, loader, cfg)
     if step > 0 and (not last or step > int(last.rsplit("_", 1)[-1])):
@@ -268,4 +392,6 @@ def _save(
     cfg: Stage1Config,
 ) -> str:
     extra = {"step": step, "sched": sched.state_dict(), "loader": loader.state_dict()}
-    return ckpt.save(root, step, net, optim, extra, keep=cfg.checkpoint.keep)
+    return ckpt.save(
+        root, step, net, optim, extra, keep=cfg.checkpoint.keep, config=cfg.model_dump(mode="json")
+    )

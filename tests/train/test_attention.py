@@ -23,13 +23,15 @@ def _packed(seed: int = 0, dtype: torch.dtype = torch.float64):
     g = torch.Generator().manual_seed(seed)
     # 2 rows of 24: row 0 = docs of 10, 9 + pad 5; row 1 = 24 (one doc)
     seg_RS = torch.tensor([[0] * 10 + [1] * 9 + [7] * 5, [2] * 24])
-    meta = meta_from_segments(seg_RS)
+    # as the trainer passes it: cu_seqlens padded to a fixed length, a constant max_seqlen
+    meta = meta_from_segments(seg_RS, max_seqlen=24)
+    meta.cu_seqlens_N = pad_cu_seqlens(meta.cu_seqlens_N, 8)
     q, k, v = (torch.randn(48, H, K, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
     return q, k, v, meta
 
 
 def _per_document(q, k, v, meta):
-    cu = meta.cu_seqlens_N.tolist()
+    cu = sorted(set(meta.cu_seqlens_N.tolist()))  # the padding's zero-length documents dropped
     outs = []
     for a, b in zip(cu[:-1], cu[1:], strict=True):
         qa, ka, va = (x[a:b].transpose(0, 1) for x in (q, k, v))
@@ -38,10 +40,11 @@ def _per_document(q, k, v, meta):
 
 
 def test_segments_to_cu_seqlens() -> None:
-    _, _, _, meta = _packed()
+    meta = meta_from_segments(torch.tensor([[0] * 10 + [1] * 9 + [7] * 5, [2] * 24]))
     assert meta.cu_seqlens_N.tolist() == [0, 10, 19, 24, 48]
     assert meta.max_seqlen == 24
     assert pad_cu_seqlens(meta.cu_seqlens_N, 7).tolist() == [0, 10, 19, 24, 48, 48, 48]
+    assert _packed()[3].cu_seqlens_N.tolist() == [0, 10, 19, 24, 48, 48, 48, 48]
 
 
 def test_reference_equals_one_document_at_a_time() -> None:
@@ -107,8 +110,21 @@ def test_backend_backward_matches_reference(backend: str) -> None:
         torch.testing.assert_close(a.float().cpu(), b, **tol)
 
 
+def test_flex_block_mask_is_built_once_per_step() -> None:
+    if not backend_available("flex", "cpu"):
+        pytest.skip("no FlexAttention here")
+    q, k, v, meta = _packed(dtype=torch.float32)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    with torch.no_grad():
+        packed_attention(q, k, v, meta, "flex")
+        block = meta.cache["flex_block"]
+        packed_attention(q, k, v, meta, "flex")  # the next layer of the same step
+    assert meta.cache["flex_block"] is block
+    assert "flex_block" not in meta.to("cpu").cache  # a new step (moved batch) builds its own
+
+
 def test_ladder() -> None:
-    assert pick_backend("auto", "cpu") == "sdpa_dense"
+    assert pick_backend("auto", "cpu") == "sdpa_docs"
     assert pick_backend("sdpa_dense", "cpu") == "sdpa_dense"
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="not available"):

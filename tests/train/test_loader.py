@@ -16,7 +16,7 @@ import torch
 from engine.config import StorageConfig
 from engine.layout import Dataset, LayoutError
 from train.config import CaptionSource, DataConfig
-from train.data.loader import ShardReader, Stage1Loader
+from train.data.loader import DataPlan, DataPlanMismatch, PlanStream, ShardReader, Stage1Loader
 
 PATCH, CONTEXT = 16, 64
 
@@ -178,3 +178,177 @@ def test_reads_from_s3(stage1_data, s3) -> None:
     local = _loader(_data(stage1_data)).next()
     assert b["keys"] == local["keys"]
     assert torch.equal(b["vision"].patches_TP, local["vision"].patches_TP)
+
+
+# ---------------------------------------------------------------- epochs, resume, fingerprint
+
+
+def _uneven(stage1_data, tmp_path: Path, drop: int = 3) -> Path:
+    """A copy whose filter layer rejects ``drop`` keys: 48 - drop usable samples over 3 shards."""
+    root = _copy(stage1_data.root, tmp_path / "uneven")
+    flt = root / "layers" / "keep"
+    flt.mkdir()
+    for i, s in enumerate(("00000", "00001", "00002")):
+        ks = pq.read_table(root / "shards" / f"{s}.parquet").column("key").to_pylist()
+        keep = [not (i == 1 and j < drop) for j in range(len(ks))]
+        pq.write_table(pa.table({"key": ks, "keep": keep, "reasons": [[] for _ in ks]}), flt / f"{s}.parquet")
+        (flt / f"{s}_stats.json").write_text("{}")
+    return root
+
+
+def _usable(root: Path) -> set[str]:
+    keep = set()
+    for f in (root / "layers" / "keep").glob("*.parquet"):
+        t = pq.read_table(f).to_pydict()
+        keep |= {k for k, ok in zip(t["key"], t["keep"], strict=True) if ok}
+    return keep
+
+
+def test_epoch_is_a_partition_across_ranks_and_workers(stage1_data, tmp_path: Path) -> None:
+    """world 2 x workers 2 over two epochs, 45 samples in 3 shards: each sample once per epoch,
+    never twice in a global step (rank r's step i comes from its stream i % workers)."""
+    root = _uneven(stage1_data, tmp_path)
+    data = _data(stage1_data, dataset=str(root), filters=["keep"], workers=2)
+    world, workers = 2, 2
+    plan = DataPlan.build(str(root), StorageConfig(), data, PATCH, world)
+    streams = [
+        PlanStream(plan.segments(g), g, data, ShardReader(Dataset(str(root)), data, PATCH, Counter()))
+        for g in range(world * workers)
+    ]
+    plans: list[list[list[tuple[str, int]]]] = [[] for _ in streams]
+    for g, s in enumerate(streams):  # each stream until it has planned two whole epochs
+        while not plans[g] or max(e for _, e in plans[g][-1]) < 2:
+            plans[g].append([(r.key, r.epoch) for row in s.next_plan() for r in row])
+    usable = _usable(root)
+    assert len(usable) == 45
+    for epoch in (0, 1):
+        drawn = Counter(k for p in plans for step in p for k, e in step if e == epoch)
+        assert set(drawn) == usable and set(drawn.values()) == {1}, epoch
+    steps = min(len(p) for p in plans) * workers
+    for i in range(steps):
+        global_batch = [k for r in range(world) for k, _ in plans[r * workers + i % workers][i // workers]]
+        assert len(global_batch) == len(set(global_batch)), i
+
+
+@pytest.mark.slow
+def test_epoch_partition_through_the_real_loader(stage1_data, tmp_path: Path) -> None:
+    """The same guarantee end to end: two rank loaders, 2 DataLoader workers each, two epochs."""
+    root = _uneven(stage1_data, tmp_path)
+    data = _data(stage1_data, dataset=str(root), filters=["keep"], workers=2)
+    loaders = [_loader(data, r, 2) for r in range(2)]
+    batches: list[list[dict]] = [[], []]
+    reached: dict[tuple[int, int], int] = {}  # (rank, stream) -> furthest epoch drawn
+    while len(reached) < 4 or min(reached.values()) < 2:
+        for r in range(2):
+            b = loaders[r].next()
+            batches[r].append(b)
+            reached[r, b["worker"]] = max(reached.get((r, b["worker"]), 0), *b["epochs"])
+        assert len(batches[0]) < 60
+    # keep only what each stream drew in epochs 0 and 1
+    drawn = Counter((k, e) for b in batches for x in b for k, e in zip(x["keys"], x["epochs"], strict=True))
+    usable = _usable(root)
+    for epoch in (0, 1):
+        assert {k for k, e in drawn if e == epoch} == usable
+    assert set(drawn.values()) == {1}
+    for x, y in zip(*batches, strict=True):
+        assert not set(x["keys"]) & set(y["keys"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_restores_state_without_replay(stage1_data, tmp_path: Path, monkeypatch, workers: int) -> None:
+    """Resume deep into the second epoch: the next batches are exact, and restoring reads only the
+    shards holding buffered samples plus the current one (not every shard since step 0)."""
+    data = _data(stage1_data, workers=workers, shuffle_buffer=4, pack_buffer=4)
+    a = _loader(data)
+    while min(max(b["epochs"]) for b in [a.next()]) < 1:
+        pass
+    for _ in range(3):
+        a.next()
+    state = a.state_dict()
+    assert all(s["epoch"] >= 1 for s in state["streams"].values())
+    want = [a.next() for _ in range(3)]
+    scans: list[str] = []
+    real = ShardReader.scan
+
+    def counted(self, shard, *args, **kw):
+        scans.append(shard)
+        return real(self, shard, *args, **kw)
+
+    monkeypatch.setattr(ShardReader, "scan", counted)
+    b = _loader(data)
+    b.load_state_dict(state)
+    b.next()
+    if workers == 0:  # worker processes do not report back through the patch
+        held = {s for st in state["streams"].values() for _, s, _ in st["buffer"] + st["pool"]}
+        assert len(scans) <= len(held) + 2, scans
+    b = _loader(data)
+    b.load_state_dict(state)
+    got = [b.next() for _ in range(3)]
+    for x, y in zip(want, got, strict=True):
+        assert x["keys"] == y["keys"] and x["captions"] == y["captions"] and x["epochs"] == y["epochs"]
+        assert torch.equal(x["vision"].patches_TP, y["vision"].patches_TP)
+
+
+def test_data_plan_fingerprint_refuses_a_changed_plan(stage1_data, tmp_path: Path) -> None:
+    root = _copy(stage1_data.root, tmp_path / "ds")
+    stats = root / "shards" / "00002_stats.json"
+    held = stats.read_text()
+    stats.unlink()  # shard 00002 not committed yet
+    data = _data(stage1_data, dataset=str(root))
+    a = _loader(data)
+    a.next()
+    state = a.state_dict()
+    assert state["fingerprint"]["shards"] == {"00000": 16, "00001": 16}
+    with pytest.raises(DataPlanMismatch, match=r"data.seq_len 64 -> 128"):
+        _loader(_data(stage1_data, dataset=str(root), seq_len=128)).load_state_dict(state)
+    stats.write_text(held)  # a shard lands in between
+    with pytest.raises(DataPlanMismatch, match="shards added: 00002"):
+        _loader(data).load_state_dict(state)
+    b = _loader(data)
+    with pytest.warns(UserWarning, match="shards added: 00002"):
+        b.load_state_dict(state, allow_data_change=True)
+    assert b.next()["epochs"][0] == 1  # a fresh epoch on the new plan
+    unfingerprinted = {k: v for k, v in state.items() if k != "fingerprint"}
+    with pytest.raises(DataPlanMismatch, match="no data fingerprint"):
+        _loader(data).load_state_dict(unfingerprinted)
+
+
+@pytest.mark.parametrize("mode", ["fallback", "drop"])
+def test_failed_recaption_rows_fall_back_or_drop_and_are_counted(
+    stage1_data, tmp_path: Path, mode: str
+) -> None:
+    root = _copy(stage1_data.root, tmp_path / "ds")
+    path = root / "layers" / "gt-global" / "00000.parquet"
+    t = pq.read_table(path)
+    status = t.column("status").to_pylist()
+    status[:2] = ["failed", "failed"]
+    failed = set(t.column("key").to_pylist()[:2])
+    pq.write_table(t.set_column(t.schema.get_field_index("status"), "status", pa.array(status)), path)
+    alt = {}
+    for f in (root / "shards").glob("*.parquet"):
+        m = pq.read_table(f).to_pydict()
+        alt.update(zip(m["key"], m["caption"], strict=True))
+    data = _data(
+        stage1_data,
+        dataset=str(root),
+        failed_captions=mode,
+        captions=[CaptionSource(source="gt-global"), CaptionSource(source="alt-text", weight=0.001)],
+        rows=12,
+        seq_len=128,
+        max_patches=64,
+        max_images=48,
+    )
+    loader = _loader(data)
+    usable = sum(loader.plan.counts.values())
+    assert usable == (48 if mode == "fallback" else 46)
+    got: dict[str, str] = {}
+    while len(got) < usable:  # one epoch (the next one starts with a new step)
+        b = loader.next()
+        got.update(zip(b["keys"], b["captions"], strict=True))
+    stats = loader.stats()
+    if mode == "fallback":
+        assert stats["caption_fallback"] == 2 and not stats.get("dropped_caption_failed")
+        assert all(got[k] == alt[k] for k in failed)
+    else:
+        assert stats["dropped_caption_failed"] == 2 and not stats.get("caption_fallback")
+        assert not failed & set(got)

@@ -12,8 +12,11 @@ attention inside each document, nothing across documents.
 
 Ladder (``backend="auto"``): CUDA: flash-attn's ``flash_attn_varlen_func`` if importable, then
 ``torch.nn.attention.varlen.varlen_attn``, then FlexAttention with a document mask;
-CPU: SDPA with a dense block-diagonal mask (the reference; FlexAttention backward is not
-implemented on CPU, varlen is CUDA-only).
+CPU: SDPA per document, documents of equal length batched (``sdpa_docs``: no score across
+documents is computed). SDPA with a dense block-diagonal mask (``sdpa_dense``) is the reference
+every backend is tested against (FlexAttention backward is not implemented on CPU, varlen is
+CUDA-only). Per-step structures (Flex's block mask, document groups) live in ``PackedMeta.cache``:
+built by the first layer, reused by the rest.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "varlen", "flex", "sdpa_dense")
+BACKENDS = ("flash_attn", "varlen", "flex", "sdpa_docs", "sdpa_dense")
 
 
 @dataclass
@@ -38,6 +42,9 @@ class PackedMeta:
     seg_RS: torch.Tensor
     cu_seqlens_N: torch.Tensor
     max_seqlen: int
+    # per-step derived structures (FlexAttention's block mask, per-document index groups), built
+    # by the first layer that needs them and reused by every other layer of the step
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -80,13 +87,15 @@ def _sdpa_dense(
 def _flex(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    doc_T = meta.seg_RS.reshape(-1)
-    T = doc_T.numel()
+    block = meta.cache.get("flex_block")
+    if block is None:  # once per step, not once per layer
+        doc_T = meta.seg_RS.reshape(-1)
+        T = doc_T.numel()
 
-    def document(b, h, q_idx, kv_idx):
-        return doc_T[q_idx] == doc_T[kv_idx]
+        def document(b, h, q_idx, kv_idx):
+            return doc_T[q_idx] == doc_T[kv_idx]
 
-    block = create_block_mask(document, None, None, T, T, device=q_THK.device)
+        block = meta.cache["flex_block"] = create_block_mask(document, None, None, T, T, device=q_THK.device)
     # on CUDA the fused kernel needs torch.compile (eager materializes T x T scores)
     attn = _compiled_flex() if q_THK.is_cuda else flex_attention
     o_1HTK = attn(
@@ -96,6 +105,40 @@ def _flex(q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: P
         block_mask=block,
     )
     return o_1HTK[0].transpose(0, 1)
+
+
+def _document_groups(meta: PackedMeta, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+    """Documents grouped by length: ``(count, length, token_index)`` per group (cached on ``meta``)."""
+    groups = meta.cache.get("doc_groups")
+    if groups is None:
+        cu = meta.cu_seqlens_N.tolist()
+        by_len: dict[int, list[int]] = {}
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            if b > a:  # padded cu_seqlens end in zero-length documents
+                by_len.setdefault(b - a, []).append(a)
+        groups = []
+        for n, starts in sorted(by_len.items()):
+            idx = (torch.tensor(starts)[:, None] + torch.arange(n)[None]).reshape(-1).to(device)
+            groups.append((len(starts), n, idx))
+        meta.cache["doc_groups"] = groups
+    return groups
+
+
+def _sdpa_docs(
+    q_THK: torch.Tensor, k_THK: torch.Tensor, v_THK: torch.Tensor, meta: PackedMeta
+) -> torch.Tensor:
+    """Per-document SDPA, documents of equal length batched together: computes sum(n^2) scores
+    instead of the dense mask's R*S^2, so packed rows cost no more than padded ones on the CPU."""
+    T, H, K = q_THK.shape
+    out = q_THK.new_zeros(T, H, K)
+    for count, n, idx in _document_groups(meta, q_THK.device):
+
+        def docs(x_THK: torch.Tensor, idx=idx, count=count, n=n) -> torch.Tensor:
+            return x_THK.index_select(0, idx).view(count, n, H, K).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(docs(q_THK), docs(k_THK), docs(v_THK))
+        out = out.index_copy(0, idx, o.transpose(1, 2).reshape(count * n, H, K))
+    return out
 
 
 @functools.cache
@@ -139,7 +182,13 @@ def _flash_attn(
     return flash_attn_varlen_func(q_THK, k_THK, v_THK, cu, cu, meta.max_seqlen, meta.max_seqlen)
 
 
-_IMPLS = {"flash_attn": _flash_attn, "varlen": _varlen, "flex": _flex, "sdpa_dense": _sdpa_dense}
+_IMPLS = {
+    "flash_attn": _flash_attn,
+    "varlen": _varlen,
+    "flex": _flex,
+    "sdpa_docs": _sdpa_docs,
+    "sdpa_dense": _sdpa_dense,
+}
 
 
 def _importable(module: str) -> bool:
@@ -153,7 +202,7 @@ def _importable(module: str) -> bool:
 def backend_available(name: str, device: torch.device | str) -> bool:
     """Whether ``name`` can run on ``device`` here (installed, right device)."""
     is_cuda = torch.device(device).type == "cuda"
-    if name == "sdpa_dense":
+    if name in ("sdpa_dense", "sdpa_docs"):
         return True
     if name == "flex":
         return _importable("torch.nn.attention.flex_attention")
@@ -173,7 +222,7 @@ def pick_backend(requested: str, device: torch.device | str, dtype: torch.dtype 
             )
         return requested
     if torch.device(device).type != "cuda":
-        return "sdpa_dense"
+        return "sdpa_docs"
     half = dtype in (torch.float16, torch.bfloat16)
     for name in ("flash_attn", "varlen") if half else ():
         if backend_available(name, device):
