@@ -35,7 +35,7 @@ S1_STEPS=${DEMO_S1_STEPS:-$S1_STEPS}
 PORT=${DEMO_PORT:-$((20000 + RANDOM % 20000))}
 
 # Data roots: local under $D, or s3://... when DEMO_S3 is set (storage flags from the environment:
-# AWS_* / FINEVIT_S3_ENDPOINT, as for every command).
+# AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as for every command). Models and runs stay under $D.
 ROOT=${DEMO_S3:-$D/data}
 CORPUS=$ROOT/corpus HELDOUT=$ROOT/heldout HUMAN=$ROOT/human
 TOK=$D/models/tokenizer
@@ -81,7 +81,7 @@ step captioner-export $BIN export "$D/runs/captioner-stage2" "$D/models/captione
 # ---------------------------------------------------------------- 3. recaption through the HTTP path
 recaption() {
     $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" \
-        --served-model-name captioner >"$D/logs/serve-captioner.log" 2>&1 &
+        --served-model-name captioner --trust-remote-code >"$D/logs/serve-captioner.log" 2>&1 &
     local pid=$!
     trap "kill $pid 2>/dev/null || true" RETURN
     for _ in $(seq 120); do
