@@ -18,13 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("finevit", "engine", "recaption", "filtering", "train", "eval")
 STAGES = ("recaption", "filtering", "train", "eval")
 
-# Imports that close a cycle known when this test landed (importer, imported): each is left out
-# of the graph until the issue that owns the files removes it; the lead deletes an entry once
-# its fix is merged. Nothing else may join this list.
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
-    # issue 10 (recap): the Ray Data LLM driver borrows run.py's helpers, run.py dispatches to it
-    ("recaption.backends.vllm_ray", "recaption.run"),
-}
+# No allow-list: every import cycle between files is a failure.
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
 
 
 def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
