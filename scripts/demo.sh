@@ -26,9 +26,11 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0 NO_ALB
 if [[ $SCALE == ci ]]; then
     N_TRAIN=128 N_HUMAN=64 N_EVAL=32 SIZE=96 SPS=64
     S1_STEPS=20 CAP_S1_STEPS=10 CAP_S2_STEPS=10 S2_STEPS=10 FG_N=8
+    RECAP_ARGS=(--max-tokens 48 --keep-truncated) # an untrained LM talks to its limit
 else
     N_TRAIN=2048 N_HUMAN=512 N_EVAL=128 SIZE=128 SPS=256
     S1_STEPS=600 CAP_S1_STEPS=300 CAP_S2_STEPS=400 S2_STEPS=200 FG_N=64
+    RECAP_ARGS=(--max-tokens 224)
 fi
 N_TRAIN=${DEMO_N_TRAIN:-$N_TRAIN}
 S1_STEPS=${DEMO_S1_STEPS:-$S1_STEPS}
@@ -90,10 +92,10 @@ recaption() {
         sleep 1
     done
     $BIN recaption "$CORPUS" --task global --layer recap-global --backend openai \
-        --endpoint "http://127.0.0.1:$PORT" --model captioner --no-progress
+        --endpoint "http://127.0.0.1:$PORT" --model captioner "${RECAP_ARGS[@]}" --no-progress
     $BIN recaption "$CORPUS" --task regions --layer recap-regions --backend openai \
         --endpoint "http://127.0.0.1:$PORT" --model captioner --region-mode proposals \
-        --proposals-layer gt-regions --box-hint coords --no-progress
+        --proposals-layer gt-regions --box-hint coords "${RECAP_ARGS[@]}" --no-progress
 }
 step recaption recaption
 
