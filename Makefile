@@ -1,5 +1,6 @@
 # FineViT: two commands on a fresh machine.
-#   make demo   synthesize scenes -> ingest -> dataset summary -> audit SQL + report (offline, CPU)
+#   make demo   the whole loop offline on CPU (scripts/demo.sh): data -> a trained captioner -> recaption
+#               -> filter -> audit -> stage 1 on alt-text vs recaptions -> stage 2 -> eval -> report
 #   make test   the whole suite
 SHELL := /bin/bash
 PY ?= python3
@@ -40,13 +41,7 @@ format: setup
 	$(BIN)/ruff format .
 
 demo: setup
-	rm -rf $(DEMO_DIR)
-	$(BIN)/finevit ingest 'synthetic://scenes?n=200&seed=0&size=384' $(DEMO_DIR)/data --samples-per-shard 50
-	$(BIN)/finevit info $(DEMO_DIR)/data
-	@echo "--- what a web alt-text says vs the dense ground truth a recaptioner aims for:"
-	$(BIN)/finevit audit $(DEMO_DIR)/data --sql "SELECT s.key, s.caption AS alt_text, left(g.caption, 160) || ' ...' AS dense_caption FROM samples s JOIN layer_gt_global g USING (key) ORDER BY s.key LIMIT 3"
-	$(BIN)/finevit audit $(DEMO_DIR)/data --report $(DEMO_DIR)/report
-	@echo "--- open $(DEMO_DIR)/report/report.html"
+	PATH=$(CURDIR)/$(BIN):$$PATH DEMO_DIR=$(DEMO_DIR) scripts/demo.sh
 
 # OpenCLIP (the CPU training anchor of bench/train_throughput_cpu.py, and the loader that
 # tests/engine/test_ingest.py runs over our shards) goes into .bench-deps with --no-deps, never

@@ -85,6 +85,11 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model directory's own code (exported FineViT VLMs: finevit export --part vlm)",
+    )
     config_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -197,6 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             batch_size=args.batch_size,
+            trust_remote_code=args.trust_remote_code,
         )
     except BackendError as e:
         return _fail(str(e))

@@ -160,12 +160,18 @@ def serve(
     dtype: str = "auto",
     batch_size: int = 8,
     batch_wait_ms: float = 5.0,
+    trust_remote_code: bool = False,
 ) -> None:
     """Load the model, then serve until interrupted (prints one line when ready)."""
     import os
 
     backend = HFBackend(
-        model_dir, device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms
+        model_dir,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        batch_wait_ms=batch_wait_ms,
+        trust_remote_code=trust_remote_code,
     )
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     web.run_app(
