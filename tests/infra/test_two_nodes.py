@@ -43,14 +43,9 @@ def two_nodes() -> Iterator[tuple[str, list[str]]]:
     try:
         cluster = Cluster(
             initialize_head=True,
-            head_node_args={
-                "num_cpus": 1,
-                "temp_dir": temp,
-                "include_dashboard": False,
-                "node_ip_address": "127.0.0.1",  # loopback only: nothing listens on a routable address
-            },
+            head_node_args={"num_cpus": 1, "temp_dir": temp, "include_dashboard": False},
         )
-        worker = cluster.add_node(num_cpus=1, temp_dir=temp, node_ip_address="127.0.0.1")
+        worker = cluster.add_node(num_cpus=1, temp_dir=temp)
         cluster.wait_for_nodes()
         after = Path(address_file).read_text() if os.path.exists(address_file) else None
         assert after == before and after != cluster.address, "our test cluster registered itself"
