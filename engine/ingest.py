@@ -28,7 +28,7 @@ from engine.layout import (
 from engine.shards import Progress, ShardTask, StageReport, run_shard_tasks
 from engine.sources import open_source
 from engine.sources.base import Source
-from engine.stats import ShardStats
+from engine.stats import ShardStats, current_node
 from engine.store import Store
 
 
@@ -103,6 +103,7 @@ def ingest_shard(
                 )
             stats = ShardStats.from_rows(rows, started, code_version=code_version())
         stats.shard, stats.source, stats.kind = name, source.uri, source.kind
+        stats.node = current_node()  # img2dataset's own stats (the download path) know no node
         # layers first, the image shard's marker last: a shard is visible only when all of it is
         for spec in source.layers:
             layer = LayerDir(layers_root.child(spec.name), spec.name)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -205,23 +206,34 @@ class Dataset:
     def summary(self) -> dict[str, Any]:
         """Totals over committed shards and layers, from the stats files alone (no data read)."""
         totals: dict[str, Any] = {"shards": 0, "count": 0, "successes": 0, "failed": 0, "reasons": {}}
+        nodes: Counter[str] = Counter()  # Ray node id -> shards it built ("" when built outside Ray)
         for shard in self.committed_shards():
             s = self.shard_stats(shard)
+            nodes[s.node or ""] += 1
             totals["shards"] += 1
             totals["count"] += s.count
             totals["successes"] += s.successes
             for reason, n in s.reasons.items():
                 totals["reasons"][reason] = totals["reasons"].get(reason, 0) + n
         totals["failed"] = totals["count"] - totals["successes"]
+        totals["nodes"] = dict(nodes)
         layers = {}
         for name in self.layers():
             layer = self.layer(name)
             ok = failed = 0
+            layer_nodes: Counter[str] = Counter()
             committed = layer.committed()
             for shard in committed:
                 st = layer.read_stats(shard)
                 ok += st.ok
                 failed += st.failed
-            layers[name] = {"shards": len(committed), "ok": ok, "failed": failed, "info": layer.info()}
+                layer_nodes[st.node or ""] += 1
+            layers[name] = {
+                "shards": len(committed),
+                "ok": ok,
+                "failed": failed,
+                "info": layer.info(),
+                "nodes": dict(layer_nodes),
+            }
         totals["layers"] = layers
         return totals

@@ -13,13 +13,15 @@ those files; everyone else holds a :class:`ShardStats` or a :class:`LayerStats`.
 
     ShardStats(count, successes, failed_to_download, failed_to_resize, status_dict,
                start_time, end_time, duration, code_version, shard, source, kind, bytes,
-               retried, retries_total, extra)
+               retried, retries_total, node, extra)
         .from_rows(rows, started, **fields)   .read(store, path)   .write(store, path)
         .to_dict()   .failed   .reasons (Counter, 'success' left out)   .has_transient()
-    LayerStats(count, ok, failed, error_reasons, start_time, end_time, duration, shard, layer, extra)
+    LayerStats(count, ok, failed, error_reasons, start_time, end_time, duration, shard, layer, node, extra)
         .from_table(table, started, **fields)  .read(store, path)   .write(store, path)
         .to_dict()   .reasons (Counter)   extra: a stage's own counters (requests, tokens,
         per-filter counts, ...), written as top-level keys and read back into ``extra``
+    current_node()        the Ray node id this process runs on (None outside Ray): every marker's
+                          ``node``, so ``finevit info`` shows how the work spread over a cluster
 
 The JSON keeps img2dataset's field names for image shards (``count``, ``successes``,
 ``status_dict``, ...), so an img2dataset download reads as a FineViT dataset. Keys this
@@ -35,6 +37,7 @@ content or a bad answer: a new attempt may differ only for a sampling model).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -87,6 +90,15 @@ class Reason(StrEnum):
         if error and error.startswith(_UPSTREAM_PREFIX):
             return cls.UPSTREAM
         return cls.TRANSIENT if is_transient(error) else cls.PERMANENT
+
+
+def current_node() -> str | None:
+    """The Ray node id of this process when it runs inside Ray (a task, an actor or a driver
+    that called ``ray.init``); ``None`` otherwise. Ray is never imported here just to ask."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 def _split(cls: type, data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -145,6 +157,7 @@ class ShardStats(_Marker):
     bytes: int | None = None  # size of the tar
     retried: int | None = None  # rows re-attempted by the last --retry-failed
     retries_total: int | None = None
+    node: str | None = None  # the Ray node id that built the shard (None outside Ray)
     extra: dict[str, Any] = field(default_factory=dict)
 
     _OPTIONAL: ClassVar[tuple[str, ...]] = (
@@ -158,6 +171,7 @@ class ShardStats(_Marker):
         "bytes",
         "retried",
         "retries_total",
+        "node",
     )
 
     def __post_init__(self) -> None:
@@ -183,6 +197,7 @@ class ShardStats(_Marker):
             "start_time": started,
             "end_time": now,
             "status_dict": {str(k): v for k, v in reasons.most_common(100)},
+            "node": current_node(),
         }
         return cls(**{**base, **known}, extra=extra)
 
@@ -213,9 +228,10 @@ class LayerStats(_Marker):
     duration: float | None = None
     shard: str | None = None
     layer: str | None = None
+    node: str | None = None  # the Ray node id that wrote the layer shard (None outside Ray)
     extra: dict[str, Any] = field(default_factory=dict)  # requests, tokens, per-filter counts, ...
 
-    _OPTIONAL: ClassVar[tuple[str, ...]] = ("start_time", "end_time", "duration", "shard", "layer")
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ("start_time", "end_time", "duration", "shard", "layer", "node")
 
     def __post_init__(self) -> None:
         self.count, self.ok, self.failed = int(self.count or 0), int(self.ok or 0), int(self.failed or 0)
@@ -239,6 +255,7 @@ class LayerStats(_Marker):
             "start_time": started,
             "end_time": now,
             "duration": now - started,
+            "node": current_node(),
         }
         return cls(**{**base, **known}, extra=extra)
 

@@ -23,6 +23,7 @@ STAGE_COMMAND_MODULES: list[str] = [
     "finevit.cmd_filter",
     "finevit.cmd_eval",
     "finevit.cmd_export",
+    "finevit.cmd_plan",
 ]
 
 

@@ -86,7 +86,9 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument(
-        "--trust-remote-code", action="store_true", help="run the model directory's own code (finevit export)"
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model directory's own code (exported FineViT VLMs: finevit export --part vlm)",
     )
     config_args(s)
     s.set_defaults(func=cmd_serve)

@@ -57,6 +57,8 @@ def print_dataset_summary(ds: Any) -> None:
         t.add_row("source", f"{src.get('kind') or '?'}: {src.get('uri')} ({state})")
     t.add_row("shards", f"{s['shards']} committed")
     t.add_row("samples", f"{s['count']}  ok {s['successes']}  failed {s['failed']}")
+    if s.get("nodes"):
+        t.add_row("nodes", node_spread(s["nodes"]))
     console.print(t)
     if s["reasons"]:
         r = Table(title="failure reasons", title_justify="left")
@@ -67,9 +69,22 @@ def print_dataset_summary(ds: Any) -> None:
         console.print(r)
     if s["layers"]:
         lt = Table(title="layers", title_justify="left")
-        for col in ("layer", "kind", "shards", "ok", "failed"):
+        for col in ("layer", "kind", "shards", "ok", "failed", "nodes"):
             lt.add_column(col)
         for name, info in s["layers"].items():
             kind = (info.get("info") or {}).get("kind", "?")
-            lt.add_row(name, kind, str(info["shards"]), str(info["ok"]), str(info["failed"]))
+            nodes = node_spread(info.get("nodes") or {})
+            lt.add_row(name, kind, str(info["shards"]), str(info["ok"]), str(info["failed"]), nodes)
         console.print(lt)
+
+
+def node_spread(nodes: dict[str, int]) -> str:
+    """Which Ray nodes committed how many shards: ``2 nodes: 1f2e3d4c 3, 9a8b7c6d 2``.
+
+    Node ids are cut to their first 8 hex digits (enough to tell a cluster's nodes apart);
+    shards committed outside Ray (or by a version that did not record it) count as ``local``.
+    """
+    parts = [f"{(n[:8] if n else 'local')} {k}" for n, k in sorted(nodes.items(), key=lambda kv: -kv[1])]
+    real = sum(1 for n in nodes if n)
+    head = f"{real} node{'s' if real != 1 else ''}: " if real else ""
+    return head + ", ".join(parts)

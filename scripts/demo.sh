@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# make demo: the whole FineViT loop on a laptop (offline, CPU), as a user would run it by hand.
+#
+#   scripts/demo.sh                  # or: make demo      (DEMO_DIR=demo_out by default)
+#   DEMO_SCALE=ci scripts/demo.sh    # the reduced demo the test runs (same steps, smaller sizes)
+#
+# Each step is one `finevit` command (printed before it runs). A step whose done-marker
+# ($DEMO_DIR/.done/<step>) exists is skipped, so re-running resumes; the commands resume
+# themselves too (ingest/recaption/filter skip committed shards, training resumes from its
+# last checkpoint). The last step writes $DEMO_DIR/summary.json + report.{html,md}, prints the
+# table, and exits non-zero when a claimed margin is not met.
+#
+# Steps: data (corpus with alt-text, held-out set, small "human-annotated" set) -> tokenizer ->
+# captioner (stage 1 + stage 2 on the small set's gt layers, exported as a model dir) ->
+# serve-captioner + recaption (global + regions, openai backend) -> filter -> audit ->
+# stage 1 on alt-text and on filtered recaptions -> stage 2 -> export -> eval -> summary.
+set -euo pipefail
+
+D=${DEMO_DIR:-demo_out}
+SCALE=${DEMO_SCALE:-full}
+BIN=${FINEVIT_BIN:-finevit}
+PY=${PYTHON:-python}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0 NO_ALBUMENTATIONS_UPDATE=1
+
+# Sizes. full: the demo's claim (quiet 2-core budget: ~15 min). ci: every step, seconds each.
+if [[ $SCALE == ci ]]; then
+    N_TRAIN=128 N_HUMAN=64 N_EVAL=32 SIZE=96 SPS=64
+    S1_STEPS=20 CAP_S1_STEPS=10 CAP_S2_STEPS=10 S2_STEPS=10 FG_N=8
+    RECAP_ARGS=(--max-tokens 48 --keep-truncated) # an untrained LM talks to its limit
+else
+    N_TRAIN=2048 N_HUMAN=512 N_EVAL=128 SIZE=128 SPS=256
+    S1_STEPS=600 CAP_S1_STEPS=300 CAP_S2_STEPS=400 S2_STEPS=200 FG_N=64
+    RECAP_ARGS=(--max-tokens 224)
+fi
+N_TRAIN=${DEMO_N_TRAIN:-$N_TRAIN}
+S1_STEPS=${DEMO_S1_STEPS:-$S1_STEPS}
+PORT=${DEMO_PORT:-$((20000 + RANDOM % 20000))}
+
+# Data roots: local under $D, or s3://... when DEMO_S3 is set (storage flags from the environment:
+# AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as for every command). Models and runs stay under $D.
+ROOT=${DEMO_S3:-$D/data}
+CORPUS=$ROOT/corpus HELDOUT=$ROOT/heldout HUMAN=$ROOT/human
+TOK=$D/models/tokenizer
+S1_CFG=configs/demo_stage1.yaml
+S2_CFG=configs/stage2_tiny_cpu.yaml
+FG_DATA="synthetic://scenes?n=$FG_N&seed=1000&size=$SIZE"
+S1_SETS=(--set "data.tokenizer=$TOK" --set "log.progress=false")
+
+mkdir -p "$D/.done" "$D/logs" "$D/models" "$D/eval"
+
+step() { # step NAME CMD...: run CMD unless NAME is done; log it; record its wall time
+    local name=$1
+    shift
+    if [[ -e $D/.done/$name ]]; then
+        echo "== [skip] $name (done; rm $D/.done/$name to redo)"
+        return 0
+    fi
+    echo "== [run]  $name: $*"
+    local t=$(date +%s)
+    "$@" 2>&1 | tee "$D/logs/$name.log"
+    echo "$(($(date +%s) - t))" >"$D/.done/$name"
+}
+
+# ---------------------------------------------------------------- 1. data
+step data-corpus $BIN ingest "synthetic://scenes?n=$N_TRAIN&seed=0&size=$SIZE" "$CORPUS" \
+    --samples-per-shard $SPS --no-progress
+step data-heldout $BIN ingest "synthetic://scenes?n=$N_EVAL&seed=1000&size=$SIZE" "$HELDOUT" \
+    --samples-per-shard $SPS --no-progress
+step data-human $BIN ingest "synthetic://scenes?n=$N_HUMAN&seed=2000&size=$SIZE" "$HUMAN" \
+    --samples-per-shard $SPS --no-progress
+# one tokenizer for every model of the demo: the small set's dense text + web alt-text
+step tokenizer $BIN train-tokenizer "$HUMAN" --layer gt-global --layer alt-text --vocab 1024 "$TOK"
+
+# ---------------------------------------------------------------- 2. a captioner, trained on the small set
+step captioner-stage1 $BIN train stage1 --config $S1_CFG --dataset "$HUMAN" --steps $CAP_S1_STEPS \
+    --log-dir "$D/runs/captioner-stage1" "${S1_SETS[@]}" --set "data.captions=[{source: gt-global}]"
+step captioner-lm $BIN train tiny-lm "$TOK" "$D/models/tiny-lm"
+step captioner-stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/captioner-stage1" \
+    --lm "$D/models/tiny-lm" --dataset "$HUMAN" --steps $CAP_S2_STEPS --log-dir "$D/runs/captioner-stage2" \
+    --set data.regions_layer=gt-regions --set data.global_layer=gt-global --set log.progress=false
+step captioner-export $BIN export "$D/runs/captioner-stage2" "$D/models/captioner" --part vlm
+
+# ---------------------------------------------------------------- 3. recaption through the HTTP path
+recaption() {
+    $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" \
+        --served-model-name captioner --trust-remote-code >"$D/logs/serve-captioner.log" 2>&1 &
+    local pid=$!
+    trap "kill $pid 2>/dev/null || true" RETURN
+    for _ in $(seq 120); do
+        curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+        kill -0 $pid || { cat "$D/logs/serve-captioner.log"; return 1; }
+        sleep 1
+    done
+    $BIN recaption "$CORPUS" --task global --layer recap-global --backend openai \
+        --endpoint "http://127.0.0.1:$PORT" --model captioner "${RECAP_ARGS[@]}" --no-progress
+    $BIN recaption "$CORPUS" --task regions --layer recap-regions --backend openai \
+        --endpoint "http://127.0.0.1:$PORT" --model captioner --region-mode proposals \
+        --proposals-layer gt-regions --box-hint coords "${RECAP_ARGS[@]}" --no-progress
+}
+step recaption recaption
+
+# ---------------------------------------------------------------- 4. filter + audit
+step filter $BIN filter "$CORPUS" --layer recap-filter --on recap-global --on recap-regions \
+    --config configs/filters/default.yaml --no-progress
+step audit $BIN audit "$CORPUS" --report "$D/audit"
+
+# ---------------------------------------------------------------- 5. stage 1 twice, same budget and seed
+step stage1-alt-text $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
+    --log-dir "$D/runs/stage1-alt-text" "${S1_SETS[@]}" --set "data.captions=[{source: alt-text}]"
+step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
+    --log-dir "$D/runs/stage1-recaption" "${S1_SETS[@]}" --set "data.captions=[{source: recap-global}]" \
+    --set "data.filters=[recap-filter]"
+
+# ---------------------------------------------------------------- 6. stage 2 from the recaption encoder
+step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
+    --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2" --set data.regions_layer=recap-regions \
+    --set data.global_layer=recap-global --set log.progress=false
+step export $BIN export "$D/runs/stage2" "$D/models/encoder-stage2" --part encoder
+
+# ---------------------------------------------------------------- 7. eval the three encoders
+for name in alt-text recaption stage2; do
+    if [[ $name == stage2 ]]; then
+        model=("$D/models/encoder-stage2")
+    else
+        model=("$D/runs/stage1-$name" --config $S1_CFG "${S1_SETS[@]}")
+    fi
+    step "eval-finegrained-$name" $BIN eval "${model[@]}" --task finegrained --data "$FG_DATA" \
+        --out "$D/eval/finegrained-$name" --no-progress
+    step "eval-boxcls-$name" $BIN eval "${model[@]}" --task boxcls --data "$HELDOUT" --format finevit \
+        --layer gt-regions --templates shapes --out "$D/eval/boxcls-$name" --no-progress
+done
+
+# ---------------------------------------------------------------- 8. summary, report, the claim
+$PY scripts/demo_report.py "$D" --corpus "$CORPUS"

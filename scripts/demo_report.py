@@ -1,0 +1,394 @@
+"""The demo's last step: summary.json, report.md, report.html, the printed table, and the claim.
+
+    python scripts/demo_report.py demo_out --corpus demo_out/data/corpus
+
+Reads what the earlier steps wrote under DEMO_DIR (eval results, training logs, step times, the
+corpus's layers) and nothing else; exits 1 when a claimed margin is not met:
+  * stage 1 on recaptions beats stage 1 on alt-text by >= 10 points of fine-grained R@1 (text->image);
+  * stage 2 improves box-classification top-1 over its stage-1 starting point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import html
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+FG_MARGIN = 10.0  # points of fine-grained R@1
+ENCODERS = ("alt-text", "recaption", "stage2")
+RUNS = {"alt-text": "stage1-alt-text", "recaption": "stage1-recaption", "stage2": "stage2"}
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def eval_metric(d: str, task: str, name: str, key: str) -> float | None:
+    """A metric (in %) of ``finevit eval --out DIR`` results, None when that eval did not run."""
+    path = os.path.join(d, "eval", f"{task}-{name}", "results.json")
+    if not os.path.exists(path):
+        return None
+    rows = [r for r in _read_json(path) if r["task"] == task]
+    v = rows[0]["metrics"].get(key) if rows else None
+    return None if v is None else round(100.0 * float(v), 2)
+
+
+def per_attribute(d: str, name: str) -> dict[str, float]:
+    path = os.path.join(d, "eval", f"finegrained-{name}", "results.json")
+    if not os.path.exists(path):
+        return {}
+    m = _read_json(path)[0]["metrics"]
+    return {k: round(100.0 * v["t2i"], 1) for k, v in m.items() if isinstance(v, dict) and "t2i" in v}
+
+
+def step_seconds(d: str) -> dict[str, float]:
+    """Wall seconds of each finished step (written by scripts/demo.sh into .done/<step>)."""
+    out: dict[str, float] = {}
+    done = os.path.join(d, ".done")
+    for name in sorted(os.listdir(done)) if os.path.isdir(done) else []:
+        try:
+            out[name] = float(Path(done, name).read_text().strip() or 0)
+        except ValueError:
+            out[name] = 0.0
+    return out
+
+
+def curves(d: str) -> dict[str, list[tuple[int, float]]]:
+    out = {}
+    for name, run in RUNS.items():
+        path = os.path.join(d, "runs", run, "metrics.jsonl")
+        if os.path.exists(path):
+            pts = []
+            for line in Path(path).read_text().splitlines():
+                row = json.loads(line)
+                if "loss" in row and "skipped" not in row:
+                    pts.append((int(row["step"]), float(row["loss"])))
+            out[name] = pts
+    return out
+
+
+# ---------------------------------------------------------------- recaption: counts and quality vs GT
+
+_ATTR_RE = None
+
+
+def _attr_pairs(text: str) -> set[tuple[str, str]]:
+    """(colour, shape) pairs a caption names: a colour followed within two words by a shape."""
+    global _ATTR_RE
+    if _ATTR_RE is None:
+        from engine.synthetic import COLORS, SHAPES
+
+        shapes = "|".join(SHAPES)
+        _ATTR_RE = re.compile(rf"\b({'|'.join(COLORS)})\b(?:\s+\w+){{0,2}}?\s+({shapes})(?:e?s)?\b")
+    return set(_ATTR_RE.findall(text.lower()))
+
+
+def recaption_stats(corpus: str, layer: str, gt_layer: str = "gt-global") -> dict[str, Any]:
+    """Rows ok/failed of ``layer`` and how well its captions name the GT (colour, shape) pairs."""
+    from engine.audit.views import open_audit
+
+    audit = open_audit(corpus)
+    try:
+        names = {lv.name: lv for lv in audit.layers}
+        if layer not in names:
+            return {"ok": 0, "failed": 0, "note": f"no layer {layer!r} in {corpus}"}
+        ok, failed = audit.con.execute(
+            "SELECT coalesce(sum(ok), 0), coalesce(sum(failed), 0) FROM stats WHERE part = ?", [layer]
+        ).fetchone()
+        out: dict[str, Any] = {"ok": int(ok), "failed": int(failed)}
+        if gt_layer in names:
+            rows = audit.con.execute(
+                f"SELECT r.caption, g.caption, s.caption FROM {names[layer].view} r "
+                f"JOIN {names[gt_layer].view} g USING (key) JOIN samples s USING (key) "
+                "WHERE r.status = 'ok' ORDER BY key"
+            ).fetchall()
+            tp = fp = fn = alt_tp = alt_fn = 0
+            for cap, gt, alt in rows:
+                got, want, alt_got = _attr_pairs(cap or ""), _attr_pairs(gt or ""), _attr_pairs(alt or "")
+                tp, fp, fn = tp + len(got & want), fp + len(got - want), fn + len(want - got)
+                alt_tp, alt_fn = alt_tp + len(alt_got & want), alt_fn + len(want - alt_got)
+            out["quality"] = {
+                "images": len(rows),
+                "pair_recall": round(100 * tp / max(tp + fn, 1), 1),
+                "pair_precision": round(100 * tp / max(tp + fp, 1), 1),
+                "alt_text_pair_recall": round(100 * alt_tp / max(alt_tp + alt_fn, 1), 1),
+                "examples": [{"alt_text": a, "recaption": c, "ground_truth": g} for c, g, a in rows[:3] if c],
+            }
+        return out
+    finally:
+        audit.close()
+
+
+# ---------------------------------------------------------------- plots, page
+
+
+def plot_curves(data: dict[str, list[tuple[int, float]]], path: str) -> str | None:
+    if not data:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.0), dpi=100)
+    labels = {"alt-text": "stage 1 on alt-text", "recaption": "stage 1 on recaptions", "stage2": "stage 2"}
+    for name, pts in data.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=labels[name], lw=1.6)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("training loss", fontsize=8)
+    ax.set_title("training curves", fontsize=10, loc="left")
+    ax.tick_params(labelsize=7)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(summary: dict[str, Any], path: str) -> str | None:
+    fg = summary["finegrained_r1"]
+    if all(v is None for v in fg.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in ENCODERS if fg.get(k) is not None]
+    fig, ax = plt.subplots(figsize=(5.6, 3.0), dpi=100)
+    bars = ax.bar(names, [fg[k] for k in names], color=["#999999", "#3b6ea8", "#d9822b"][: len(names)])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    if summary.get("chance_r1") is not None:
+        ax.axhline(summary["chance_r1"], ls="--", lw=1, color="#c33", label="chance")
+        ax.legend(fontsize=7, frameon=False)
+    ax.set_ylabel("fine-grained R@1 (%)", fontsize=8)
+    ax.set_title("held-out fine-grained text->image R@1", fontsize=10, loc="left")
+    ax.tick_params(labelsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def table_md(s: dict[str, Any]) -> str:
+    fg, box = s["finegrained_r1"], s["boxcls_top1"]
+    rows = [
+        "| encoder | fine-grained R@1 (%) | box cls top-1 (%) |",
+        "|---|---|---|",
+        f"| stage 1 on alt-text | {_fmt(fg['alt_text'])} | {_fmt(s['boxcls_top1_all'].get('alt_text'))} |",
+        f"| stage 1 on recaptions | {_fmt(fg['recaption'])} | {_fmt(box['stage1'])} |",
+        f"| + stage 2 | {_fmt(fg['stage2'])} | {_fmt(box['stage2'])} |",
+    ]
+    return "\n".join(rows)
+
+
+def checks(s: dict[str, Any]) -> list[tuple[str, bool]]:
+    fg, box = s["finegrained_r1"], s["boxcls_top1"]
+    margin = None if fg["recaption"] is None or fg["alt_text"] is None else fg["recaption"] - fg["alt_text"]
+    gain = None if box["stage1"] is None or box["stage2"] is None else box["stage2"] - box["stage1"]
+    return [
+        (
+            f"recaptions beat alt-text by >= {FG_MARGIN:.0f} points of fine-grained R@1: "
+            f"{'missing' if margin is None else f'{margin:+.1f}'}",
+            margin is not None and margin >= FG_MARGIN,
+        ),
+        (
+            f"stage 2 improves box-classification top-1 over stage 1: {'missing' if gain is None else f'{gain:+.1f}'}",
+            gain is not None and gain > 0,
+        ),
+    ]
+
+
+def _img(path: str | None) -> str:
+    if not path or not os.path.exists(path):
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(os.path.basename(path))}" src="data:image/png;base64,{data}">'
+
+
+def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots: list[str]) -> None:
+    ok = checks(s)
+    rq = s["recaption"].get("quality", {})
+    md = [
+        "# FineViT demo",
+        "",
+        f"{s['date']} · {s['machine']} · whole demo {s['wall_s']:.0f} s",
+        "",
+        table_md(s),
+        "",
+        *[f"- {'PASS' if good else 'FAIL'}: {text}" for text, good in ok],
+        "",
+        "## Recaption",
+        "",
+        f"{s['recaption']['ok']} ok, {s['recaption']['failed']} failed, "
+        f"{_fmt(s['recaption'].get('images_per_s'))} images/s through serve-captioner.",
+    ]
+    if rq:
+        md += [
+            f"Colour+shape pairs of the ground truth named: recaptions {rq['pair_recall']}% "
+            f"(precision {rq['pair_precision']}%), alt-text {rq['alt_text_pair_recall']}% "
+            f"({rq['images']} images).",
+        ]
+        for ex in rq.get("examples", []):
+            md += [
+                "",
+                f"- alt-text: {ex['alt_text']}",
+                f"  - recaption: {ex['recaption']}",
+                f"  - ground truth: {ex['ground_truth']}",
+            ]
+    if s.get("finegrained_per_attribute"):
+        md += ["", "## Fine-grained R@1 per attribute (%)", ""]
+        attrs = sorted({a for v in s["finegrained_per_attribute"].values() for a in v})
+        md += ["| encoder | " + " | ".join(attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
+        for name, per in s["finegrained_per_attribute"].items():
+            md.append(f"| {name} | " + " | ".join(_fmt(per.get(a)) for a in attrs) + " |")
+    md += ["", "## Steps (wall seconds)", ""] + [f"- {k}: {v:.0f}" for k, v in s["steps_s"].items()]
+    md += ["", "Plots: " + ", ".join(os.path.basename(p) for p in plots if p), "Audit: audit/report.html"]
+    with open(os.path.join(d, "report.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    body = [
+        "<h1>FineViT demo</h1>",
+        f"<p class=sub>{html.escape(s['date'])} · {html.escape(s['machine'])} · whole demo {s['wall_s']:.0f} s</p>",
+        _md_table_html(table_md(s)),
+        "<ul>"
+        + "".join(
+            f"<li class={'pass' if good else 'fail'}>{'PASS' if good else 'FAIL'}: {html.escape(t)}</li>"
+            for t, good in ok
+        )
+        + "</ul>",
+        "<div class=row>" + "".join(_img(p) for p in plots) + "</div>",
+        "<h2>Recaption quality against the ground truth</h2>",
+        f"<p>{s['recaption']['ok']} ok, {s['recaption']['failed']} failed, "
+        f"{_fmt(s['recaption'].get('images_per_s'))} images/s.</p>",
+    ]
+    if rq:
+        body.append(
+            f"<p>Colour+shape pairs of the ground truth named: recaptions {rq['pair_recall']}% "
+            f"(precision {rq['pair_precision']}%), alt-text {rq['alt_text_pair_recall']}%.</p>"
+        )
+        body.append("<table><tr><th>alt-text</th><th>recaption</th><th>ground truth</th></tr>")
+        for ex in rq.get("examples", []):
+            body.append("<tr>" + "".join(f"<td>{html.escape(str(ex[k]))}</td>" for k in ex) + "</tr>")
+        body.append("</table>")
+    body += [
+        "<h2>Audit</h2><p><a href='audit/report.html'>the full audit report</a></p>",
+        "<div class=row>" + "".join(_img(p) for p in audit_plots) + "</div>",
+    ]
+    css = (
+        "body{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;"
+        "text-align:left;vertical-align:top;max-width:420px}.sub{color:#666}.pass{color:#1a7f37}"
+        ".fail{color:#c33;font-weight:bold}.row{display:flex;flex-wrap:wrap;gap:12px}img{max-width:560px}"
+    )
+    page = f"<!doctype html><meta charset=utf-8><title>FineViT demo</title><style>{css}</style>" + "".join(
+        body
+    )
+    with open(os.path.join(d, "report.html"), "w") as f:
+        f.write(page)
+
+
+def _md_table_html(md: str) -> str:
+    lines = [ln for ln in md.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def machine() -> str:
+    cores = os.cpu_count() or 0
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cores} CPU cores ({cpu}), no GPU"
+
+
+def build_summary(d: str, corpus: str) -> dict[str, Any]:
+    steps = step_seconds(d)
+    rec = recaption_stats(corpus, "recap-global") if os.path.exists(corpus) or "://" in corpus else {}
+    rec.setdefault("ok", 0)
+    rec.setdefault("failed", 0)
+    secs = steps.get("recaption")
+    rec["images_per_s"] = round((rec["ok"] + rec["failed"]) / secs, 2) if secs else None
+    chance = None
+    fg_path = os.path.join(d, "eval", "finegrained-recaption", "results.json")
+    if os.path.exists(fg_path):
+        chance = round(100 * _read_json(fg_path)[0]["metrics"]["chance"], 1)
+    box_all = {n.replace("-", "_"): eval_metric(d, "boxcls", n, "top1") for n in ENCODERS}
+    return {
+        "finegrained_r1": {
+            n.replace("-", "_"): eval_metric(d, "finegrained", n, "t2i_mean") for n in ENCODERS
+        },
+        "finegrained_i2t": {
+            n.replace("-", "_"): eval_metric(d, "finegrained", n, "i2t_mean") for n in ENCODERS
+        },
+        "finegrained_per_attribute": {n: per_attribute(d, n) for n in ENCODERS if per_attribute(d, n)},
+        "chance_r1": chance,
+        "boxcls_top1": {"stage1": box_all["recaption"], "stage2": box_all["stage2"]},
+        "boxcls_top1_all": box_all,
+        "recaption": rec,
+        "wall_s": round(sum(steps.values()), 1),  # resumed runs: the steps' own times
+        "steps_s": steps,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("demo_dir")
+    ap.add_argument("--corpus", help="the recaptioned corpus (default DEMO_DIR/data/corpus)")
+    args = ap.parse_args(argv)
+    d = args.demo_dir
+    corpus = args.corpus or os.path.join(d, "data", "corpus")
+    t0 = time.time()
+    s = build_summary(d, corpus)
+    plots = [
+        plot_bars(s, os.path.join(d, "finegrained.png")),
+        plot_curves(curves(d), os.path.join(d, "curves.png")),
+    ]
+    audit_dir = os.path.join(d, "audit")
+    audit_plots = (
+        sorted(os.path.join(audit_dir, p) for p in os.listdir(audit_dir) if p.endswith(".png"))[:4]
+        if os.path.isdir(audit_dir)
+        else []
+    )
+    s["wall_s"] = round(s["wall_s"] + time.time() - t0, 1)
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump(s, f, indent=2)
+        f.write("\n")
+    write_pages(d, s, plots, audit_plots)
+    print(table_md(s))
+    results = checks(s)
+    for text, good in results:
+        print(f"{'PASS' if good else 'FAIL'}: {text}")
+    print(f"summary: {os.path.join(d, 'summary.json')}  report: {os.path.join(d, 'report.html')}")
+    return 0 if all(good for _, good in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
