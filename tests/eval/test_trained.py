@@ -29,9 +29,7 @@ SETS = [
 HELD_OUT = "synthetic://scenes?n=48&seed=1000&size=128"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], Path]:
-    base = tmp_path_factory.mktemp("trained")
+def _train(base: Path, n_train: int, steps: int) -> tuple[Path, list[str], Path]:
     data = base / "scenes"
     subprocess.run(
         [
@@ -39,7 +37,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], 
             "-m",
             "finevit",
             "ingest",
-            f"synthetic://scenes?n={N_TRAIN}&seed=0&size=128",
+            f"synthetic://scenes?n={n_train}&seed=0&size=128",
             str(data),
             "--samples-per-shard",
             "64",
@@ -58,9 +56,24 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], 
         a for s in sets for a in ("--set", s)
     ]
     run = base / "run"
-    argv = ["train", "stage1", "--dataset", str(data), "--steps", str(STEPS), "--log-dir", str(run), *flags]
+    argv = ["train", "stage1", "--dataset", str(data), "--steps", str(steps), "--log-dir", str(run), *flags]
     assert finevit_cli(argv) == 0
     return run, flags, data
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], Path]:
+    return _train(tmp_path_factory.mktemp("trained"), N_TRAIN, STEPS)
+
+
+# The formats test checks that each FineViT-dataset layer runs through its task, not learning (that
+# is test_trained_beats_random_on_finegrained's job), so a short run is enough and keeps CI fast.
+N_FORMATS, STEPS_FORMATS = 64, 20
+
+
+@pytest.fixture(scope="module")
+def briefly_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], Path]:
+    return _train(tmp_path_factory.mktemp("brief"), N_FORMATS, STEPS_FORMATS)
 
 
 def _means(metrics: dict) -> float:
@@ -98,16 +111,16 @@ def test_trained_beats_random_on_finegrained(trained, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_finevit_dataset_formats(trained, tmp_path: Path) -> None:
+def test_finevit_dataset_formats(briefly_trained, tmp_path: Path) -> None:
     from eval.run import evaluate
     from train.model.encoder import load_encoder
 
-    run, flags, data = trained
+    run, flags, data = briefly_trained
     enc = load_encoder(run, flags[1], flags[3::2])
     rt = evaluate(enc, "retrieval", str(data), "finevit", layers=["gt-global", "alt-text"])
-    assert rt.n == N_TRAIN and rt.metrics["texts"] == 2 * N_TRAIN
+    assert rt.n == N_FORMATS and rt.metrics["texts"] == 2 * N_FORMATS
     lr = evaluate(enc, "long-retrieval", str(data), "finevit", layers=["gt-global"])
-    assert lr.n == N_TRAIN and lr.metrics["t2i_R@1"] > 1 / N_TRAIN
+    assert lr.n == N_FORMATS and 0.0 <= lr.metrics["t2i_R@1"] <= 1.0
     bx = evaluate(enc, "boxcls", str(data), "finevit", layers=["gt-regions"], templates="shapes")
     assert bx.metrics["classes"] == 9  # eight shapes + "text"
-    assert bx.n > N_TRAIN
+    assert bx.n > N_FORMATS
