@@ -102,3 +102,25 @@ def load(path: str, model: torch.nn.Module, optim: torch.optim.Optimizer) -> dic
     extra = torch.load(extra_path, weights_only=False)
     set_rng_state(extra.pop("rng"))
     return extra
+
+
+def resume(
+    ckpt_dir: str,
+    enabled: bool,
+    model: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    sched: Any,
+    load_loader: Any,
+) -> tuple[str | None, int]:
+    """Restore the newest checkpoint under ``ckpt_dir`` (model, optimizer, schedule, loader state).
+
+    ``load_loader`` receives the loader's saved state (each stage's loader restores differently).
+    Returns ``(path, step)``; ``(None, 0)`` when resume is off or nothing was saved yet.
+    """
+    last = latest(ckpt_dir) if enabled else None
+    if not last:
+        return None, 0
+    extra = load(last, model, optim)
+    sched.load_state_dict(extra["sched"])
+    load_loader(extra["loader"])
+    return last, int(extra["step"])

@@ -289,16 +289,17 @@ def train_stage1(cfg: Stage1Config, on_event: Callable[[str], None] = print) -> 
     loss_fn = create_loss(cfg)
     loader = Stage1Loader(d.dataset, cfg.storage, d, patch, cfg.model.text.context, rank, world)
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
-    step = 0
     result = TrainResult()
-    last = ckpt.latest(ckpt_dir) if cfg.checkpoint.resume else None
-    if last:
-        extra = ckpt.load(last, net, optim)
-        sched.load_state_dict(extra["sched"])
-        loader.load_state_dict(extra["loader"], cfg.checkpoint.allow_data_change)
-        step = int(extra["step"])
-        if rank == 0:
-            on_event(f"resumed from {last} at step {step}")
+    last, step = ckpt.resume(
+        ckpt_dir,
+        cfg.checkpoint.resume,
+        net,
+        optim,
+        sched,
+        lambda state: loader.load_state_dict(state, cfg.checkpoint.allow_data_change),
+    )
+    if last and rank == 0:
+        on_event(f"resumed from {last} at step {step}")
     peak = peak_tflops(device, dtype or torch.float32)
     logger = Logger(
         cfg.log.dir, cfg.log.tensorboard, cfg.log.progress, cfg.loop.steps, enabled=rank == 0, start=step

@@ -302,16 +302,10 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
         world,
     )
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
-    step = 0
     result = Stage2Result()
-    last = ckpt.latest(ckpt_dir) if cfg.checkpoint.resume else None
-    if last:
-        extra = ckpt.load(last, net, optim)
-        sched.load_state_dict(extra["sched"])
-        loader.load_state_dict(extra["loader"])
-        step = int(extra["step"])
-        if rank == 0:
-            on_event(f"resumed from {last} at step {step}")
+    last, step = ckpt.resume(ckpt_dir, cfg.checkpoint.resume, net, optim, sched, loader.load_state_dict)
+    if last and rank == 0:
+        on_event(f"resumed from {last} at step {step}")
     dtype = (
         torch.bfloat16
         if (cfg.loop.dtype == "bfloat16" or (cfg.loop.dtype == "auto" and device.type == "cuda"))
