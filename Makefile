@@ -13,7 +13,7 @@ export WANDB_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= demo_out
 
-.PHONY: setup test test-fast lint format demo demo-loop bench-deps bench-quick clean image image-sglang
+.PHONY: setup test test-fast test-chaos lint format demo demo-loop bench-deps bench-quick clean image image-sglang
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: bench-deps
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# the reliability suite (RELIABILITY.md); its figures go to $FINEVIT_CHAOS_FIGURES
+test-chaos: setup
+	$(BIN)/python -m pytest -q -ra tests/chaos
 
 lint: setup
 	$(BIN)/ruff check .
