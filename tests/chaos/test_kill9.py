@@ -1,0 +1,449 @@
+"""Kill -9 at seeded random moments, then rerun: every sample exactly once, no partial shard visible.
+
+Each stage (ingest, recaption over a real OpenAI-compatible HTTP server, filter, stage-1
+training) runs once uninterrupted (the reference and the clean wall time), then as a chain:
+start, SIGKILL the whole process group at a moment drawn by a seeded RNG, start again, kill
+again, ..., and a last run to completion. A moment is an observed point of progress (the k-th
+commit marker, or the first file staged by this run, or the k-th logged training step) plus a
+seeded delay of up to a few tenths of a second, so kills land mid-write as well as between
+shards. After the chain the stage's output must equal the reference: the same key set, each
+key once, whole committed shards only, the same verdicts/losses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.chaos._chaos import (
+    Proc,
+    n_markers,
+    read_committed,
+    run,
+    start,
+    tally,
+    wait_until,
+    written_skipped,
+)
+
+pytestmark = pytest.mark.slow
+
+SEED = 17
+
+
+def _fresh_staging(folders: list[Path]) -> Callable[[float], Callable[[], bool]]:
+    """Mid-shard: this run has staged a file (mtime after its start) under one of ``folders``."""
+    return lambda since: _staged_since(folders, since)
+
+
+def _staged_since(folders: list[Path], since: float) -> Callable[[], bool]:
+
+    def check() -> bool:
+        for f in folders:
+            st = f / ".staging"
+            if st.exists():
+                for p in st.rglob("*"):
+                    try:
+                        if p.stat().st_mtime >= since:
+                            return True
+                    except FileNotFoundError:
+                        pass
+        return False
+
+    return check
+
+
+def _kill_chain(
+    rng: random.Random,
+    args: list[str],
+    logdir: Path,
+    progress: Callable[[], int],
+    total: int,
+    midway: Callable[[float], Callable[[], bool]] | None = None,
+    *,
+    kills: int = 2,
+    max_delay: float = 0.1,
+    margin: int = 2,
+    timeout: float = 400,
+) -> tuple[list[str], float, str]:
+    """``kills`` killed runs, then one to completion. Returns (moments, wall seconds, last log).
+
+    A kill aims at commit k drawn from [done + 1, total - margin * (kills left)], so each run
+    has work left to be killed in; a run that still ends first (a burst under no load) is not
+    counted as a fault, and at least one must land."""
+    moments, wall = [], 0.0
+    for i in range(kills):
+        done = progress()
+        proc: Proc = start(args, logdir / f"kill{i}.log")
+        # a moment: the first file this run stages (mid-write), or the k-th commit, + a delay
+        if midway and rng.random() < 0.4:
+            what, pred = "mid-shard", midway(proc.started)
+        else:
+            k = rng.randint(done + 1, max(done + 1, total - margin * (kills - i)))
+            what, pred = f"commit {k}/{total}", (lambda k=k: progress() >= k)
+        delay = round(rng.uniform(0.0, max_delay), 3)
+        if wait_until(proc, pred) and delay:
+            time.sleep(delay)
+        if not proc.alive():
+            rc, log, secs = proc.wait(1)
+            assert rc == 0, log[-4000:]
+            wall += secs
+            moments.append(f"{what}: missed (the run ended first)")
+            continue
+        wall += proc.kill()
+        moments.append(f"{what} +{delay}s (saw {progress()})")
+    assert any("missed" not in m for m in moments), moments
+    rc, log, secs = run(args, logdir / "final.log", timeout=timeout)
+    assert rc == 0, log[-4000:]
+    return moments, wall + secs, log
+
+
+def _faults(moments: list[str]) -> int:
+    return sum("missed" not in m for m in moments)
+
+
+# ---------------------------------------------------------------- ingest
+
+N_INGEST, SPS_INGEST = 64, 4
+INGEST_SRC = f"synthetic://scenes?n={N_INGEST}&seed=7&size=384"  # ~0.1 s a shard: room for kills
+
+
+def _ingest_args(out: Path) -> list[str]:
+    return ["ingest", INGEST_SRC, str(out), "--samples-per-shard", str(SPS_INGEST)]
+
+
+def _ingest_view(out: Path) -> dict[str, object]:
+    shards = read_committed(out / "shards")
+    layers = {p.name: read_committed(p) for p in sorted((out / "layers").iterdir()) if p.is_dir()}
+    return {"shards": shards, "layers": layers}
+
+
+def test_ingest_kill9_exactly_once(tmp_path, chaos_figures) -> None:
+    n_shards = N_INGEST // SPS_INGEST
+    rc, log, clean_s = run(
+        [*_ingest_args(tmp_path / "clean"), "--workers", "1", "--no-progress"], tmp_path / "clean.log"
+    )
+    assert rc == 0, log
+    ref = _ingest_view(tmp_path / "clean")
+
+    out = tmp_path / "ds"
+    args = [*_ingest_args(out), "--workers", "1", "--no-progress"]
+    moments, wall, log = _kill_chain(
+        random.Random(SEED),
+        args,
+        tmp_path,
+        lambda: n_markers(out / "shards"),
+        n_shards,
+        [out / "shards"],
+        kills=3,
+    )
+    written, skipped = written_skipped(log)
+    assert written + skipped == n_shards, log
+
+    got = _ingest_view(out)
+    want = set(ref["shards"].keys)
+    assert len(want) == N_INGEST
+    assert not got["shards"].partial, got["shards"].partial
+    assert sorted(got["shards"].keys) == sorted(ref["shards"].keys)  # each key once, none lost
+    assert {k: r["sha256"] for k, r in got["shards"].rows.items()} == {
+        k: r["sha256"] for k, r in ref["shards"].rows.items()
+    }  # the same image bytes under each key
+    assert set(got["layers"]) == set(ref["layers"]) == {"gt-global", "gt-regions"}
+    for name, layer in got["layers"].items():
+        assert not layer.partial, (name, layer.partial)
+        assert sorted(layer.keys) == sorted(ref["layers"][name].keys), name
+    assert not list((out / "shards" / ".staging").glob("*"))
+    ok, failed, lost, dup, unacc = tally(
+        got["shards"], want, lambda r: r["status"] != "success", lambda r: r["error_message"]
+    )
+    assert (lost, dup, unacc) == (0, 0, 0)
+    chaos_figures.add(
+        scenario="kill -9: ingest",
+        trials=1,
+        faults=_faults(moments),
+        ok=ok,
+        failed=failed,
+        lost=lost,
+        duplicated=dup,
+        unaccounted=unacc,
+        wall_s=wall,
+        clean_wall_s=clean_s,
+        note=f"{N_INGEST} samples, {n_shards} shards; kills at " + "; ".join(moments),
+    )
+
+
+# ---------------------------------------------------------------- a small dataset for the later stages
+
+N_DS, SPS_DS = 48, 6
+
+
+@pytest.fixture(scope="module")
+def master(tmp_path_factory) -> Path:
+    """48 synthetic scenes in 8 shards (gt-global captions), plus a tokenizer, built once."""
+    base = tmp_path_factory.mktemp("chaos-master")
+    root = base / "ds"
+    rc, log, _ = run(
+        [
+            "ingest",
+            f"synthetic://scenes?n={N_DS}&seed=0&size=128",
+            str(root),
+            "--samples-per-shard",
+            str(SPS_DS),
+            "--no-progress",
+        ],
+        base / "ingest.log",
+    )
+    assert rc == 0, log
+    return root
+
+
+def _copy(master: Path, dst: Path) -> Path:
+    shutil.copytree(master, dst)
+    return dst
+
+
+def _shard_keys(root: Path) -> set[str]:
+    return set(read_committed(root / "shards", ["key"]).keys)
+
+
+# ---------------------------------------------------------------- recaption (openai backend, real HTTP)
+
+
+def _recap_args(root: Path, url: str) -> list[str]:
+    return [
+        "recaption",
+        str(root),
+        "--endpoint",
+        url,
+        "--layer",
+        "recap",
+        "--max-in-flight",
+        "2",
+        "--timeout",
+        "10",
+        "--no-progress",
+        "--set",
+        "recaption.shards_in_flight=1",
+    ]
+
+
+def test_recaption_kill9_exactly_once(master, tmp_path, chaos_figures) -> None:
+    from tests.recaption.recap_fault_server import FaultServer
+
+    srv = FaultServer(service_s=0.05).start()
+
+    def midway(_started: float) -> Callable[[], bool]:  # this run's requests are in flight
+        n0 = sum(srv.modes.values())
+        return lambda: sum(srv.modes.values()) > n0
+
+    try:
+        clean = _copy(master, tmp_path / "clean")
+        rc, log, clean_s = run(_recap_args(clean, srv.url), tmp_path / "clean.log")
+        assert rc == 0, log
+        ref = read_committed(clean / "layers" / "recap")
+
+        root = _copy(master, tmp_path / "ds")
+        layer = root / "layers" / "recap"
+        n_shards = N_DS // SPS_DS
+        moments, wall, log = _kill_chain(
+            random.Random(SEED + 1),
+            _recap_args(root, srv.url),
+            tmp_path,
+            lambda: n_markers(layer),
+            n_shards,
+            [layer],
+        )
+    finally:
+        srv.stop()
+    written, skipped = written_skipped(log)
+    assert written + skipped == n_shards, log
+    got = read_committed(layer)
+    want = _shard_keys(root)
+    assert not got.partial, got.partial
+    assert sorted(got.keys) == sorted(ref.keys) and set(got.keys) == want
+    assert {k: (r["status"], r["caption"]) for k, r in got.rows.items()} == {
+        k: (r["status"], r["caption"]) for k, r in ref.rows.items()
+    }
+    assert not list((layer / ".staging").glob("*"))
+    ok, failed, lost, dup, unacc = tally(got, want, lambda r: r["status"] != "ok", lambda r: r["error"])
+    assert (lost, dup, unacc) == (0, 0, 0)
+    chaos_figures.add(
+        scenario="kill -9: recaption (openai, HTTP)",
+        trials=1,
+        faults=_faults(moments),
+        ok=ok,
+        failed=failed,
+        lost=lost,
+        duplicated=dup,
+        unaccounted=unacc,
+        wall_s=wall,
+        clean_wall_s=clean_s,
+        note=f"{N_DS} samples, {n_shards} shards; kills at " + "; ".join(moments),
+    )
+
+
+# ---------------------------------------------------------------- filter (signatures + filter passes)
+
+
+def _filter_args(root: Path) -> list[str]:
+    return ["filter", str(root), "--layer", "flt", "--on", "gt-global", "--workers", "1", "--no-progress"]
+
+
+def test_filter_kill9_exactly_once(master, tmp_path, chaos_figures) -> None:
+    clean = _copy(master, tmp_path / "clean")
+    rc, log, clean_s = run(_filter_args(clean), tmp_path / "clean.log")
+    assert rc == 0, log
+    ref = read_committed(clean / "layers" / "flt")
+
+    root = _copy(master, tmp_path / "ds")
+    layers = root / "layers"
+    n_shards = N_DS // SPS_DS
+    sig = layers / "phash-64"
+
+    def progress() -> int:  # both passes: signatures, then verdicts
+        return n_markers(sig) + n_markers(layers / "flt")
+
+    moments, wall, log = _kill_chain(
+        random.Random(SEED + 2), _filter_args(root), tmp_path, progress, 2 * n_shards, kills=3
+    )
+    written, skipped = written_skipped(log)
+    assert written + skipped == n_shards, log
+    got = read_committed(layers / "flt")
+    want = _shard_keys(root)
+    assert not got.partial, got.partial
+    assert sorted(got.keys) == sorted(ref.keys) and set(got.keys) == want
+    assert {k: (r["keep"], r["reasons"]) for k, r in got.rows.items()} == {
+        k: (r["keep"], r["reasons"]) for k, r in ref.rows.items()
+    }
+    for p in layers.iterdir():
+        assert not list((p / ".staging").glob("*")), p
+        assert not read_committed(p).partial, p
+    ok, failed, lost, dup, unacc = tally(got, want, lambda r: False, lambda r: True)
+    assert (lost, dup, unacc) == (0, 0, 0)
+    chaos_figures.add(
+        scenario="kill -9: filter (signatures + verdicts)",
+        trials=1,
+        faults=_faults(moments),
+        ok=ok,
+        failed=failed,
+        lost=lost,
+        duplicated=dup,
+        unaccounted=unacc,
+        wall_s=wall,
+        clean_wall_s=clean_s,
+        note=f"{N_DS} samples, {n_shards} shards x 2 passes; kills at " + "; ".join(moments),
+    )
+
+
+# ---------------------------------------------------------------- stage-1 training
+
+STEPS = 10
+TRAIN_SETS = [
+    "model.vision.width=32",
+    "model.vision.depth=2",
+    "model.vision.heads=2",
+    "model.text.width=32",
+    "model.text.depth=1",
+    "model.text.heads=2",
+    "model.text.context=96",
+    "model.embed_dim=32",
+    "data.max_patches=32",
+    "data.seq_len=64",
+    "data.rows=2",
+    "data.max_images=8",
+    "data.shuffle_buffer=16",
+    "data.pack_buffer=8",
+    "data.workers=1",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "log.every=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "checkpoint.every=2",
+    "loop.threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(master: Path) -> Path:
+    tok = master.parent / "tok"
+    rc, log, _ = run(
+        ["train-tokenizer", str(master), "--layer", "gt-global", "--vocab", "384", str(tok)],
+        master.parent / "tok.log",
+    )
+    assert rc == 0, log
+    return tok
+
+
+def _train_args(root: Path, tok: Path, log_dir: Path, steps: int = STEPS) -> list[str]:
+    from tests.chaos._chaos import REPO
+
+    args = ["train", "stage1", "--config", str(REPO / "configs" / "stage1_tiny_cpu.yaml")]
+    args += ["--dataset", str(root), "--steps", str(steps), "--log-dir", str(log_dir)]
+    for s in [*TRAIN_SETS, f"data.tokenizer={tok}"]:
+        args += ["--set", s]
+    return args
+
+
+def _metric_rows(log_dir: Path) -> list[dict]:
+    f = log_dir / "metrics.jsonl"
+    if not f.exists():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            out.append({"torn": line})
+    return out
+
+
+def test_stage1_kill9_resumes_the_same_losses(master, tokenizer, tmp_path, chaos_figures) -> None:
+    clean = tmp_path / "clean"
+    rc, log, clean_s = run(_train_args(master, tokenizer, clean), tmp_path / "clean.log")
+    assert rc == 0, log
+    want = {r["step"]: r["loss"] for r in _metric_rows(clean) if "loss" in r}
+    assert sorted(want) == list(range(1, STEPS + 1))
+
+    run_dir = tmp_path / "run"
+
+    def progress() -> int:  # logged steps of this run folder (rows of the last attempt included)
+        return max((r.get("step", 0) for r in _metric_rows(run_dir)), default=0)
+
+    moments, wall, log = _kill_chain(
+        random.Random(SEED + 3), _train_args(master, tokenizer, run_dir), tmp_path, progress, STEPS, kills=3
+    )
+    assert "resumed from" in log, log[-3000:]
+    rows = _metric_rows(run_dir)
+    assert not [r for r in rows if "torn" in r], "a torn metrics row"
+    got: dict[int, list[float]] = {}
+    for r in rows:
+        if "loss" in r:
+            got.setdefault(r["step"], []).append(r["loss"])
+    # every step logged; a step redone after a resume logged the bit-exact same loss as the clean run
+    assert sorted(got) == sorted(want)
+    mismatched = {s: (v, want[s]) for s, v in got.items() if any(x != want[s] for x in v)}
+    assert not mismatched, mismatched
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "done").exists())
+    assert ckpts[-1] == f"step_{STEPS:08d}"
+    redone = sum(len(v) - 1 for v in got.values())
+    chaos_figures.add(
+        scenario="kill -9: stage-1 training",
+        trials=1,
+        faults=_faults(moments),
+        ok=len(got),
+        failed=0,
+        lost=len(set(want) - set(got)),
+        duplicated=0,
+        unaccounted=len(mismatched),
+        wall_s=wall,
+        clean_wall_s=clean_s,
+        note=f"units: steps ({STEPS}, checkpoint every 2; {redone} steps redone after resume, "
+        "same loss bit for bit); kills at " + "; ".join(moments),
+    )
