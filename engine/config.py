@@ -89,6 +89,9 @@ class IngestConfig(StrictModel):
     )
     image: ImageConfig = ImageConfig()
     retry_failed: bool = False
+    lease_ttl: float = Field(
+        default=120.0, gt=0, description="seconds the dataset's lease lives without a heartbeat"
+    )
     allow_private_network: bool = False
     # hosts (as written in URLs) that may resolve to private addresses, e.g. an internal mirror
     allow_hosts: list[str] = []

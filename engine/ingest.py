@@ -25,6 +25,7 @@ from engine.layout import (
     commit_parts,
     shard_name,
 )
+from engine.lease import Lease
 from engine.shards import Progress, ShardTask, StageReport, run_shard_tasks
 from engine.sources import open_source
 from engine.sources.base import Source
@@ -261,9 +262,6 @@ def ingest(
     on_event: Callable[[str], None] | None = None,
 ) -> IngestReport:
     """Ingest ``source_uri`` into the dataset at ``output``; resumable, exactly once."""
-    import ray
-
-    from engine.runtime import init_ray
     from engine.sources.existing import ExistingShardsSource
 
     cfg = cfg or FineVitConfig()
@@ -274,8 +272,27 @@ def ingest(
     dataset = Dataset(output, cfg.storage)
     _check_output(dataset)
     report = IngestReport(output=dataset.root, source=source_uri)
-    if isinstance(source, ExistingShardsSource):
-        return _register_existing(source, dataset, report)
+    # one writer per dataset: a second ingest into OUTPUT is refused while this one lives (it
+    # would clear our staging, and race on dataset.json); a killed run's lease is taken over
+    with Lease(dataset.store, dataset.root, ttl=cfg.ingest.lease_ttl, what="dataset") as lease:
+        if isinstance(source, ExistingShardsSource):
+            return _register_existing(source, dataset, report)
+        return _ingest(source, dataset, cfg, report, lease, progress, say, t0)
+
+
+def _ingest(
+    source: Source,
+    dataset: Dataset,
+    cfg: FineVitConfig,
+    report: IngestReport,
+    lease: Lease,
+    progress: bool,
+    say: Callable[[str], None],
+    t0: float,
+) -> IngestReport:
+    import ray
+
+    from engine.runtime import init_ray
 
     entry = _source_entry(dataset, source, cfg)
     first = int(entry["first_shard"])
@@ -303,6 +320,8 @@ def ingest(
     def plan() -> Iterator[ShardTask]:
         nonlocal n_planned
         for i, payload in enumerate(source.plan(cfg.ingest.samples_per_shard)):
+            if lease.lost:
+                raise LayoutError(f"lost the lease of {dataset.root} (another run took it over): stopping")
             n_planned = i + 1
             task = ShardTask(shard_name(first + i), payload=(first + i, payload))
             if task.shard not in committed:

@@ -1,5 +1,8 @@
 """One writer per layer: a lease file ``<layer>/_lease.json`` (owner, run id, heartbeat, expiry).
 
+The same lease guards a dataset being ingested (``<root>/_lease.json``, engine/ingest.py) and
+a training run folder (``<log.dir>/_lease.json``, train/stage1.py).
+
 A run takes the lease before it writes ``layer.json`` or stages anything, renews it every
 ``ttl / 3`` seconds from a thread, and removes it at the end. A second run on the same layer
 is refused with the holder's name while the lease is alive; a lease whose heartbeat stopped
@@ -59,9 +62,12 @@ def _dead_here(cur: dict[str, Any]) -> bool:
 
 
 class Lease:
-    def __init__(self, store: Store, name: str, ttl: float = 120.0, owner: str | None = None) -> None:
+    def __init__(
+        self, store: Store, name: str, ttl: float = 120.0, owner: str | None = None, what: str = "layer"
+    ) -> None:
         self.store = store
         self.name = name
+        self.what = what  # what is leased, for messages: a layer, a dataset, a run folder
         self.ttl = ttl
         self.run_id = uuid.uuid4().hex[:12]
         self.owner = owner or f"{os.environ.get('USER', '?')}@{socket.gethostname()} pid {os.getpid()}"
@@ -162,15 +168,15 @@ class Lease:
             left = float(cur.get("expires", 0)) - time.time()
             if left > 0 and not _dead_here(cur):
                 raise LeaseHeld(
-                    f"layer {self.name!r} is being written by {cur.get('owner')} (run {cur.get('run_id')}, "
+                    f"{self.what} {self.name!r} is being written by {cur.get('owner')} (run {cur.get('run_id')}, "
                     f"last heartbeat {time.time() - float(cur.get('heartbeat', 0)):.0f}s ago, "
-                    f"expires in {left:.0f}s). One writer per layer: wait for it, or, if that run is dead, "
+                    f"expires in {left:.0f}s). One writer per {self.what}: wait for it, or, if that run is dead, "
                     f"remove {self.store.uri(LEASE)}"
                 )
             if self._take_over(etag):
                 self._start()
                 return self
-        raise LeaseHeld(f"layer {self.name!r}: could not take the lease (another run is taking it)")
+        raise LeaseHeld(f"{self.what} {self.name!r}: could not take the lease (another run is taking it)")
 
     def _take_over(self, etag: str | None) -> bool:
         if not self.store.is_local:
