@@ -268,6 +268,25 @@ def train_stage1(cfg: Stage1Config, on_event: Callable[[str], None] = print) -> 
     """Run (or resume) stage 1 as configured; returns what the run did on this rank."""
     check_fits(cfg)
     rank, world, device = init_from_env()
+    with run_folder_lease(cfg.log.dir, rank):
+        return _train_stage1(cfg, on_event, rank, world, device)
+
+
+def run_folder_lease(log_dir: str, rank: int) -> contextlib.AbstractContextManager[Any]:
+    """One run per run folder: rank 0 holds ``<log.dir>/_lease.json`` while it trains. A second
+    run into the same folder would append to the same metrics and overwrite the same
+    checkpoints; it is refused with the holder's name. A killed run's lease is taken over."""
+    if rank != 0:
+        return contextlib.nullcontext()
+    from engine.lease import Lease
+    from engine.store import Store
+
+    return Lease(Store(log_dir), log_dir, what="run folder")
+
+
+def _train_stage1(
+    cfg: Stage1Config, on_event: Callable[[str], None], rank: int, world: int, device: torch.device
+) -> TrainResult:
     if cfg.loop.threads:
         torch.set_num_threads(cfg.loop.threads)
     seed_all(cfg.loop.seed + rank)
