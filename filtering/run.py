@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from engine.config import ConfigError, StorageConfig
 from engine.layout import Dataset, LayerDir, LayoutError, sample_digits
+from engine.lease import Lease
 from engine.schemas import FILTER_BASE_SCHEMA
 from engine.shards import Progress, StageReport, run_shard_tasks
 from filtering.base import Filter, Sample
@@ -405,10 +406,6 @@ def filter_dataset(
     on_event: Any = None,
 ) -> FilterReport:
     """Filter every usable shard of ``dataset_root`` into ``cfg.filter.layer``; resumable, exactly once."""
-    import ray
-
-    from engine.runtime import init_ray
-
     st = cfg.filter
     say = on_event or (lambda _m: None)
     t0 = time.time()
@@ -425,8 +422,30 @@ def filter_dataset(
         raise ConfigError(f"--layer {st.layer!r} is also an --on layer: name the filter layer something else")
     check_or_write_info(layer, layer_info(st, on, filters))
     layer.store.makedirs()
-    layer.store.clear_staging()
+    # one writer per layer (engine/lease.py): a second run on this layer would clear our staging
+    with Lease(layer.store, st.layer) as lease:
+        layer.store.clear_staging()
+        return _filter_layer(cfg, ds, storage, filters, on, report, layer, lease, progress, say, t0)
 
+
+def _filter_layer(
+    cfg: FilterRunConfig,
+    ds: Dataset,
+    storage: Any,
+    filters: list[Any],
+    on: dict[str, str | None],
+    report: FilterReport,
+    layer: Any,
+    lease: Lease,
+    progress: bool | None,
+    say: Any,
+    t0: float,
+) -> FilterReport:
+    import ray
+
+    from engine.runtime import init_ray
+
+    st = cfg.filter
     shards = ds.committed_shards()
     for name in [n for n in on.values() if n]:
         lay = ds.layer(name)
@@ -513,6 +532,8 @@ def filter_dataset(
     if has_global:
         dups = global_dups(ds, storage, usable, filters, on)
 
+    if lease.lost:
+        raise LayoutError(f"lost the lease of layer {st.layer!r} (another run took it over): stopping")
     # pass 2: the filter layer
     task = ray.remote(num_cpus=st.task_cpus)(filter_shard)
     total = sum(ds.shard_stats(s).count for s in todo)
