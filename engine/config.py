@@ -24,6 +24,20 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "session_token", "api_key"})
+
+
+def redact_secrets(dump: Any) -> Any:
+    """A config dump (``model_dump(mode="json")``) with every secret field set to None, for
+    writing beside outputs (checkpoints, run folders): credentials stay in the environment or
+    the command line that gave them, never in a file a dataset or a model is shared with."""
+    if isinstance(dump, dict):
+        return {k: None if k in SECRET_FIELDS else redact_secrets(v) for k, v in dump.items()}
+    if isinstance(dump, list):
+        return [redact_secrets(v) for v in dump]
+    return dump
+
+
 class StorageConfig(StrictModel):
     """How ``s3://`` URIs are reached. Unset fields fall back to boto3's standard chain.
 
@@ -33,9 +47,10 @@ class StorageConfig(StrictModel):
     """
 
     endpoint_url: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    # secrets: never in a repr (error messages, logs); redact_secrets() before a config is written
+    access_key_id: str | None = Field(default=None, repr=False)
+    secret_access_key: str | None = Field(default=None, repr=False)
+    session_token: str | None = Field(default=None, repr=False)
     region: str | None = None
     anon: bool = False
 

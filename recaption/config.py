@@ -92,7 +92,7 @@ class RecaptionConfig(StrictModel):
     backoff_max: float = Field(default=30.0, ge=0)
     eject_after: int = Field(default=5, ge=1, description="consecutive failures that take an endpoint out")
     probe_interval: float = Field(default=2.0, gt=0)
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, repr=False)  # a secret: never in a repr or a file
     # orchestration
     shards: list[str] | None = None
     limit: int | None = Field(default=None, ge=1, description="at most this many images (whole shards)")

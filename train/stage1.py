@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.config import redact_secrets
 from train import checkpoint as ckpt
 from train.config import Stage1Config, check_fits
 from train.data.image_stats import resolve_normalization
@@ -413,5 +414,11 @@ def _save(
 ) -> str:
     extra = {"step": step, "sched": sched.state_dict(), "loader": loader.state_dict()}
     return ckpt.save(
-        root, step, net, optim, extra, keep=cfg.checkpoint.keep, config=cfg.model_dump(mode="json")
+        root,
+        step,
+        net,
+        optim,
+        extra,
+        keep=cfg.checkpoint.keep,
+        config=redact_secrets(cfg.model_dump(mode="json")),  # no S3 credentials in the checkpoint
     )

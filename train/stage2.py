@@ -15,6 +15,7 @@ so AdamW leaves them alone), which keeps the optimizer state and checkpoints one
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from engine.config import ConfigError, StorageConfig, StrictModel
+from engine.config import ConfigError, StorageConfig, StrictModel, redact_secrets
 from train import checkpoint as ckpt
 from train.config import CheckpointConfig, LogConfig, LoopConfig, ModelConfig, OptimConfig
 from train.data.regions import TASKS, Stage2Loader
@@ -418,7 +419,7 @@ def _save(
     if ckpt.rank() == 0:
         # the run's config beside the checkpoints: export rebuilds the model from it
         with open(os.path.join(os.path.dirname(path), "stage2_config.json"), "w") as f:
-            f.write(cfg.model_dump_json(indent=2))
+            json.dump(redact_secrets(cfg.model_dump(mode="json")), f, indent=2)  # no credentials
     return path
 
 
