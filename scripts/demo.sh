@@ -77,7 +77,8 @@ step captioner-stage1 $BIN train stage1 --config $S1_CFG --dataset "$HUMAN" --st
 step captioner-lm $BIN train tiny-lm "$TOK" "$D/models/tiny-lm"
 step captioner-stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/captioner-stage1" \
     --lm "$D/models/tiny-lm" --dataset "$HUMAN" --steps $CAP_S2_STEPS --log-dir "$D/runs/captioner-stage2" \
-    --set data.regions_layer=gt-regions --set data.global_layer=gt-global --set log.progress=false
+    --set data.regions_layer=gt-regions --set data.global_layer=gt-global --set log.progress=false \
+    --set "data.tasks=[{task: global, weight: 0.6}, {task: box_caption, weight: 0.4}]" # what it will caption
 step captioner-export $BIN export "$D/runs/captioner-stage2" "$D/models/captioner" --part vlm
 
 # ---------------------------------------------------------------- 3. recaption through the HTTP path
@@ -91,11 +92,13 @@ recaption() {
         kill -0 $pid || { cat "$D/logs/serve-captioner.log"; return 1; }
         sleep 1
     done
+    # the prompts the captioner was trained with (a tiny model follows no other wording)
     $BIN recaption "$CORPUS" --task global --layer recap-global --backend openai \
-        --endpoint "http://127.0.0.1:$PORT" --model captioner "${RECAP_ARGS[@]}" --no-progress
+        --endpoint "http://127.0.0.1:$PORT" --model captioner --prompt configs/prompts/stage2-global.txt \
+        "${RECAP_ARGS[@]}" --no-progress
     $BIN recaption "$CORPUS" --task regions --layer recap-regions --backend openai \
         --endpoint "http://127.0.0.1:$PORT" --model captioner --region-mode proposals \
-        --proposals-layer gt-regions --box-hint coords "${RECAP_ARGS[@]}" --no-progress
+        --proposals-layer gt-regions --prompt configs/prompts/stage2-region.txt "${RECAP_ARGS[@]}" --no-progress
 }
 step recaption recaption
 
@@ -122,7 +125,7 @@ for name in alt-text recaption stage2; do
     if [[ $name == stage2 ]]; then
         model=("$D/models/encoder-stage2")
     else
-        model=("$D/runs/stage1-$name" --config $S1_CFG "${S1_SETS[@]}")
+        model=("$D/runs/stage1-$name") # the run config (with its measured mean/std) sits beside it
     fi
     step "eval-finegrained-$name" $BIN eval "${model[@]}" --task finegrained --data "$FG_DATA" \
         --out "$D/eval/finegrained-$name" --no-progress

@@ -55,6 +55,24 @@ def test_attribute_pairs_match_the_synthetic_vocabulary() -> None:
     assert demo_report._attr_pairs("abstract art") == set()
 
 
+def test_the_demo_prompts_are_the_ones_its_captioner_learns() -> None:
+    """The demo serves its stage-2 captioner the prompts stage 2 trained it on: a tiny captioner
+    does not generalize to another wording, nor to another box notation."""
+    from recaption.prompts import load_prompt
+    from recaption.regions import box_tag
+    from train.data.regions import box_text, prompt_for
+
+    box = (0.1234, 0.5, 0.75, 0.999)
+    assert box_tag(box) == box_text(box)
+    region = load_prompt(str(ROOT / "configs/prompts/stage2-region.txt"))
+    assert region.task == "regions-proposals"
+    assert region.render(box_tag=box_tag(box)) == prompt_for("box_caption", box=box)
+    glob = load_prompt(str(ROOT / "configs/prompts/stage2-global.txt"))
+    assert glob.task == "global" and glob.render() == prompt_for("global")
+    script = (ROOT / "scripts/demo.sh").read_text()
+    assert "configs/prompts/stage2-global.txt" in script and "configs/prompts/stage2-region.txt" in script
+
+
 @pytest.mark.slow
 @pytest.mark.skip(
     reason="issue 15 open: the reduced loop has not yet finished once (recaption stalled under load), "

@@ -410,9 +410,22 @@ def _stage1_config(step: Path, config: Any, overrides: list[str] | None) -> tupl
     if overrides:
         data = apply_overrides(data, overrides)
     try:
-        return Stage1Config.model_validate(data), origin
+        cfg = Stage1Config.model_validate(data)
     except Exception as e:
         raise EncoderError(f"{origin}: not a stage-1 config: {e}") from None
+    explicit = any(o.split("=", 1)[0].strip() in ("data.mean", "data.std") for o in overrides or [])
+    if config is not None and cfg.data.normalize == "dataset" and not explicit:
+        # a recipe holds no dataset statistics: the run resolved them and wrote them beside the
+        # checkpoint; preprocessing with the recipe's placeholder mean/std would blind the encoder
+        found = find_run_config(step)
+        if found is None:
+            raise EncoderError(
+                f"{origin}: data.normalize=dataset, but no run config beside {step} holds the mean/std "
+                "the run measured: evaluate the run folder without --config, or --set data.mean/data.std"
+            )
+        run = _read_config_file(found).get("data", {})
+        cfg.data.mean, cfg.data.std = tuple(run["mean"]), tuple(run["std"])
+    return cfg, origin
 
 
 def _load_stage1(p: Path, config: Any, overrides: list[str] | None, tokenizer: str | None) -> FineViTEncoder:
