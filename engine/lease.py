@@ -48,6 +48,16 @@ def _precondition(e: BaseException | None) -> bool:
     return False
 
 
+def _user() -> str:
+    """Who runs this process, for the holder's name (``$USER`` is unset in containers and CI)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
 def _dead_here(cur: dict[str, Any]) -> bool:
     """The holder ran on this machine and its process is gone (killed): no need to wait."""
     if cur.get("host") != socket.gethostname() or not isinstance(cur.get("pid"), int):
@@ -70,7 +80,7 @@ class Lease:
         self.what = what  # what is leased, for messages: a layer, a dataset, a run folder
         self.ttl = ttl
         self.run_id = uuid.uuid4().hex[:12]
-        self.owner = owner or f"{os.environ.get('USER', '?')}@{socket.gethostname()} pid {os.getpid()}"
+        self.owner = owner or f"{_user()}@{socket.gethostname()} pid {os.getpid()}"
         self.lost = False
         self._etag: str | None = None
         self._stop = threading.Event()
