@@ -30,6 +30,11 @@ class SmallDisk:
         _mount(["-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.path)])
 
     def remount(self, opts: str) -> None:
+        for _ in range(100):  # read-only is refused (busy) while a file is open for writing
+            try:
+                return _mount(["-o", f"remount,{opts}", str(self.path)])
+            except OSError:
+                time.sleep(0.02)
         _mount(["-o", f"remount,{opts}", str(self.path)])
 
     def umount(self) -> None:
