@@ -24,7 +24,7 @@ import pytest
 
 from tests.chaos._chaos import n_markers, read_committed, run, start, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # minutes each on a loaded 2-core machine
 
 LEASE = "_lease.json"
 

@@ -32,7 +32,7 @@ from tests.chaos._chaos import (
     written_skipped,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # minutes each on a loaded 2-core machine
 
 SEED = 17
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.chaos._chaos import REPO, run
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3]
+pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.timeout(1800)]
 
 AKID = "AKIACHAOSPLANTED7Q42"
 SECRET = "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"
