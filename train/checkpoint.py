@@ -9,6 +9,7 @@ rank finished: the commit marker; a folder without it is ignored).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -68,10 +69,13 @@ def save(
     path = _step_dir(root, step)
     os.makedirs(path, exist_ok=True)
     msd, osd = get_state_dict(model, optim)
-    with warnings.catch_warnings():  # single process: DCP warns that it saves without a group
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
-    torch.save({**extra, "rng": rng_state()}, os.path.join(path, f"extra_rank{rank()}.pt"))
+    try:
+        with warnings.catch_warnings():  # single process: DCP warns that it saves without a group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        torch.save({**extra, "rng": rng_state()}, os.path.join(path, f"extra_rank{rank()}.pt"))
+    except (OSError, RuntimeError) as e:
+        raise _save_error(path, e) from e
     if is_dist():
         dist.barrier()
     if rank() == 0:
@@ -86,6 +90,16 @@ def save(
     if is_dist():
         dist.barrier()
     return path
+
+
+def _save_error(path: str, e: BaseException) -> OSError:
+    """A failed checkpoint write, said plainly: torch's zip writer turns ENOSPC into
+    "[enforce fail at inline_container.cc] unexpected pos". The step folder has no ``done``
+    marker, so a resume never picks it."""
+    free = shutil.disk_usage(path).free
+    why = os.strerror(errno.ENOSPC) if free < 64 * 2**20 else "write failed"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return OSError(f"could not write checkpoint {path}: {why} ({free / 2**20:.1f} MiB free there): {first}")
 
 
 def load(path: str, model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
