@@ -108,11 +108,16 @@ step filter $BIN filter "$CORPUS" --layer recap-filter --on recap-global --on re
 step audit $BIN audit "$CORPUS" --report "$D/audit"
 
 # ---------------------------------------------------------------- 5. stage 1 twice, same budget and seed
+# the two runs go side by side (one torch thread each: the recipe's loop.threads) and are waited for
 step stage1-alt-text $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
-    --log-dir "$D/runs/stage1-alt-text" "${S1_SETS[@]}" --set "data.captions=[{source: alt-text}]"
+    --log-dir "$D/runs/stage1-alt-text" "${S1_SETS[@]}" --set "data.captions=[{source: alt-text}]" &
+alt_pid=$!
 step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
     --log-dir "$D/runs/stage1-recaption" "${S1_SETS[@]}" --set "data.captions=[{source: recap-global}]" \
-    --set "data.filters=[recap-filter]"
+    --set "data.filters=[recap-filter]" &
+recap_pid=$!
+wait $alt_pid
+wait $recap_pid
 
 # ---------------------------------------------------------------- 6. stage 2 from the recaption encoder
 step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
