@@ -140,7 +140,7 @@ def test_ingest_kill9_exactly_once(tmp_path, chaos_figures) -> None:
         tmp_path,
         lambda: n_markers(out / "shards"),
         n_shards,
-        [out / "shards"],
+        _fresh_staging([out / "shards"]),
         kills=3,
     )
     written, skipped = written_skipped(log)
@@ -257,7 +257,7 @@ def test_recaption_kill9_exactly_once(master, tmp_path, chaos_figures) -> None:
             tmp_path,
             lambda: n_markers(layer),
             n_shards,
-            [layer],
+            midway,
         )
     finally:
         srv.stop()
