@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from train.distributed import is_dist, rank
@@ -74,7 +75,7 @@ def save(
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
         torch.save({**extra, "rng": rng_state()}, os.path.join(path, f"extra_rank{rank()}.pt"))
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, CheckpointException) as e:  # DCP's is a BaseException
         raise _save_error(path, e) from e
     if is_dist():
         dist.barrier()
