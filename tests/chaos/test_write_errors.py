@@ -8,6 +8,7 @@ tests skip with that reason.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -81,8 +82,8 @@ def test_ingest_disk_full_fails_shards_cleanly_then_completes(small_disk, tmp_pa
 
     rc, log, t_fail = run(_ingest_args(out), tmp_path / "full.log")
     assert rc == 1, log[-4000:]  # ran, a shard failed: rerun to retry
-    assert "No space left on device" in log, log[-4000:]
-    assert "Traceback" not in log, log[-4000:]
+    # each failed shard says why in one line (Ray also logs the worker's traceback of each retry)
+    assert re.search(r"shard \d+ failed: OSError: \[Errno 28\] No space left on device", log), log[-4000:]
     half = read_committed(out / "shards", ["key", "sha256"])
     assert 0 < n_markers(out / "shards") < N // 8
     assert not half.partial, half.partial  # what was committed is whole ...
