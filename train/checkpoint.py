@@ -155,3 +155,16 @@ def resume(
     sched.load_state_dict(extra["sched"])
     load_loader(extra["loader"])
     return last, int(extra["step"])
+
+
+def ema_checkpoint(path: str) -> str:
+    """The EMA checkpoint (``step_<N>/ema``) of a run folder, checkpoints folder or step folder (the
+    newest committed step); ``--ema`` of ``finevit eval`` / ``finevit export``. ValueError if the
+    run kept no EMA (``ema.decay`` was 0)."""
+    from train.model.encoder import resolve_checkpoint
+
+    step = resolve_checkpoint(path)
+    ema = step / EMA_DIR
+    if not (ema / ".metadata").is_file():
+        raise ValueError(f"{step} has no EMA weights ({EMA_DIR}/): the run was trained with ema.decay=0")
+    return str(ema)
