@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--keep-truncated", action="store_true", help="keep captions cut by --max-tokens as ok")
     p.add_argument("--max-in-flight", type=int, help="requests in flight per endpoint")
+    p.add_argument(
+        "--max-bytes-in-flight",
+        help="per client actor: bytes of images waiting + requests in flight (e.g. 512MiB; bounds memory)",
+    )
     p.add_argument("--image-max-side", type=int, help="downscale images to this long side before sending")
     p.add_argument("--timeout", type=float, help="per-request timeout, seconds")
     p.add_argument("--retries", type=int, help="retries per request (transport faults and bad answers)")
@@ -134,6 +138,7 @@ def cmd_recaption(args: argparse.Namespace) -> int:
             "recaption.temperature": args.temperature,
             "recaption.keep_truncated": flag(args.keep_truncated),
             "recaption.max_in_flight": args.max_in_flight,
+            "recaption.max_bytes_in_flight": _q(args.max_bytes_in_flight),
             "recaption.image_max_side": args.image_max_side,
             "recaption.timeout": args.timeout,
             "recaption.retries": args.retries,

@@ -31,6 +31,7 @@ from engine.layout import Dataset, code_version
 from engine.shards import Progress, ShardTask, run_shard_tasks
 from engine.stats import LayerStats, Reason, RowStatus
 from recaption.backends.base import Backend, BackendError, CircuitOpen
+from recaption.budget import ByteBudget
 from recaption.cache import ResponseCache, fingerprint
 from recaption.config import RecaptionConfig, RecaptionRunConfig
 from recaption.plan import (
@@ -60,12 +61,14 @@ async def process_shard(
     only_keys: set[str] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     cache: ResponseCache | None = None,
+    budget: ByteBudget | None = None,
 ) -> tuple[list[dict[str, Any]], Metrics]:
     """The layer rows of one shard (in the shard's order) and what it took. ``only_keys``:
     caption just these samples (``retry_failed``); rows of the others are not returned.
 
     Images are read and prepared in a thread, ``PREP_CHUNK`` at a time; at most ``window``
-    prepared samples wait for the backend, which bounds memory whatever the shard size."""
+    prepared samples wait for the backend, and, with ``budget`` (shared by the actor's shards),
+    at most its bytes: memory stays bounded whatever the shard and image sizes."""
     loop = asyncio.get_running_loop()
     keys = await loop.run_in_executor(None, shard_keys, dataset, shard)
     it = shard_samples(dataset, shard, cfg, isinstance(task, ProposalTask), only_keys)
@@ -75,7 +78,7 @@ async def process_shard(
     pending: set[asyncio.Task] = set()
     tripped: list[CircuitOpen] = []
 
-    async def run_one(sample: Sample) -> None:
+    async def run_one(sample: Sample, cost: int) -> None:
         k = cache.key(sample) if cache is not None else None
         try:
             hit = await cache.lookup(k) if k is not None else None
@@ -95,6 +98,8 @@ async def process_shard(
             row = task.failed_row(sample.key, f"internal error: {type(e).__name__}: {e}")
         finally:
             window.release()
+            if budget is not None:
+                await budget.release(cost)
         out[sample.key] = row
         if on_row is not None:
             on_row(row)
@@ -116,7 +121,10 @@ async def process_shard(
                 await window.acquire()
                 if tripped:
                     break
-                t = asyncio.ensure_future(run_one(smp))
+                cost = task.bytes_estimate(smp) if budget is not None else 0
+                if budget is not None:
+                    await budget.acquire(cost)
+                t = asyncio.ensure_future(run_one(smp, cost))
                 pending.add(t)
                 t.add_done_callback(pending.discard)
     finally:
@@ -147,6 +155,7 @@ class ShardWorker:
         self._backend: Backend | None = None
         self._lock: asyncio.Lock | None = None
         self.cache = ResponseCache(fingerprint(self.task, {"family": cfg.model_family}))
+        self.budget = ByteBudget(cfg.max_bytes_in_flight)
 
     async def backend(self) -> Backend:
         from recaption.backends import make_backend
@@ -167,6 +176,7 @@ class ShardWorker:
             "backend": self.cfg.backend,
             "run_id": self.run_id,
             **metrics.as_stats(seconds, n),
+            "bytes_in_flight_peak": self.budget.peak,
         }
         describe = getattr(self._backend, "describe", None)
         if describe is not None:  # per-endpoint requests, errors, ejections
@@ -194,7 +204,7 @@ class ShardWorker:
         started = time.time()
         backend = await self.backend()
         rows, metrics = await process_shard(
-            self.dataset, shard, self.cfg, self.task, backend, cache=self.cache
+            self.dataset, shard, self.cfg, self.task, backend, cache=self.cache, budget=self.budget
         )
         extra = self._extra(metrics, time.time() - started, len(rows))
         loop = asyncio.get_running_loop()
@@ -224,7 +234,7 @@ class ShardWorker:
             return None
         backend = await self.backend()
         new_rows, metrics = await process_shard(
-            self.dataset, shard, self.cfg, self.task, backend, only_keys=redo
+            self.dataset, shard, self.cfg, self.task, backend, only_keys=redo, budget=self.budget
         )
         new = {r["key"]: r for r in new_rows}
         rows = [new.get(r["key"], r) for r in old_rows]

@@ -48,6 +48,8 @@ class FaultServer:
     content: dict[str, str] = field(default_factory=dict)  # body hash -> content hash (picks the fault)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     keep_bodies: bool = False
+    active: int = 0  # chat requests being served now
+    peak_active: int = 0  # the most ever served at once
 
     # ---- life cycle (a thread with its own loop) ------------------------------------------
     def start(self) -> FaultServer:
@@ -123,6 +125,14 @@ class FaultServer:
         return "ok"
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+        try:
+            return await self._answer(request)
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         h = hashlib.sha256(raw).hexdigest()
         self.seen[h] += 1

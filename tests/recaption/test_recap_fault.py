@@ -429,3 +429,39 @@ def test_response_cache_answers_duplicate_images(scenes, fault_server):
     assert by_shard["00001"]["cache_hits"] == 0 and by_shard["00001"]["requests"] == 8
     rows = {r["key"]: r for r in _rows(layer, "00002")}
     assert rows[b]["status"] == "ok" and rows[b]["caption"] == rows[a]["caption"]
+
+
+def test_byte_budget_bounds_what_waits_and_flies(scenes, fault_server):
+    """Finding 8: the bytes of samples waiting for the backend and of requests in flight are
+    bounded by ``max_bytes_in_flight`` (shared by the shards of an actor), not only by a count:
+    with room for ~3 samples, a slow server never sees more than that many at once although
+    ``max_in_flight`` (64) and three shards at once would allow 23."""
+    from recaption.plan import make_task
+    from recaption.samples import shard_samples
+
+    srv = fault_server(service_s=0.15)
+    probe = _cfg(srv)
+    task = make_task(probe, "fake-vlm")
+    ds = Dataset(str(scenes))
+    costs = [
+        task.bytes_estimate(smp)
+        for s in ds.committed_shards()
+        for smp in shard_samples(ds, s, probe)
+        if smp.image is not None
+    ]
+    limit = 3 * max(costs)
+    cfg = _cfg(srv, layer="budget", max_in_flight=64, max_bytes_in_flight=limit)
+    check_or_write_info(ds.layer("budget"), layer_info(cfg, "fake-vlm"))
+    w = ShardWorker(str(scenes), StorageConfig(), cfg, "fake-vlm")
+
+    async def go():
+        try:
+            return await asyncio.gather(*(w.run_shard(s) for s in ds.committed_shards()))
+        finally:
+            await w.close()
+
+    outs = asyncio.run(go())
+    assert sum(o["stats"]["ok"] for o in outs) == len(costs)  # every image answered
+    assert 0 < w.budget.peak <= limit
+    assert 2 <= srv.peak_active <= limit // min(costs), (srv.peak_active, limit, costs)
+    assert all(o["stats"]["bytes_in_flight_peak"] <= limit for o in outs)
