@@ -358,9 +358,12 @@ def _run_on_ray(
         return (workers[w].retry_shard if t.kind == "retry" else workers[w].run_shard).remote(t.shard)
 
     def on_done(t: ShardTask, out: dict[str, Any] | None) -> None:
-        load[where.pop(t.shard)] -= 1
+        w = where.pop(t.shard)
+        load[w] -= 1
         if out is None:
             return
+        if out["usage"].get("endpoints"):  # cumulative per client actor: the latest wins
+            report.endpoint_snapshots[w] = out["usage"]["endpoints"]
         st = LayerStats.from_dict(out["stats"])
         report.add_usage(out["usage"])
         if t.kind == "retry":

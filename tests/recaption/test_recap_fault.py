@@ -465,3 +465,68 @@ def test_byte_budget_bounds_what_waits_and_flies(scenes, fault_server):
     assert 0 < w.budget.peak <= limit
     assert 2 <= srv.peak_active <= limit // min(costs), (srv.peak_active, limit, costs)
     assert all(o["stats"]["bytes_in_flight_peak"] <= limit for o in outs)
+
+
+def _tree(root) -> dict[str, tuple[int, int]]:
+    return {
+        os.path.relpath(os.path.join(d, f), root): (
+            os.stat(os.path.join(d, f)).st_size,
+            os.stat(os.path.join(d, f)).st_mtime_ns,
+        )
+        for d, _, fs in os.walk(root)
+        for f in fs
+    } | {os.path.relpath(d, root) + "/": (0, 0) for d, _, _ in os.walk(root)}
+
+
+def test_dry_run_prints_the_plan_sends_and_writes_nothing(scenes, fault_server):
+    """Operator feature: ``--dry-run`` prints shards, images, requests, expected cache hits and
+    tokens; no request (not even /v1/models) reaches the server and no file is written."""
+    import subprocess
+
+    from tests.recaption.recap_helpers import CLI
+
+    srv = fault_server()
+    a, b = _duplicate_image(scenes)
+    p = scenes / "shards" / "00002.parquet"  # the index says so too (img2dataset's sha256 column)
+    t = pq.read_table(p)
+    rows = t.to_pylist()
+    sha = {r["key"]: r["sha256"] for r in rows}
+    for r in rows:
+        if r["key"] == b:
+            r["sha256"] = sha[a]
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), p)
+    before = _tree(scenes)
+    out = subprocess.run(
+        [
+            *CLI,
+            "recaption",
+            str(scenes),
+            "--endpoint",
+            srv.url,
+            "--layer",
+            "dry",
+            "--max-tokens",
+            "100",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    import re
+
+    text = " ".join(re.sub(r"[\u2500-\u257f]", " ", out.stdout).split())
+    # 24 images, one failed at ingest, one a duplicate of another: 22 requests, 1 cache hit
+    for want in (
+        "shards to caption 3",
+        "images 23",
+        "requests 22",
+        "cache hits expected 1",
+        "completion tokens max 2200",
+    ):
+        assert want in text, (want, out.stdout)
+    assert srv.gets == 0 and sum(srv.seen.values()) == 0
+    assert _tree(scenes) == before
