@@ -254,6 +254,7 @@ def run_engine(urls: list[str], n: int, in_flight: int, work: str) -> float:
             image_max_side=256,
             progress=False,
             shards_in_flight=4,
+            persistent_cache=False,  # each run must send its requests
         )
     )
     rep = recaption(ds, cfg, progress=False)
@@ -299,6 +300,7 @@ def engine_suite(urls: list[str], n: int, in_flight: int, capacity: int, service
                 image_max_side=256,
                 progress=False,
                 shards_in_flight=4,
+                persistent_cache=False,
                 **kw,
             )
         )
@@ -355,6 +357,7 @@ def rss_child(ds: str, urls: list[str], n: int, in_flight: int, budget: int, lay
         limit=n,
         timeout=600,
         progress=False,
+        persistent_cache=False,
     )
     dataset = Dataset(ds)
     check_or_write_info(dataset.layer(layer), layer_info(cfg, "sim-vlm"))

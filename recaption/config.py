@@ -99,6 +99,13 @@ class RecaptionConfig(StrictModel):
     eject_after: int = Field(default=5, ge=1, description="consecutive failures that take an endpoint out")
     probe_interval: float = Field(default=2.0, gt=0)
     api_key: str | None = None
+    # response cache across runs (recaption/cache.py)
+    persistent_cache: bool = Field(
+        default=True, description="reuse and store answers across runs (content-addressed)"
+    )
+    cache_dir: str | None = Field(
+        default=None, description="where answers are kept (default <dataset>/cache/recaption; local or s3://)"
+    )
     # orchestration
     shards: list[str] | None = None
     limit: int | None = Field(default=None, ge=1, description="at most this many images (whole shards)")

@@ -32,7 +32,7 @@ from engine.shards import Progress, ShardTask, run_shard_tasks
 from engine.stats import LayerStats, Reason, RowStatus
 from recaption.backends.base import Backend, BackendError, CircuitOpen
 from recaption.budget import ByteBudget
-from recaption.cache import ResponseCache, fingerprint
+from recaption.cache import CacheStore, ResponseCache, fingerprint
 from recaption.config import RecaptionConfig, RecaptionRunConfig
 from recaption.plan import (
     RecaptionReport,
@@ -156,6 +156,13 @@ class ShardWorker:
         self._lock: asyncio.Lock | None = None
         self.cache = ResponseCache(fingerprint(self.task, {"family": cfg.model_family}))
         self.budget = ByteBudget(cfg.max_bytes_in_flight)
+        self.cache_store: CacheStore | None = None
+        if cfg.persistent_cache:
+            from engine.store import Store
+
+            where = cfg.cache_dir or self.dataset.store.uri("cache/recaption")
+            self.cache_store = CacheStore(Store(where, storage).child(self.cache.fp[:32]))
+        self._cache_loaded = False
 
     async def backend(self) -> Backend:
         from recaption.backends import make_backend
@@ -203,12 +210,22 @@ class ShardWorker:
         round's requests and tokens}``."""
         started = time.time()
         backend = await self.backend()
+        loop = asyncio.get_running_loop()
+        if self.cache_store is not None and not self._cache_loaded:
+            self._cache_loaded = True
+            self.cache.preload(await loop.run_in_executor(None, self.cache_store.load))
         rows, metrics = await process_shard(
             self.dataset, shard, self.cfg, self.task, backend, cache=self.cache, budget=self.budget
         )
         extra = self._extra(metrics, time.time() - started, len(rows))
-        loop = asyncio.get_running_loop()
-        stats = await loop.run_in_executor(None, self._commit, shard, rows, started, extra)
+        fresh = self.cache.drain()
+
+        def commit() -> LayerStats:
+            if self.cache_store is not None:  # answers first: a kill in between costs nothing
+                self.cache_store.save(f"{self.run_id}-{shard}", fresh)
+            return self._commit(shard, rows, started, extra)
+
+        stats = await loop.run_in_executor(None, commit)
         return {"stats": stats.to_dict(), "usage": extra}
 
     async def retry_shard(self, shard: str) -> dict[str, Any] | None:

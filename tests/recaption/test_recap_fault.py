@@ -465,6 +465,11 @@ def test_byte_budget_bounds_what_waits_and_flies(scenes, fault_server):
     assert 0 < w.budget.peak <= limit
     assert 2 <= srv.peak_active <= limit // min(costs), (srv.peak_active, limit, costs)
     assert all(o["stats"]["bytes_in_flight_peak"] <= limit for o in outs)
+    # per-endpoint latency percentiles in _stats.json (the server takes 150 ms per request)
+    # (cumulative per actor: the snapshot of the shard that committed last has seen every request)
+    ep = max((o["stats"]["endpoints"][srv.url] for o in outs), key=lambda e: e["requests"])
+    assert 150 <= ep["latency_ms_p50"] <= ep["latency_ms_p90"] <= ep["latency_ms_p99"], ep
+    assert ep["ok"] == ep["requests"] == len(costs)
 
 
 def _tree(root) -> dict[str, tuple[int, int]]:
@@ -530,3 +535,21 @@ def test_dry_run_prints_the_plan_sends_and_writes_nothing(scenes, fault_server):
         assert want in text, (want, out.stdout)
     assert srv.gets == 0 and sum(srv.seen.values()) == 0
     assert _tree(scenes) == before
+
+
+def test_response_cache_persists_across_runs(scenes, fault_server):
+    """Operator feature: a second run on a new layer name with the same settings sends 0
+    requests: the first run's answers were stored (content-addressed) under the dataset."""
+    srv = fault_server()
+    first, l1 = _run_shards(scenes, _cfg(srv, layer="p1"))
+    sent = sum(srv.seen.values())
+    assert sent == 23 and sum(s["requests"] for s in first) == 23
+    again, l2 = _run_shards(scenes, _cfg(srv, layer="p2"))
+    assert sum(srv.seen.values()) == sent  # nothing reached the server
+    assert sum(s["requests"] for s in again) == 0 and sum(s["cache_hits"] for s in again) == 23
+    rows1 = [r for s in l1.committed() for r in _rows(l1, s)]
+    rows2 = [r for s in l2.committed() for r in _rows(l2, s)]
+    assert rows1 == rows2
+    # other settings (here max_tokens) are other answers: sent again
+    _run_shards(scenes, _cfg(srv, layer="p3", max_tokens=100))
+    assert sum(srv.seen.values()) == 2 * sent
