@@ -12,11 +12,19 @@ Part 2, speed: a ViT-B/16 vision tower + B text tower (the stage1_vit_b16 recipe
 autocast, SigLIP loss, AdamW; per backend: images/s, tokens/s, TFLOP/s and MFU against the
 card's peak (train.metrics.PEAK_TFLOPS). Table (candidate, median, min, max, unit), then the
 ratio line: best backend's MFU (target >= 40 % on an H100).
+Part 3, FSDP2 mixed precision (``--fsdp``, on by default on CUDA): the best backend again, its
+model wrapped by the trainer's own ``train.stage1.shard_fsdp`` (bf16 parameters gathered and
+computed, fp32 sharded parameters, optimizer state and gradient reduction), in a process group of
+its own (one process: ``torchrun --nproc-per-node N bench/gpu_stage1.py`` shards over N). Checked
+first: one step's loss against the unsharded bf16-autocast step from the same weights and batch
+(relative difference < 2e-2), then timed like part 2: the ratio line gains ``fsdp-bf16 / plain``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import random
 import statistics
 import sys
@@ -34,6 +42,7 @@ from train.losses import sigmoid_loss
 from train.metrics import peak_tflops, step_flops
 from train.model.attention import BACKENDS, backend_available, meta_from_segments, packed_attention
 from train.model.towers import Stage1Model
+from train.stage1 import shard_fsdp
 
 
 def doc_mix(rows: int, seq_len: int, max_patches: int, seed: int = 0) -> list[list[int]]:
@@ -99,14 +108,23 @@ def check_agreement(device: torch.device, rows: int, seq_len: int, heads: int, h
     return ok
 
 
-def bench_backend(name: str, device: torch.device, a: argparse.Namespace) -> dict[str, list[float]]:
+def bench_backend(
+    name: str, device: torch.device, a: argparse.Namespace, fsdp: bool = False
+) -> dict[str, list[float]]:
+    """Time training steps of ``name``; ``fsdp``: the model sharded by the trainer's FSDP2 with the
+    bf16 mixed-precision policy (after a one-step loss check against the plain model)."""
     cfg = ModelConfig(
         vision=VisionConfig(width=a.width, depth=a.depth, heads=a.width // 64),
         text=TextConfig(width=a.width, depth=a.depth, heads=a.width // 64, context=a.context),
         embed_dim=a.width,
         attention=name,
     )
+    torch.manual_seed(0)
     model = Stage1Model(cfg, 32000, name).to(device).train()
+    plain = copy.deepcopy(model) if fsdp else None
+    dtype = torch.bfloat16 if device.type == "cuda" or fsdp else None
+    if fsdp:
+        shard_fsdp(model, torch.bfloat16)  # what loop.parallel=fsdp does on a bf16 run
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     plan = doc_mix(a.rows, a.seq_len, a.max_patches)
     rows = [
@@ -127,7 +145,6 @@ def bench_backend(name: str, device: torch.device, a: argparse.Namespace) -> dic
     tokens = torch.randint(4, 32000, (n_img, a.context), device=device)
     mask = torch.ones(n_img, a.context, dtype=torch.bool, device=device)
     valid = torch.ones(n_img, dtype=torch.bool, device=device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
     flops = step_flops(cfg, real, [n for row in plan for n in row], n_img * a.context, [a.context] * n_img)
     peak = peak_tflops(device, dtype or torch.float32)
 
@@ -142,6 +159,18 @@ def bench_backend(name: str, device: torch.device, a: argparse.Namespace) -> dic
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    if plain is not None:  # correctness first: the sharded bf16 step's loss vs the plain bf16 one
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            img, txt, scale, bias = model(vision, tokens, mask)
+            got = sigmoid_loss(img, txt, valid, scale, bias)[0]
+            img, txt, scale, bias = plain(vision, tokens, mask)
+            want = sigmoid_loss(img, txt, valid, scale, bias)[0]
+        rel = abs(float(got) - float(want)) / max(abs(float(want)), 1e-6)
+        print(f"fsdp-bf16 {name}: loss {float(got):.5f} vs plain {float(want):.5f} (rel {rel:.1e})")
+        if rel > 2e-2:
+            raise AssertionError(f"fsdp-bf16 loss differs from the plain model by {rel:.1e}")
+        del plain
 
     for _ in range(3):
         step()
@@ -160,6 +189,21 @@ def bench_backend(name: str, device: torch.device, a: argparse.Namespace) -> dic
     return out
 
 
+def init_group(device: torch.device) -> None:
+    """A process group for FSDP2: torchrun's, or a one-process one (nccl on CUDA, gloo on CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -171,6 +215,12 @@ def main() -> int:
     ap.add_argument("--max-patches", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--fsdp",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="part 3, FSDP2 bf16 mixed precision (auto: on CUDA or under torchrun)",
+    )
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -201,17 +251,32 @@ def main() -> int:
                 torch.cuda.empty_cache()
         except Exception as e:
             print(f"{backend}: failed: {type(e).__name__}: {str(e)[:200]}")
+    fsdp = a.fsdp == "on" or (a.fsdp == "auto" and (device.type == "cuda" or "WORLD_SIZE" in os.environ))
+    if fsdp and results:
+        best = max(results, key=lambda b: statistics.median(results[b]["MFU %"]))
+        print(f"== part 3: FSDP2 bf16 params / fp32 reduce, backend {best} ==")
+        init_group(device)
+        try:
+            results[f"fsdp-bf16 {best}"] = bench_backend(best, device, a, fsdp=True)
+        except Exception as e:
+            print(f"fsdp-bf16 {best}: failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"{'candidate':<24}{'median':>12}{'min':>12}{'max':>12}  unit")
     for backend, res in results.items():
         for unit, xs in res.items():
             print(f"{backend:<24}{statistics.median(xs):>12.4g}{min(xs):>12.4g}{max(xs):>12.4g}  {unit}")
-    if results:
-        best = max(results, key=lambda b: statistics.median(results[b]["MFU %"]))
+    plain = {k: v for k, v in results.items() if not k.startswith("fsdp")}
+    if plain:
+        best = max(plain, key=lambda b: statistics.median(results[b]["MFU %"]))
         mfu = statistics.median(results[best]["MFU %"])
         ref = statistics.median(results.get("sdpa_dense", results[best])["images/s"])
         print(
             f"gpu stage1: best backend {best}: {mfu:.1f} % MFU on {name} (target >= 40 % on H100), "
             f"{statistics.median(results[best]['images/s']) / ref:.2f}x sdpa_dense images/s"
+            + (
+                f", fsdp-bf16 / plain {statistics.median(results[f'fsdp-bf16 {best}']['images/s']) / statistics.median(results[best]['images/s']):.2f}x images/s"
+                if f"fsdp-bf16 {best}" in results
+                else ""
+            )
         )
     return 0
 

@@ -17,6 +17,14 @@ Candidates, on the same server and the same images (JPEG, 256 px, base64 data UR
   configured as its docs show (url, headers, batch_size, concurrency = a fixed pool of 2 actors,
   no qps cap), preprocess building the same chat payload. It is slow, so it gets fewer images.
 Scaling: ours (client) with 1, 2 and 4 endpoints.
+
+    python bench/recaption_throughput.py --rss [--quick]   # finding 8: peak RSS, ~2 minutes
+
+Peak RSS of one client (the shard worker a Ray actor runs, driven in a fresh process so its
+``ru_maxrss`` is its own) against a slow server (service 0.5 s, capacity C), the client
+allowed 4x C requests in flight, over N and 4N large images (1024 px scenes), with the byte
+budget off (``max_bytes_in_flight`` = 1 TiB: only the count bounds) and on (64 MiB).
+Bounded memory means the peak does not grow with N and stays near the budget.
 """
 
 from __future__ import annotations
@@ -246,6 +254,7 @@ def run_engine(urls: list[str], n: int, in_flight: int, work: str) -> float:
             image_max_side=256,
             progress=False,
             shards_in_flight=4,
+            persistent_cache=False,  # each run must send its requests
         )
     )
     rep = recaption(ds, cfg, progress=False)
@@ -291,6 +300,7 @@ def engine_suite(urls: list[str], n: int, in_flight: int, capacity: int, service
                 image_max_side=256,
                 progress=False,
                 shards_in_flight=4,
+                persistent_cache=False,
                 **kw,
             )
         )
@@ -323,6 +333,104 @@ def engine_suite(urls: list[str], n: int, in_flight: int, capacity: int, service
     )
 
 
+# ---------------------------------------------------------------- peak RSS (finding 8)
+
+
+def rss_child(ds: str, urls: list[str], n: int, in_flight: int, budget: int, layer: str) -> None:
+    """Run the shard worker in this process over the first ``n`` images; print its peak RSS (MiB)."""
+    import resource
+
+    from engine.config import StorageConfig
+    from engine.layout import Dataset
+    from recaption.config import RecaptionConfig
+    from recaption.plan import check_or_write_info, layer_info, select_shards
+    from recaption.run import ShardWorker
+
+    cfg = RecaptionConfig(
+        endpoints=urls,
+        layer=layer,
+        max_in_flight=in_flight,
+        max_bytes_in_flight=budget,
+        max_tokens=256,
+        image_max_side=1024,
+        shards_in_flight=4,
+        limit=n,
+        timeout=600,
+        progress=False,
+        persistent_cache=False,
+    )
+    dataset = Dataset(ds)
+    check_or_write_info(dataset.layer(layer), layer_info(cfg, "sim-vlm"))
+    shards = select_shards(dataset, cfg)
+    w = ShardWorker(ds, StorageConfig(), cfg, "sim-vlm")
+
+    async def go() -> int:
+        sem = asyncio.Semaphore(cfg.shards_in_flight)
+
+        async def one(s: str) -> int:
+            async with sem:
+                return (await w.run_shard(s))["stats"]["ok"]
+
+        try:
+            return sum(await asyncio.gather(*(one(s) for s in shards)))
+        finally:
+            await w.close()
+
+    ok = asyncio.run(go())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"ok": ok, "peak_rss_mib": peak, "budget_peak_mib": w.budget.peak / 2**20}))
+
+
+def rss_suite(quick: bool) -> None:
+    from engine.config import FineVitConfig, IngestConfig
+    from engine.ingest import ingest
+
+    S, C = 0.5, 16
+    n = 64 if quick else 256
+    in_flight = 4 * C  # 4x the server's capacity
+    srv = Server(1, S, C)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="fvbench-rss-") as work:
+            ds = os.path.join(work, "ds")
+            ingest(
+                f"synthetic://scenes?n={4 * n}&seed=0&size=1024",
+                ds,
+                FineVitConfig(ingest=IngestConfig(samples_per_shard=n // 4)),
+                progress=False,
+            )
+            for budget, label in ((2**40, "count only"), (64 * 2**20, "64 MiB budget")):
+                for k in (n, 4 * n):
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--rss-child",
+                            json.dumps([ds, srv.urls, k, in_flight, budget, f"rss-{budget}-{k}"]),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    assert r["ok"] == k, r
+                    rows.append((label, k, r["peak_rss_mib"], r["budget_peak_mib"]))
+    finally:
+        srv.close()
+    print(
+        f"server: service {S * 1000:.0f} ms, capacity {C}; client in flight {in_flight} (4x), 4 shards at once"
+    )
+    print(f"{'bound':16s} {'images':>7s} {'peak RSS MiB':>13s} {'bytes held peak MiB':>20s}")
+    for label, k, rss, held in rows:
+        print(f"{label:16s} {k:7d} {rss:13.1f} {held:20.1f}")
+    by = {(lb, k): rss for lb, k, rss, _ in rows}
+    print(
+        f"rss: peak RSS at 4N/N images: count only {by[('count only', 4 * n)] / by[('count only', n)]:.2f}x, "
+        f"64 MiB budget {by[('64 MiB budget', 4 * n)] / by[('64 MiB budget', n)]:.2f}x; "
+        f"budget/count-only at 4N {by[('64 MiB budget', 4 * n)] / by[('count only', 4 * n)]:.2f}"
+    )
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -342,7 +450,11 @@ def main() -> None:
     ap.add_argument(
         "--engine-suite", action="store_true", help="issue 10's engine numbers only (see engine_suite)"
     )
+    ap.add_argument("--rss", action="store_true", help="finding 8: peak RSS at 4x capacity, N vs 4N images")
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_child:
+        return rss_child(*json.loads(args.rss_child))
     if args.serve:
         return serve([int(p) for p in args.serve.split(",")], args.service_s, args.capacity)
 
@@ -365,6 +477,9 @@ def main() -> None:
     from engine.runtime import init_ray
 
     init_ray(RayConfig(num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="fvbench-", dir="/tmp")))
+    if args.rss:
+        rss_suite(args.quick)
+        return
     if args.engine_suite:
         srv = Server(1, S, C)
         try:

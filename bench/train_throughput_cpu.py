@@ -4,8 +4,9 @@ Both train a SigLIP step (forward, sigmoid loss, backward, AdamW) on 224 px imag
 tokens each; OpenCLIP adds a class token) and captions of ``--context`` tokens, with the same
 vision/text width and depth. Ours runs the packed path twice: one image per row (``seq_len=196``,
 the same attention work as OpenCLIP) and four images per row (``seq_len=784``, the packing a
-native-resolution batch uses; the CPU backend is SDPA with a dense block-diagonal mask, so it
-computes 4x the attention scores of the per-image layout).
+native-resolution batch uses), with the backend the trainer picks on CPU (``sdpa_docs``:
+attention per image, so a packed row costs what its images cost; before 2026-11-28 this script
+used the dense block-diagonal mask, which computes 4x the attention scores at 4 images per row).
 
 OpenCLIP (``open_clip_torch``, bench extra) is configured as its docs show for a custom
 ``CLIP`` (``vision_cfg``/``text_cfg``, ``init_logit_bias=-10`` and ``SigLipLoss`` for SigLIP).
@@ -35,6 +36,7 @@ import torch
 from train.config import ModelConfig, TextConfig, VisionConfig
 from train.data.packing import assemble
 from train.losses import sigmoid_loss
+from train.model.attention import pick_backend
 from train.model.towers import Stage1Model
 
 VOCAB = 1024
@@ -64,7 +66,8 @@ def ours_step(width: int, depth: int, context: int, batch: int, per_row: int):
         text=TextConfig(width=width, depth=depth, heads=width // 64, context=context),
         embed_dim=width,
     )
-    model = Stage1Model(cfg, VOCAB).train()
+    # the backend the trainer picks on CPU (sdpa_docs: attention per image, no dense row mask)
+    model = Stage1Model(cfg, VOCAB, pick_backend("auto", "cpu")).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gh = gw = 14
     pos = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"), -1).reshape(-1, 2)

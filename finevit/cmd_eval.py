@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
     )
     p.add_argument("model")
     p.add_argument(
+        "--ema", action="store_true", help="evaluate the EMA weights (a run trained with ema.decay)"
+    )
+    p.add_argument(
         "--task",
         required=True,
         action="append",
@@ -90,6 +93,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     bad = [t for t in args.task if t not in TASKS]
     if bad:
         return fail(f"--task {bad[0]!r}: expected one of {', '.join(TASKS)}")
+    if args.ema:
+        from train.checkpoint import ema_checkpoint
+
+        try:
+            args.model = ema_checkpoint(args.model)
+        except (EncoderError, ValueError) as e:
+            return fail(str(e))
     try:
         enc = load_model(
             args.model,

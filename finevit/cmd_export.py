@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction, config_args: Callable[..., None]) 
     )
     p.add_argument("out", help="output directory")
     p.add_argument("--part", choices=["encoder", "vlm"], default="encoder")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (a run trained with ema.decay)")
     p.add_argument(
         "--run-config",
         help="the stage-1 recipe (YAML/JSON) when no run config sits beside a stage-1 checkpoint",
@@ -30,8 +31,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from train.model.encoder import EncoderError
 
     try:
-        out = export(args.checkpoint, args.out, args.part, args.run_config)
-    except EncoderError as e:
+        ckpt = args.checkpoint
+        if args.ema:
+            from train.checkpoint import ema_checkpoint
+
+            ckpt = ema_checkpoint(ckpt)
+        out = export(ckpt, args.out, args.part, args.run_config)
+    except (EncoderError, ValueError) as e:
         return fail(str(e))
     print(f"{args.part} exported to {out}")
     return 0

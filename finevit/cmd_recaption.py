@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--keep-truncated", action="store_true", help="keep captions cut by --max-tokens as ok")
     p.add_argument("--max-in-flight", type=int, help="requests in flight per endpoint")
+    p.add_argument(
+        "--max-bytes-in-flight",
+        help="per client actor: bytes of images waiting + requests in flight (e.g. 512MiB; bounds memory)",
+    )
     p.add_argument("--image-max-side", type=int, help="downscale images to this long side before sending")
     p.add_argument("--timeout", type=float, help="per-request timeout, seconds")
     p.add_argument("--retries", type=int, help="retries per request (transport faults and bad answers)")
@@ -70,6 +74,11 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
         "--trust-remote-code", action="store_true", help="hf/vllm: run the model directory's own code"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (shards, images, requests, cache hits, tokens); send nothing, write nothing",
+    )
     config_args(p)
     p.set_defaults(func=cmd_recaption)
 
@@ -134,6 +143,7 @@ def cmd_recaption(args: argparse.Namespace) -> int:
             "recaption.temperature": args.temperature,
             "recaption.keep_truncated": flag(args.keep_truncated),
             "recaption.max_in_flight": args.max_in_flight,
+            "recaption.max_bytes_in_flight": _q(args.max_bytes_in_flight),
             "recaption.image_max_side": args.image_max_side,
             "recaption.timeout": args.timeout,
             "recaption.retries": args.retries,
@@ -148,6 +158,16 @@ def cmd_recaption(args: argparse.Namespace) -> int:
         },
         model=RecaptionRunConfig,
     )
+    if args.dry_run:
+        from engine.layout import Dataset
+        from recaption.plan import dry_run
+
+        try:
+            plan = dry_run(Dataset(args.dataset, cfg.storage.resolved()), cfg.recaption)
+        except PromptError as e:
+            return _fail(str(e))
+        print_plan(plan)
+        return 0
     try:
         report = recaption(args.dataset, cfg, on_event=lambda m: print(m, file=sys.stderr))
     except (BackendError, PromptError) as e:
@@ -156,6 +176,18 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     if report.stopped:
         print(f"finevit: recaption stopped: {report.stopped}", file=sys.stderr)
     return 1 if report.shards_failed or report.stopped else 0
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from finevit.render import console
+
+    t = Table(title="recaption plan (dry run: nothing sent, nothing written)", show_header=False)
+    for k, v in plan.items():
+        if v is not None and v != []:
+            t.add_row(k.replace("_", " "), str(v))
+    console.print(t)
 
 
 def print_report(report: Any) -> None:
@@ -186,6 +218,20 @@ def print_report(report: Any) -> None:
             f"over {report.seconds:.1f} s",
         )
     console.print(t)
+    if report.endpoints:
+        e = Table(title="endpoints", title_justify="left")
+        for c in ("endpoint", "requests", "ok", "failures", "ejections", "p50 ms", "p90 ms", "p99 ms"):
+            e.add_column(c, justify="left" if c == "endpoint" else "right")
+        for url, s in sorted(report.endpoints.items()):
+            e.add_row(
+                url,
+                *(str(s.get(k, 0)) for k in ("requests", "ok", "failures", "ejections")),
+                *(
+                    "-" if s.get(k) is None else f"{s[k]:.0f}"
+                    for k in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99")
+                ),
+            )
+        console.print(e)
     print_failures(report.reasons, report.shards_failed)
 
 

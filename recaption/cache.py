@@ -4,13 +4,20 @@ sampling and task settings equal an earlier one's is answered with that row, not
 Scope: one client actor (its shards share one cache), so duplicate images within a shard and
 across the shards an actor handles cost one request. A second request for an image already in
 flight waits for the first answer. Only ok rows are reused; a failed answer lets the next
-duplicate try for itself. Across runs, a layer's committed shards are never sent again (their
-commit markers); hits are counted as ``cache_hits`` in ``_stats.json``.
+duplicate try for itself. Hits are counted as ``cache_hits`` in ``_stats.json``.
+
+Across runs (:class:`CacheStore`): the ok answers of each committed shard are written, before
+its commit, to ``<cache dir>/<fingerprint>/<run>-<shard>.json.gz`` (default cache dir:
+``<dataset>/cache/recaption``, local or S3, or ``--cache-dir``); a client actor loads its
+fingerprint's files when it starts. So a run on a new layer name with the same model, prompt,
+sampling and task settings sends no request for an image answered before. Content-addressed:
+a file written by a run killed before its commit is harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 from collections import OrderedDict
@@ -45,6 +52,15 @@ class ResponseCache:
         self.fp = fingerprint
         self.max_entries = max_entries
         self._rows: OrderedDict[str, asyncio.Future] = OrderedDict()
+        self._loaded: dict[str, dict[str, Any]] = {}  # from earlier runs (CacheStore)
+        self.fresh: dict[str, dict[str, Any]] = {}  # ok answers of this actor not yet stored
+
+    def preload(self, rows: dict[str, dict[str, Any]]) -> None:
+        self._loaded.update(rows)
+
+    def drain(self) -> dict[str, dict[str, Any]]:
+        out, self.fresh = self.fresh, {}
+        return out
 
     def key(self, sample: Sample) -> str | None:
         if sample.sha256 is None or sample.image is None:
@@ -57,6 +73,8 @@ class ResponseCache:
         :meth:`put` (even a failed row, to release the waiters)."""
         while True:
             fut = self._rows.get(k)
+            if fut is None and k in self._loaded:
+                return self._loaded[k]
             if fut is None:
                 self._rows[k] = asyncio.get_running_loop().create_future()
                 if len(self._rows) > self.max_entries:
@@ -73,6 +91,8 @@ class ResponseCache:
     def put(self, k: str, row: dict[str, Any]) -> None:
         fut = self._rows.get(k)
         ok = row.get("status") == "ok"
+        if ok and k not in self._loaded:
+            self.fresh[k] = row
         if fut is None or fut.done():
             if ok:
                 f = asyncio.get_running_loop().create_future()
@@ -82,3 +102,24 @@ class ResponseCache:
         fut.set_result(row if ok else None)
         if not ok:
             del self._rows[k]
+
+
+class CacheStore:
+    """The response cache's answers on storage, one gzip JSON file per committed shard."""
+
+    def __init__(self, store: Any) -> None:  # engine.store.Store of <cache dir>/<fingerprint>
+        self.store = store
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        if not self.store.exists():
+            return rows
+        for name in sorted(self.store.listdir()):
+            if name.endswith(".json.gz"):
+                rows.update(json.loads(gzip.decompress(self.store.read_bytes(name))))
+        return rows
+
+    def save(self, name: str, rows: dict[str, dict[str, Any]]) -> None:
+        if rows:
+            data = json.dumps(rows, separators=(",", ":"), default=str).encode()
+            self.store.write_bytes(f"{name}.json.gz", gzip.compress(data, 6))

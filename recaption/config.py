@@ -86,6 +86,12 @@ class RecaptionConfig(StrictModel):
     max_regions: int = Field(default=64, ge=1)
     # HTTP client (openai / sglang)
     max_in_flight: int = Field(default=64, ge=1, description="requests in flight per endpoint")
+    max_bytes_in_flight: int = Field(
+        default=512 * 2**20,
+        ge=1,
+        description="per client actor: bytes of prepared images waiting plus request bodies in flight "
+        "(e.g. 512MiB); bounds memory whatever the image sizes (recaption/budget.py)",
+    )
     timeout: float = Field(default=120.0, gt=0, description="per-request seconds")
     retries: int = Field(default=3, ge=0)
     backoff_base: float = Field(default=0.5, ge=0)
@@ -93,6 +99,13 @@ class RecaptionConfig(StrictModel):
     eject_after: int = Field(default=5, ge=1, description="consecutive failures that take an endpoint out")
     probe_interval: float = Field(default=2.0, gt=0)
     api_key: str | None = Field(default=None, repr=False)  # a secret: never in a repr or a file
+    # response cache across runs (recaption/cache.py)
+    persistent_cache: bool = Field(
+        default=True, description="reuse and store answers across runs (content-addressed)"
+    )
+    cache_dir: str | None = Field(
+        default=None, description="where answers are kept (default <dataset>/cache/recaption; local or s3://)"
+    )
     # orchestration
     shards: list[str] | None = None
     limit: int | None = Field(default=None, ge=1, description="at most this many images (whole shards)")
@@ -112,6 +125,13 @@ class RecaptionConfig(StrictModel):
     )
     hf: HFConfig = HFConfig()
     vllm: VLLMConfig = VLLMConfig()
+
+    @field_validator("max_bytes_in_flight", mode="before")
+    @classmethod
+    def _bytes(cls, v):
+        from recaption.budget import parse_bytes
+
+        return parse_bytes(v) if isinstance(v, str) else v
 
     @field_validator("shards", mode="before")
     @classmethod

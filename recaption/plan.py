@@ -26,6 +26,24 @@ class RecaptionReport(StageReport):
     completion_tokens: int = 0
     cache_hits: int = 0
     stopped: str | None = None  # the circuit breaker's reason, when it stopped the run
+    endpoint_snapshots: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)  # per client
+
+    @property
+    def endpoints(self) -> dict[str, dict[str, Any]]:
+        """Per endpoint over the run: counts summed over the client actors; latency percentiles
+        exact with one client (the default), the largest of the clients' otherwise."""
+        out: dict[str, dict[str, Any]] = {}
+        for snap in self.endpoint_snapshots.values():
+            for url, e in snap.items():
+                o = out.setdefault(url, {})
+                for k, v in e.items():
+                    if k.startswith("latency_ms_"):
+                        o[k] = v if o.get(k) is None else max(o[k], v or 0)
+                    elif isinstance(v, bool):
+                        o[k] = o.get(k, False) or v
+                    else:
+                        o[k] = o.get(k, 0) + (v or 0)
+        return out
 
     @property
     def images_per_second(self) -> float:
@@ -197,3 +215,77 @@ def retry_extra(old: LayerStats, new: dict[str, Any]) -> dict[str, Any]:
         out[k] = int(old.extra.get(k, 0) or 0) + int(new.get(k, 0) or 0)
     out["retry_rounds"] = int(old.extra.get("retry_rounds", 0) or 0) + 1
     return out
+
+
+def dry_run(dataset: Dataset, cfg: RecaptionConfig) -> dict[str, Any]:
+    """What a run with ``cfg`` would do, from the dataset's metadata alone: shards to caption,
+    retry, skip or wait for; images; requests to send; response-cache hits expected (images
+    whose sha256 repeats among those to send); completion tokens (at most ``max_tokens`` per
+    request; the layer's measured mean per request when it has committed shards). Contacts no
+    endpoint and writes nothing (no lease, no ``layer.json``)."""
+    import pyarrow.parquet as pq
+
+    from engine.schemas import STATUS_SUCCESS
+
+    resolve_prompt(cfg)  # a clear error now if the prompt is unknown
+    report = RecaptionReport(dataset=dataset.root, layer=layer_name(cfg))
+    layer = dataset.layer(report.layer)
+    todo = plan_tasks(dataset, cfg, report)
+    proposals = cfg.task == "regions" and cfg.region_mode == "proposals"
+    images = requests = hits = 0
+    seen: set[str] = set()
+    for t in todo:
+        with dataset.shards.open(f"{t.shard}.parquet") as f:
+            rows = pq.read_table(f, columns=["key", "status", "sha256"]).to_pylist()
+        keys = {r["key"] for r in rows if r["status"] == STATUS_SUCCESS}
+        if t.kind == "retry":  # only the failed rows that a retry redoes
+            with layer.store.open(layer.parquet(t.shard)) as f:
+                old = pq.read_table(f, columns=["key", "status", "error"]).to_pylist()
+            keys &= {
+                r["key"]
+                for r in old
+                if r["status"] != "ok" and not str(r.get("error")).startswith(("image not", "upstream"))
+            }
+        boxes: dict[str, int] = {}
+        if proposals:
+            p = dataset.layer(cfg.proposals_layer)
+            with p.store.open(p.parquet(t.shard)) as f:
+                boxes = {
+                    r["key"]: len(r["regions"] or []) if r["status"] == "ok" else 0
+                    for r in pq.read_table(f, columns=["key", "status", "regions"]).to_pylist()
+                }
+        for r in rows:
+            if r["key"] not in keys:
+                continue
+            images += 1
+            n = boxes.get(r["key"], 0) if proposals else 1
+            sha = r.get("sha256")
+            if sha is not None and not proposals and t.kind == "shard" and sha in seen:
+                hits += 1
+                continue
+            if sha is not None:
+                seen.add(sha)
+            requests += n
+    measured = None
+    done = layer.committed()
+    if done:
+        st = [layer.read_stats(s).extra for s in done]
+        req = sum(int(x.get("requests", 0) or 0) for x in st)
+        if req:
+            measured = sum(int(x.get("completion_tokens", 0) or 0) for x in st) / req
+    return {
+        "dataset": dataset.root,
+        "layer": report.layer,
+        "task": cfg.task if cfg.task == "global" else f"regions ({cfg.region_mode})",
+        "shards_planned": report.shards_planned,
+        "shards_to_caption": sum(1 for t in todo if t.kind == "shard"),
+        "shards_to_retry": sum(1 for t in todo if t.kind == "retry"),
+        "shards_already_committed": report.shards_skipped,
+        "shards_waiting": list(report.shards_waiting),
+        "images": images,
+        "requests": requests,
+        "cache_hits_expected": hits,
+        "completion_tokens_max": requests * cfg.max_tokens,
+        "completion_tokens_per_request_measured": round(measured, 1) if measured is not None else None,
+        "completion_tokens_estimated": round(requests * measured) if measured is not None else None,
+    }

@@ -31,7 +31,8 @@ from engine.layout import Dataset, code_version
 from engine.shards import Progress, ShardTask, run_shard_tasks
 from engine.stats import LayerStats, Reason, RowStatus
 from recaption.backends.base import Backend, BackendError, CircuitOpen
-from recaption.cache import ResponseCache, fingerprint
+from recaption.budget import ByteBudget
+from recaption.cache import CacheStore, ResponseCache, fingerprint
 from recaption.config import RecaptionConfig, RecaptionRunConfig
 from recaption.plan import (
     RecaptionReport,
@@ -60,12 +61,14 @@ async def process_shard(
     only_keys: set[str] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     cache: ResponseCache | None = None,
+    budget: ByteBudget | None = None,
 ) -> tuple[list[dict[str, Any]], Metrics]:
     """The layer rows of one shard (in the shard's order) and what it took. ``only_keys``:
     caption just these samples (``retry_failed``); rows of the others are not returned.
 
     Images are read and prepared in a thread, ``PREP_CHUNK`` at a time; at most ``window``
-    prepared samples wait for the backend, which bounds memory whatever the shard size."""
+    prepared samples wait for the backend, and, with ``budget`` (shared by the actor's shards),
+    at most its bytes: memory stays bounded whatever the shard and image sizes."""
     loop = asyncio.get_running_loop()
     keys = await loop.run_in_executor(None, shard_keys, dataset, shard)
     it = shard_samples(dataset, shard, cfg, isinstance(task, ProposalTask), only_keys)
@@ -75,7 +78,7 @@ async def process_shard(
     pending: set[asyncio.Task] = set()
     tripped: list[CircuitOpen] = []
 
-    async def run_one(sample: Sample) -> None:
+    async def run_one(sample: Sample, cost: int) -> None:
         k = cache.key(sample) if cache is not None else None
         try:
             hit = await cache.lookup(k) if k is not None else None
@@ -95,6 +98,8 @@ async def process_shard(
             row = task.failed_row(sample.key, f"internal error: {type(e).__name__}: {e}")
         finally:
             window.release()
+            if budget is not None:
+                await budget.release(cost)
         out[sample.key] = row
         if on_row is not None:
             on_row(row)
@@ -116,7 +121,10 @@ async def process_shard(
                 await window.acquire()
                 if tripped:
                     break
-                t = asyncio.ensure_future(run_one(smp))
+                cost = task.bytes_estimate(smp) if budget is not None else 0
+                if budget is not None:
+                    await budget.acquire(cost)
+                t = asyncio.ensure_future(run_one(smp, cost))
                 pending.add(t)
                 t.add_done_callback(pending.discard)
     finally:
@@ -147,6 +155,14 @@ class ShardWorker:
         self._backend: Backend | None = None
         self._lock: asyncio.Lock | None = None
         self.cache = ResponseCache(fingerprint(self.task, {"family": cfg.model_family}))
+        self.budget = ByteBudget(cfg.max_bytes_in_flight)
+        self.cache_store: CacheStore | None = None
+        if cfg.persistent_cache:
+            from engine.store import Store
+
+            where = cfg.cache_dir or self.dataset.store.uri("cache/recaption")
+            self.cache_store = CacheStore(Store(where, storage).child(self.cache.fp[:32]))
+        self._cache_loaded = False
 
     async def backend(self) -> Backend:
         from recaption.backends import make_backend
@@ -167,6 +183,7 @@ class ShardWorker:
             "backend": self.cfg.backend,
             "run_id": self.run_id,
             **metrics.as_stats(seconds, n),
+            "bytes_in_flight_peak": self.budget.peak,
         }
         describe = getattr(self._backend, "describe", None)
         if describe is not None:  # per-endpoint requests, errors, ejections
@@ -193,12 +210,22 @@ class ShardWorker:
         round's requests and tokens}``."""
         started = time.time()
         backend = await self.backend()
+        loop = asyncio.get_running_loop()
+        if self.cache_store is not None and not self._cache_loaded:
+            self._cache_loaded = True
+            self.cache.preload(await loop.run_in_executor(None, self.cache_store.load))
         rows, metrics = await process_shard(
-            self.dataset, shard, self.cfg, self.task, backend, cache=self.cache
+            self.dataset, shard, self.cfg, self.task, backend, cache=self.cache, budget=self.budget
         )
         extra = self._extra(metrics, time.time() - started, len(rows))
-        loop = asyncio.get_running_loop()
-        stats = await loop.run_in_executor(None, self._commit, shard, rows, started, extra)
+        fresh = self.cache.drain()
+
+        def commit() -> LayerStats:
+            if self.cache_store is not None:  # answers first: a kill in between costs nothing
+                self.cache_store.save(f"{self.run_id}-{shard}", fresh)
+            return self._commit(shard, rows, started, extra)
+
+        stats = await loop.run_in_executor(None, commit)
         return {"stats": stats.to_dict(), "usage": extra}
 
     async def retry_shard(self, shard: str) -> dict[str, Any] | None:
@@ -224,7 +251,7 @@ class ShardWorker:
             return None
         backend = await self.backend()
         new_rows, metrics = await process_shard(
-            self.dataset, shard, self.cfg, self.task, backend, only_keys=redo
+            self.dataset, shard, self.cfg, self.task, backend, only_keys=redo, budget=self.budget
         )
         new = {r["key"]: r for r in new_rows}
         rows = [new.get(r["key"], r) for r in old_rows]
@@ -348,9 +375,12 @@ def _run_on_ray(
         return (workers[w].retry_shard if t.kind == "retry" else workers[w].run_shard).remote(t.shard)
 
     def on_done(t: ShardTask, out: dict[str, Any] | None) -> None:
-        load[where.pop(t.shard)] -= 1
+        w = where.pop(t.shard)
+        load[w] -= 1
         if out is None:
             return
+        if out["usage"].get("endpoints"):  # cumulative per client actor: the latest wins
+            report.endpoint_snapshots[w] = out["usage"]["endpoints"]
         st = LayerStats.from_dict(out["stats"])
         report.add_usage(out["usage"])
         if t.kind == "retry":

@@ -219,6 +219,21 @@ class Task:
     def requests(self, sample: Sample) -> list[CaptionRequest]:
         raise NotImplementedError
 
+    # bytes of one request per byte of the sample's JPEG: its base64 copy in the body
+    body_factor = 4 / 3
+
+    def n_requests(self, sample: Sample) -> int:
+        return 1
+
+    def bytes_estimate(self, sample: Sample) -> int:
+        """What ``sample`` holds from the moment it waits for the backend until its row is done:
+        its JPEG plus, per request, the body (the image base64, 4/3 of its bytes, and the
+        prompt). The byte budget (recaption/budget.py) charges this."""
+        if sample.image is None:
+            return 0
+        j = len(sample.image.jpeg)
+        return j + self.n_requests(sample) * (int(j * self.body_factor) + 4096)
+
     def judge(self, meta: dict[str, Any]) -> Callable[[CaptionResult], Any]:
         return lambda r: judge_text(r, self.s.keep_truncated)
 
@@ -417,6 +432,14 @@ class ProposalTask(RegionTask):
 
     def requests(self, sample: Sample) -> list[CaptionRequest]:
         return [self.build(sample, i, b) for i, b in enumerate(self.boxes(sample.proposals or []))]
+
+    def n_requests(self, sample: Sample) -> int:
+        return len(sample.proposals or [])
+
+    @property
+    def body_factor(self) -> float:  # type: ignore[override]
+        # draw: a second JPEG (about as big) and its base64; crop: the full image and a crop
+        return {"coords": 4 / 3, "draw": 1 + 4 / 3, "crop": 1 + 8 / 3}[self.s.box_hint]
 
     def finish(
         self, meta: dict[str, Any], outs: list[tuple[Any, CaptionResult, str | None]], metrics: Metrics

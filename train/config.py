@@ -1,4 +1,5 @@
-"""Stage 1 config tree: ``model`` / ``data`` / ``optim`` / ``loop`` / ``checkpoint`` / ``log`` + ``storage``.
+"""Stage 1 config tree: ``model`` / ``data`` / ``optim`` / ``loss`` / ``loop`` / ``ema`` / ``eval`` /
+``checkpoint`` / ``log`` + ``storage``.
 
 Loaded with :func:`engine.config.load_config` (``model=Stage1Config``); unknown fields are
 errors. :func:`check_fits` stops a config that cannot work at start-up with the reason.
@@ -104,6 +105,14 @@ class OptimConfig(StrictModel):
     logit_lr_mult: float = Field(
         default=1.0, gt=0, description="learning-rate multiplier of the logit scale and bias (own group)"
     )
+    grad_accum: int = Field(
+        default=1,
+        ge=1,
+        description="micro-batches per optimizer step. Each micro-batch is its own contrastive batch "
+        "(data.max_images x world images, as OpenCLIP's --accum-freq without its feature cache): the "
+        "step's gradient is the mean of the micro-batches' gradients, so it is the gradient of a bigger "
+        "batch of samples, not of a bigger contrastive batch (negatives stay per micro-batch)",
+    )
 
 
 class LossConfig(StrictModel):
@@ -136,6 +145,32 @@ class LoopConfig(StrictModel):
     max_bad_steps: int = Field(default=20, ge=1, description="consecutive NaN/Inf steps before stopping")
 
 
+class EMAConfig(StrictModel):
+    decay: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="EMA of the weights after each optimizer step, ema = decay*ema + (1-decay)*w; "
+        "0: off. Saved in each checkpoint as step_<N>/ema/ (a checkpoint of its own that eval and "
+        "export load, or pick with --ema) and resumed exactly",
+    )
+
+
+class EvalConfig(StrictModel):
+    """Eval during training (``eval.hooks.periodic_eval``); the same fields as its ``EvalHookConfig``."""
+
+    every: int = Field(default=0, ge=0, description="steps between evals (and one at the end); 0: off")
+    finegrained: str = Field(
+        default="synthetic://scenes?n=32&seed=1000&size=128",
+        description="held-out synthetic scenes ('' to skip); train on another seed",
+    )
+    negatives: int = Field(default=3, ge=1)
+    zeroshot: str = Field(default="", description="zero-shot set (ImageFolder, CSV or JSON); '' to skip")
+    zeroshot_format: str = "auto"
+    templates: str = "ensemble"
+    batch_size: int = Field(default=64, ge=1)
+
+
 class CheckpointConfig(StrictModel):
     dir: str = Field(default="", description="checkpoint folder; empty: <log.dir>/checkpoints")
     every: int = Field(default=0, ge=0, description="steps between checkpoints; 0: only at the end")
@@ -162,6 +197,8 @@ class Stage1Config(StrictModel):
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     loop: LoopConfig = LoopConfig()
+    ema: EMAConfig = EMAConfig()
+    eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 

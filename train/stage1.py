@@ -1,8 +1,10 @@
 """Stage 1: contrastive training of the native-resolution ViT and the text tower.
 
 ``train_stage1(cfg)`` is the whole run: process group (torchrun env), model, DDP or FSDP2,
-AdamW (three parameter groups) + warmup/cosine or warmup-stable-decay, the loader, checkpoints
-and logs. The CLI only builds the config. The pieces stage 2 reuses: :func:`train_step` (one
+AdamW (three parameter groups) + warmup/cosine or warmup-stable-decay, gradient accumulation
+(``optim.grad_accum``: each micro-batch its own contrastive batch), an optional EMA of the
+weights (``ema.decay``), eval every ``eval.every`` steps, the loader, checkpoints and logs. The
+CLI only builds the config. The pieces stage 2 reuses: :func:`train_step` (one
 optimizer step with a non-finite guard), :class:`Meter` (throughput window), :func:`lr_lambda`,
 :func:`seed_all` and :mod:`train.checkpoint`.
 """
@@ -15,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +32,14 @@ from train.config import Stage1Config, check_fits
 from train.data.image_stats import resolve_normalization
 from train.data.loader import Stage1Loader, load_tokenizer, usable_shards
 from train.distributed import init_from_env, is_dist
+from train.ema import EMA
 from train.losses import sigmoid_loss, softmax_loss
 from train.metrics import Logger, peak_tflops, step_flops
 from train.model.attention import pick_backend
 from train.model.towers import Stage1Model
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Compute = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 LOGIT_PARAMS = ("logit_scale", "logit_bias")
 
 
@@ -119,11 +123,24 @@ def parallelize(
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return shard_fsdp(model, dtype)
+
+
+def shard_fsdp(model: Stage1Model, dtype: torch.dtype | None = None) -> Stage1Model:
+    """FSDP2 (``fully_shard``) per transformer block, then the rest as the root group. With a
+    low-precision ``dtype`` (bf16 runs): parameters are all-gathered and computed in it while the
+    sharded parameters, the optimizer state and the gradient reduction stay fp32.
+
+    Inputs are not cast (``cast_forward_inputs=False``): the loop runs the forward under autocast,
+    and a block's float inputs include the RoPE cos/sin, which must stay fp32 (``torch.complex``
+    has no bf16; casting them broke the first bf16 FSDP2 step, found by the CPU gloo test)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw: dict[str, Any] = {}
     if dtype is not None:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        kw["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for tower in (model.vision, model.text):
         for blk in tower.blocks:
             fully_shard(blk, **kw)
@@ -175,19 +192,51 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+@contextlib.contextmanager
+def no_grad_sync(net: torch.nn.Module) -> Iterator[None]:
+    """Backward without the gradient all-reduce (DDP) / reduce-scatter (FSDP2): for the micro-batches
+    of an accumulated step before the last (the last one reduces the sum). A no-op otherwise."""
+    if hasattr(net, "no_sync"):  # DDP
+        with net.no_sync():
+            yield
+    elif hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        net.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            net.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def train_step(
     optim: torch.optim.Optimizer,
     params: Iterable[torch.nn.Parameter],
-    compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    compute: Compute | Sequence[Compute],
     grad_clip: float,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step: ``compute()`` gives ``(loss_to_backward, global_loss_value)``.
 
-    Returns ``(value, grad_norm, skipped)``. A non-finite loss or gradient norm skips the update
-    (every rank sees the same global values, so all ranks skip together)."""
+    Gradient accumulation: ``compute`` a sequence of micro-batch computes, each backwarded at once
+    (its graph freed) with its loss divided by their number, so the gradient is the mean of the
+    micro-batches' gradients, then one clip and one optimizer step. ``no_sync`` (e.g.
+    ``lambda: no_grad_sync(net)``) wraps every micro-batch but the last.
+
+    Returns ``(value, grad_norm, skipped)``; ``value`` is the mean of the micro-batches' values. A
+    non-finite loss or gradient norm skips the update (every rank sees the same global values, so
+    all ranks skip together)."""
+    computes = [compute] if callable(compute) else list(compute)
+    n = len(computes)
     optim.zero_grad(set_to_none=True)
-    loss, value = compute()
-    loss.backward()
+    values = []
+    for i, micro in enumerate(computes):
+        ctx = no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
+        with ctx:
+            loss, v = micro()
+            (loss if n == 1 else loss / n).backward()
+        values.append(v.detach())
+    value = values[0] if n == 1 else torch.stack(values).mean()
     norm = _full(torch.nn.utils.clip_grad_norm_(list(params), grad_clip or float("inf")))
     skipped = not (torch.isfinite(value) and torch.isfinite(norm))
     if skipped:
@@ -233,8 +282,9 @@ def contrastive_loss(
 
 
 class Meter:
-    """Sums over a logging window (images, real tokens, token slots, FLOPs, loader wait) and turns
-    them into rates summed over ranks."""
+    """Sums over a logging window (images, real tokens, token slots, FLOPs, loader wait; one
+    ``update`` per micro-batch, ``steps`` counted by the loop) and turns them into rates summed over
+    ranks."""
 
     def __init__(self) -> None:
         self.reset()
@@ -250,7 +300,6 @@ class Meter:
         self.slots += slots
         self.flops += flops
         self.wait += wait
-        self.steps += 1
 
     def summary(self, device: torch.device, world: int, peak: float) -> dict[str, float]:
         dt = time.perf_counter() - self.t0
@@ -286,12 +335,48 @@ def tower_grad_norms(model: Stage1Model) -> dict[str, float]:
     return out
 
 
-def train_stage1(cfg: Stage1Config, on_event: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) stage 1 as configured; returns what the run did on this rank."""
+def make_evaluator(
+    cfg: Stage1Config,
+    net: torch.nn.Module,
+    tokenizer: Any,
+    amp: Callable[[], Any] = contextlib.nullcontext,
+) -> Callable[[int], dict[str, float]]:
+    """``f(step) -> {"eval/<task>/<metric>": value}``: ``eval.hooks.periodic_eval`` on a view of the
+    live towers (the live weights, not the EMA), under the run's autocast. eval/ is imported here,
+    at run time: the loop calls eval, the model library does not. Under FSDP2 the root group is
+    gathered around it (every rank must call it, as in a forward)."""
+    from eval.hooks import periodic_eval
+    from train.model.encoder import encoder_from_model
+
+    enc = encoder_from_model(net, cfg, tokenizer)
+
+    def f(step: int) -> dict[str, float]:
+        sharded = hasattr(net, "unshard")
+        if sharded:
+            net.unshard()
+        try:
+            with torch.no_grad(), amp():
+                return periodic_eval(enc, cfg.eval, step)
+        finally:
+            if sharded:
+                net.reshard()
+
+    return f
+
+
+def train_stage1(
+    cfg: Stage1Config,
+    on_event: Callable[[str], None] = print,
+    evaluator: Callable[[int], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Run (or resume) stage 1 as configured; returns what the run did on this rank.
+
+    ``evaluator``: what runs every ``eval.every`` steps and at the end (default:
+    :func:`make_evaluator`); its scalars go to the metrics file and TensorBoard."""
     check_fits(cfg)
     rank, world, device = init_from_env()
     with run_folder_lease(cfg.log.dir, rank):
-        return _train_stage1(cfg, on_event, rank, world, device)
+        return _train_stage1(cfg, on_event, evaluator, rank, world, device)
 
 
 def run_folder_lease(log_dir: str, rank: int) -> contextlib.AbstractContextManager[Any]:
@@ -307,7 +392,12 @@ def run_folder_lease(log_dir: str, rank: int) -> contextlib.AbstractContextManag
 
 
 def _train_stage1(
-    cfg: Stage1Config, on_event: Callable[[str], None], rank: int, world: int, device: torch.device
+    cfg: Stage1Config,
+    on_event: Callable[[str], None],
+    evaluator: Callable[[int], dict[str, float]] | None,
+    rank: int,
+    world: int,
+    device: torch.device,
 ) -> TrainResult:
     if cfg.loop.threads:
         torch.set_num_threads(cfg.loop.threads)
@@ -327,6 +417,7 @@ def _train_stage1(
     fwd = torch.compile(net) if cfg.loop.compile else net
     optim = optimizer_for(net, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
+    ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     loss_fn = create_loss(cfg)
     loader = Stage1Loader(d.dataset, cfg.storage, d, patch, cfg.model.text.context, rank, world)
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
@@ -338,6 +429,7 @@ def _train_stage1(
         optim,
         sched,
         lambda state: loader.load_state_dict(state, cfg.checkpoint.allow_data_change),
+        ema,
     )
     if last and rank == 0:
         on_event(f"resumed from {last} at step {step}")
@@ -350,33 +442,32 @@ def _train_stage1(
         on_event(
             f"stage1: {n_params / 1e6:.2f}M params, backend={model.vision.backend}, world={world}, "
             f"parallel={cfg.loop.parallel}, device={device}, peak={peak:.3g} TFLOP/s, "
-            f"mean={d.mean}, std={d.std} ({d.normalize})"
+            f"mean={d.mean}, std={d.std} ({d.normalize}), grad_accum={cfg.optim.grad_accum}, "
+            f"ema={cfg.ema.decay or 'off'}"
         )
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    if cfg.eval.every and evaluator is None:
+        evaluator = make_evaluator(cfg, net, tokenizer, amp)
     params = [p for p in net.parameters() if p.requires_grad]
     bad_in_a_row = 0
     meter = Meter()
     t_start = time.perf_counter()
     stop = min(cfg.loop.steps, cfg.loop.stop_at or cfg.loop.steps)
     while step < stop:
-        t_wait = time.perf_counter()
-        batch = loader.next()
-        wait = time.perf_counter() - t_wait
-        vision = batch["vision"].to(device)
-        tokens_BL, mask_BL = batch["tokens_BL"].to(device), batch["mask_BL"].to(device)
-        valid_B = batch["valid_B"].to(device)
-        out: dict[str, torch.Tensor] = {}
-        negatives = None
-        if "neg_tokens_BL" in batch:
-            negatives = tuple(batch[k].to(device) for k in ("neg_tokens_BL", "neg_mask_BL", "neg_valid_B"))
-        compute = functools.partial(
-            contrastive_loss, fwd, loss_fn, amp, vision, tokens_BL, mask_BL, valid_B, out, negatives
+        out: dict[str, torch.Tensor] = {}  # the last micro-batch's embeddings, for batch_top1
+        micro = [
+            functools.partial(_micro_batch, loader, device, fwd, loss_fn, amp, out, meter, cfg.model)
+            for _ in range(cfg.optim.grad_accum)
+        ]
+        value, norm, skipped = train_step(
+            optim, params, micro, cfg.optim.grad_clip, lambda: no_grad_sync(net)
         )
-        value, norm, skipped = train_step(optim, params, compute, cfg.optim.grad_clip)
         step += 1
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100.0))  # a DTensor shard under FSDP2: clamps in place
+        if ema is not None and not skipped:
+            ema.update(model)
         result.losses.append(float(value))
         if skipped:
             bad_in_a_row += 1
@@ -386,14 +477,10 @@ def _train_stage1(
                 raise FloatingPointError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping")
         else:
             bad_in_a_row = 0
-        n_img, real = int(valid_B.sum()), int(batch["real_tokens"])
-        text_lengths = mask_BL.sum(1).tolist()
-        lengths = _image_lengths(vision.img_T, n_img)
-        flops = step_flops(cfg.model, real, lengths, sum(text_lengths), text_lengths)
-        meter.update(n_img, real, vision.img_T.numel(), flops, wait)
+        meter.steps += 1
         logger.advance()
         if (step % cfg.log.every == 0 or step == stop) and not skipped:
-            top1 = _sum(batch_top1(out["img_BE"], out["txt_BE"], valid_B), device) / world
+            top1 = _sum(batch_top1(out["img_BE"], out["txt_BE"], out["valid_B"]), device) / world
             logger.log(
                 step,
                 {
@@ -408,10 +495,15 @@ def _train_stage1(
                 },
             )
             meter.reset()
+        if evaluator is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == stop):
+            t_eval = time.perf_counter()
+            scores = evaluator(step)
+            logger.log(step, {**scores, "eval_s": time.perf_counter() - t_eval})
+            meter.t0 += time.perf_counter() - t_eval  # eval time is not training throughput
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop:
-            result.checkpoint = _save(ckpt_dir, step, net, optim, sched, loader, cfg)
+            result.checkpoint = _save(ckpt_dir, step, net, optim, sched, loader, cfg, ema)
     if step > 0 and (not last or step > int(last.rsplit("_", 1)[-1])):
-        result.checkpoint = _save(ckpt_dir, step, net, optim, sched, loader, cfg)
+        result.checkpoint = _save(ckpt_dir, step, net, optim, sched, loader, cfg, ema)
     result.steps = step
     result.stats = loader.stats()
     result.seconds = time.perf_counter() - t_start
@@ -420,6 +512,36 @@ def _train_stage1(
         on_event(f"stage1 done: {step} steps, data: {result.stats}, checkpoint: {result.checkpoint}")
     logger.close()
     return result
+
+
+def _micro_batch(
+    loader: Stage1Loader,
+    device: torch.device,
+    fwd: torch.nn.Module,
+    loss_fn: LossFn,
+    amp: Callable[[], Any],
+    out: dict[str, torch.Tensor],
+    meter: Meter,
+    model_cfg: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: fetch (timed), forward, loss; counts its work in ``meter``."""
+    t_wait = time.perf_counter()
+    batch = loader.next()
+    wait = time.perf_counter() - t_wait
+    vision = batch["vision"].to(device)
+    tokens_BL, mask_BL = batch["tokens_BL"].to(device), batch["mask_BL"].to(device)
+    valid_B = batch["valid_B"].to(device)
+    negatives = None
+    if "neg_tokens_BL" in batch:
+        negatives = tuple(batch[k].to(device) for k in ("neg_tokens_BL", "neg_mask_BL", "neg_valid_B"))
+    loss, value = contrastive_loss(fwd, loss_fn, amp, vision, tokens_BL, mask_BL, valid_B, out, negatives)
+    out["valid_B"] = valid_B
+    n_img, real = int(valid_B.sum()), int(batch["real_tokens"])
+    text_lengths = mask_BL.sum(1).tolist()
+    lengths = _image_lengths(vision.img_T, n_img)
+    flops = step_flops(model_cfg, real, lengths, sum(text_lengths), text_lengths)
+    meter.update(n_img, real, vision.img_T.numel(), flops, wait)
+    return loss, value
 
 
 def _image_lengths(img_T: torch.Tensor, n_images: int) -> list[int]:
@@ -435,6 +557,7 @@ def _save(
     sched: Any,
     loader: Stage1Loader,
     cfg: Stage1Config,
+    ema: EMA | None = None,
 ) -> str:
     extra = {"step": step, "sched": sched.state_dict(), "loader": loader.state_dict()}
     return ckpt.save(
@@ -445,4 +568,9 @@ def _save(
         extra,
         keep=cfg.checkpoint.keep,
         config=redact_secrets(cfg.model_dump(mode="json")),  # no S3 credentials in the checkpoint
+        ema=ema.state_dict(model_of(net)) if ema is not None else None,
     )
+
+
+def model_of(net: torch.nn.Module) -> torch.nn.Module:
+    return getattr(net, "module", net)

@@ -24,6 +24,49 @@ from typing import Any
 from recaption.backends.base import Backend, BackendError, CaptionRequest, CaptionResult, SamplingParams
 
 
+def _torchvision_usable() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # absent, or a build that does not match torch (KNOWN-TRAPS)
+        return False
+    return True
+
+
+def image_only_processor(model_dir: str, trust_remote_code: bool = False):
+    """The model's processor without its video part, with the PIL image processor: for
+    processors (Qwen2-VL, Qwen2.5-VL, ...) whose video processor needs torchvision when
+    torchvision is absent or broken. Raises ImportError when that is not the reason."""
+    import json
+
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    if _torchvision_usable():
+        raise ImportError("AutoProcessor failed and torchvision is importable: not a torchvision problem")
+    name = None
+    for f in ("processor_config.json", "preprocessor_config.json"):
+        p = os.path.join(model_dir, f)
+        if os.path.isfile(p):
+            with open(p) as fh:
+                name = json.load(fh).get("processor_class") or name
+        if name:
+            break
+    if name is None:
+        with open(os.path.join(model_dir, "config.json")) as fh:
+            name = PROCESSOR_MAPPING_NAMES.get(json.load(fh).get("model_type"))
+    base = getattr(transformers, name or "", None)
+    if base is None:
+        raise ImportError(f"no processor class {name!r} in transformers for {model_dir}")
+
+    class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
+        # ProcessorMixin takes its sub-processors from this signature: no video_processor
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    ImageOnlyProcessor.__name__ = f"ImageOnly{base.__name__}"
+    return ImageOnlyProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
 class HFBackend(Backend):
     name = "hf"
 
@@ -73,9 +116,13 @@ class HFBackend(Backend):
             "float16": torch.float16,
         }[self.dtype_name]
         try:
-            self.processor = AutoProcessor.from_pretrained(
-                self.model_dir, trust_remote_code=self.trust_remote_code
-            )
+            try:
+                self.processor = AutoProcessor.from_pretrained(
+                    self.model_dir, trust_remote_code=self.trust_remote_code
+                )
+            except ImportError:
+                # Qwen2-VL-style processors carry a video processor that needs torchvision
+                self.processor = image_only_processor(self.model_dir, self.trust_remote_code)
             self.net = (
                 AutoModelForImageTextToText.from_pretrained(
                     self.model_dir, dtype=dtype, trust_remote_code=self.trust_remote_code
@@ -164,6 +211,8 @@ class HFBackend(Backend):
         gen: dict[str, Any] = {"max_new_tokens": sp.max_tokens, "do_sample": sp.temperature > 0}
         if sp.temperature > 0:
             gen.update(temperature=sp.temperature, top_p=sp.top_p)
+            if sp.seed is not None:  # a batch shares its sampling parameters, seed included
+                torch.manual_seed(sp.seed)
         tok = proc.tokenizer
         with torch.inference_mode():
             out = net.generate(**inputs, **gen, pad_token_id=tok.pad_token_id)

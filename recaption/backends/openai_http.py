@@ -125,19 +125,37 @@ class Endpoint:
     ok: int = 0
     failures: int = 0
     ejections: int = 0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)  # answered requests
     probe: asyncio.Task | None = field(default=None, repr=False)
 
     @property
     def chat_url(self) -> str:
         return f"{self.url}/v1/chat/completions"
 
+    def record_latency(self, ms: float, rng: random.Random, keep: int = 100_000) -> None:
+        """Keep a uniform sample of at most ``keep`` latencies (reservoir): bounded memory."""
+        if len(self.latencies_ms) < keep:
+            self.latencies_ms.append(ms)
+        else:
+            i = rng.randrange(self.ok + 1)
+            if i < keep:
+                self.latencies_ms[i] = ms
+
     def snapshot(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+
+        def pct(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))], 2) if lat else None
+
         return {
             "requests": self.requests,
             "ok": self.ok,
             "failures": self.failures,
             "ejections": self.ejections,
             "ejected": self.ejected,
+            "latency_ms_p50": pct(50),
+            "latency_ms_p90": pct(90),
+            "latency_ms_p99": pct(99),
         }
 
 
@@ -408,6 +426,7 @@ class OpenAIBackend(Backend):
                         error = f"bad response: not a chat completion ({str(e)[:120]}): {raw[:80]!r}"
                     else:
                         self._http400_in_a_row = 0
+                        ep.record_latency(latency, self._rng)
                         await self.pool.release(ep, "ok")
                         return CaptionResult(
                             request.key, text, finish, pt, ct, latency, attempt + 1, None, ep.url

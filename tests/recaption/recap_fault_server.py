@@ -48,6 +48,9 @@ class FaultServer:
     content: dict[str, str] = field(default_factory=dict)  # body hash -> content hash (picks the fault)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     keep_bodies: bool = False
+    gets: int = 0  # GET /v1/models and /health answered
+    active: int = 0  # chat requests being served now
+    peak_active: int = 0  # the most ever served at once
 
     # ---- life cycle (a thread with its own loop) ------------------------------------------
     def start(self) -> FaultServer:
@@ -103,11 +106,13 @@ class FaultServer:
 
     # ---- handlers -------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
+        self.gets += 1
         if not self.health_ok:
             return web.Response(status=503, text="down")
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
     async def _health(self, request: web.Request) -> web.Response:
+        self.gets += 1
         return web.Response(text="ok") if self.health_ok else web.Response(status=503, text="down")
 
     def _mode(self, h: str, attempt: int) -> str:
@@ -123,6 +128,14 @@ class FaultServer:
         return "ok"
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+        try:
+            return await self._answer(request)
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         h = hashlib.sha256(raw).hexdigest()
         self.seen[h] += 1

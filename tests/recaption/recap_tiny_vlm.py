@@ -134,3 +134,88 @@ def build_tiny_llava(out: str | Path, seed: int = 0) -> Path:
     LlavaForConditionalGeneration(cfg).save_pretrained(out)
     proc.save_pretrained(out)
     return out
+
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen2vl(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2-VL directory laid out as the Hub's are: tokenizer, image processor
+    (PIL), ``processor_config.json`` naming ``Qwen2VLProcessor`` and a
+    ``video_preprocessor_config.json``, whose video processor needs torchvision. Built without
+    instantiating the processor (that needs torchvision too)."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+    specials += ["<|image_pad|>", "<|video_pad|>"]
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 8
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=420, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = QWEN_TEMPLATE
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2
+    )
+    fast.save_pretrained(out)
+    ip.save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    (out / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    video = {k: v for k, v in ip.to_dict().items() if k != "image_processor_type"}
+    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video))
+    ids = fast.convert_tokens_to_ids
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=len(fast),
+            max_position_embeddings=1024,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim / 2
+            bos_token_id=None,
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<pad>"),
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=2,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            mlp_ratio=2,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(out)
+    return out

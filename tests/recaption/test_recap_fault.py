@@ -429,3 +429,127 @@ def test_response_cache_answers_duplicate_images(scenes, fault_server):
     assert by_shard["00001"]["cache_hits"] == 0 and by_shard["00001"]["requests"] == 8
     rows = {r["key"]: r for r in _rows(layer, "00002")}
     assert rows[b]["status"] == "ok" and rows[b]["caption"] == rows[a]["caption"]
+
+
+def test_byte_budget_bounds_what_waits_and_flies(scenes, fault_server):
+    """Finding 8: the bytes of samples waiting for the backend and of requests in flight are
+    bounded by ``max_bytes_in_flight`` (shared by the shards of an actor), not only by a count:
+    with room for ~3 samples, a slow server never sees more than that many at once although
+    ``max_in_flight`` (64) and three shards at once would allow 23."""
+    from recaption.plan import make_task
+    from recaption.samples import shard_samples
+
+    srv = fault_server(service_s=0.15)
+    probe = _cfg(srv)
+    task = make_task(probe, "fake-vlm")
+    ds = Dataset(str(scenes))
+    costs = [
+        task.bytes_estimate(smp)
+        for s in ds.committed_shards()
+        for smp in shard_samples(ds, s, probe)
+        if smp.image is not None
+    ]
+    limit = 3 * max(costs)
+    cfg = _cfg(srv, layer="budget", max_in_flight=64, max_bytes_in_flight=limit)
+    check_or_write_info(ds.layer("budget"), layer_info(cfg, "fake-vlm"))
+    w = ShardWorker(str(scenes), StorageConfig(), cfg, "fake-vlm")
+
+    async def go():
+        try:
+            return await asyncio.gather(*(w.run_shard(s) for s in ds.committed_shards()))
+        finally:
+            await w.close()
+
+    outs = asyncio.run(go())
+    assert sum(o["stats"]["ok"] for o in outs) == len(costs)  # every image answered
+    assert 0 < w.budget.peak <= limit
+    assert 2 <= srv.peak_active <= limit // min(costs), (srv.peak_active, limit, costs)
+    assert all(o["stats"]["bytes_in_flight_peak"] <= limit for o in outs)
+    # per-endpoint latency percentiles in _stats.json (the server takes 150 ms per request)
+    # (cumulative per actor: the snapshot of the shard that committed last has seen every request)
+    ep = max((o["stats"]["endpoints"][srv.url] for o in outs), key=lambda e: e["requests"])
+    assert 150 <= ep["latency_ms_p50"] <= ep["latency_ms_p90"] <= ep["latency_ms_p99"], ep
+    assert ep["ok"] == ep["requests"] == len(costs)
+
+
+def _tree(root) -> dict[str, tuple[int, int]]:
+    return {
+        os.path.relpath(os.path.join(d, f), root): (
+            os.stat(os.path.join(d, f)).st_size,
+            os.stat(os.path.join(d, f)).st_mtime_ns,
+        )
+        for d, _, fs in os.walk(root)
+        for f in fs
+    } | {os.path.relpath(d, root) + "/": (0, 0) for d, _, _ in os.walk(root)}
+
+
+def test_dry_run_prints_the_plan_sends_and_writes_nothing(scenes, fault_server):
+    """Operator feature: ``--dry-run`` prints shards, images, requests, expected cache hits and
+    tokens; no request (not even /v1/models) reaches the server and no file is written."""
+    import subprocess
+
+    from tests.recaption.recap_helpers import CLI
+
+    srv = fault_server()
+    a, b = _duplicate_image(scenes)
+    p = scenes / "shards" / "00002.parquet"  # the index says so too (img2dataset's sha256 column)
+    t = pq.read_table(p)
+    rows = t.to_pylist()
+    sha = {r["key"]: r["sha256"] for r in rows}
+    for r in rows:
+        if r["key"] == b:
+            r["sha256"] = sha[a]
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), p)
+    before = _tree(scenes)
+    out = subprocess.run(
+        [
+            *CLI,
+            "recaption",
+            str(scenes),
+            "--endpoint",
+            srv.url,
+            "--layer",
+            "dry",
+            "--max-tokens",
+            "100",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    import re
+
+    text = " ".join(re.sub(r"[\u2500-\u257f]", " ", out.stdout).split())
+    # 24 images, one failed at ingest, one a duplicate of another: 22 requests, 1 cache hit
+    for want in (
+        "shards to caption 3",
+        "images 23",
+        "requests 22",
+        "cache hits expected 1",
+        "completion tokens max 2200",
+    ):
+        assert want in text, (want, out.stdout)
+    assert srv.gets == 0 and sum(srv.seen.values()) == 0
+    assert _tree(scenes) == before
+
+
+def test_response_cache_persists_across_runs(scenes, fault_server):
+    """Operator feature: a second run on a new layer name with the same settings sends 0
+    requests: the first run's answers were stored (content-addressed) under the dataset."""
+    srv = fault_server()
+    first, l1 = _run_shards(scenes, _cfg(srv, layer="p1"))
+    sent = sum(srv.seen.values())
+    assert sent == 23 and sum(s["requests"] for s in first) == 23
+    again, l2 = _run_shards(scenes, _cfg(srv, layer="p2"))
+    assert sum(srv.seen.values()) == sent  # nothing reached the server
+    assert sum(s["requests"] for s in again) == 0 and sum(s["cache_hits"] for s in again) == 23
+    rows1 = [r for s in l1.committed() for r in _rows(l1, s)]
+    rows2 = [r for s in l2.committed() for r in _rows(l2, s)]
+    assert rows1 == rows2
+    # other settings (here max_tokens) are other answers: sent again
+    _run_shards(scenes, _cfg(srv, layer="p3", max_tokens=100))
+    assert sum(srv.seen.values()) == 2 * sent

@@ -194,3 +194,142 @@ def test_serve_captioner_end_to_end(captioner, scenes):
         if m["status"] == "ok":
             assert [r["label"] for r in m["regions"]] == [r["label"] for r in g["regions"]]
     assert Dataset(str(scenes)).layer("tiny-props").info()["box_hint"] == "draw"
+
+
+NO_TORCHVISION = """
+import sys
+def _tv(name):
+    return name == "torchvision" or name.startswith("torchvision.")
+class Hide:  # wraps each import finder: torchvision is not installed, as far as anyone can see
+    def __init__(self, f):
+        self.f = f
+    def find_spec(self, name, path=None, target=None):
+        if _tv(name) or not hasattr(self.f, "find_spec"):
+            return None
+        return self.f.find_spec(name, path, target)
+    def find_distributions(self, *a, **k):
+        if not hasattr(self.f, "find_distributions"):
+            return iter(())
+        return (d for d in self.f.find_distributions(*a, **k) if not _tv(d.metadata["Name"] or ""))
+    def invalidate_caches(self):
+        getattr(self.f, "invalidate_caches", lambda: None)()
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+"""
+
+
+def test_hf_qwen2vl_without_torchvision(tmp_path):
+    """Finding 11: a Qwen2-VL directory (whose video processor needs torchvision) captions
+    through the hf backend with torchvision hidden: the image-only processor path."""
+    import sys
+
+    from tests.recaption.recap_tiny_vlm import build_tiny_qwen2vl
+
+    model = build_tiny_qwen2vl(tmp_path / "tiny-qwen2vl")
+    code = (
+        NO_TORCHVISION
+        + f"""
+import asyncio, io, json
+from PIL import Image
+from recaption.backends.base import CaptionRequest, SamplingParams
+from recaption.backends.hf_local import HFBackend
+buf = io.BytesIO(); Image.new("RGB", (40, 30), (200, 0, 0)).save(buf, "JPEG")
+msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe."}}]}}]
+b = HFBackend({str(model)!r}, device="cpu")
+async def go():
+    await b.start()
+    try:
+        return await b.generate(CaptionRequest("k", msgs, [buf.getvalue()], SamplingParams(5)))
+    finally:
+        await b.close()
+r = asyncio.run(go())
+print(json.dumps({{"error": r.error, "n": r.completion_tokens, "p": r.prompt_tokens,
+                  "proc": type(b.processor).__name__, "tv": "torchvision" in sys.modules}}))
+"""
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["error"] is None and 0 < r["n"] <= 5 and r["p"] > 0, r
+    assert r["proc"] == "ImageOnlyQwen2VLProcessor" and not r["tv"], r
+
+
+def test_serve_captioner_speaks_openai(tiny_vlm):
+    """Finding 11: serve-captioner honours ``n`` and ``stream`` (SSE chunks in OpenAI's
+    chat.completion.chunk format ending with ``data: [DONE]``), takes OpenAI's default
+    temperature (1.0) when none is given, and refuses fields it does not honour with an
+    OpenAI-style 400 instead of ignoring them. Raw HTTP (the ``openai`` client is not installed)."""
+    import base64
+
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    from recaption.server import make_app
+
+    img = "data:image/jpeg;base64," + base64.b64encode(_jpeg((200, 0, 0))).decode()
+    base = {
+        "model": "tiny",
+        "max_tokens": 6,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "Hi"}],
+            }
+        ],
+    }
+    assert parse_chat_request(base).sampling.temperature == 1.0  # OpenAI's default
+    assert parse_chat_request({**base, "temperature": 0}).sampling.temperature == 0.0
+
+    async def go():
+        server = TestServer(make_app(HFBackend(str(tiny_vlm), device="cpu"), "tiny"), host="127.0.0.1")
+        await server.start_server()
+        url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+        try:
+            async with ClientSession() as s:
+
+                async def post(body):
+                    async with s.post(url, json=body) as r:
+                        return r.status, r.headers.get("Content-Type", ""), await r.read()
+
+                greedy = {**base, "temperature": 0}
+                st, _, raw = await post({**greedy, "n": 3})
+                one = json.loads(raw)
+                st1, _, raw1 = await post(greedy)
+                single = json.loads(raw1)["choices"][0]
+                single["_n"] = json.loads(raw1)["usage"]["completion_tokens"]
+                st2, ctype, sse = await post(
+                    {**greedy, "stream": True, "stream_options": {"include_usage": True}}
+                )
+                refusals = [
+                    await post({**base, **extra})
+                    for extra in ({"tools": []}, {"stop": ["\n"]}, {"logprobs": True}, {"n": 0}, {"n": 99})
+                ]
+                st3, _, _ = await post({**greedy, "frequency_penalty": 0})  # a default value is fine
+                return st, one, st1, single, st2, ctype, sse, refusals, st3
+        finally:
+            await server.close()
+
+    st, one, st1, single, st2, ctype, sse, refusals, st3 = asyncio.run(go())
+    assert st == 200 and st1 == 200 and st3 == 200
+    len_single = single["_n"]
+    assert [c["index"] for c in one["choices"]] == [0, 1, 2]
+    assert all(c["message"]["content"] == single["message"]["content"] for c in one["choices"])  # greedy
+    assert one["usage"]["completion_tokens"] == 3 * len_single > 0  # n answers counted
+
+    # stream: every event is `data: ...`; chunks rebuild the non-streamed answer; [DONE] last
+    assert st2 == 200 and ctype.startswith("text/event-stream")
+    events = [e for e in sse.decode().split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == single["message"]["content"]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == single["finish_reason"] and all(f is None for f in finishes[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+    # unsupported fields: 400 with an OpenAI error body naming the field
+    for (status, _, raw), param in zip(refusals, ["tools", "stop", "logprobs", "n", "n"], strict=True):
+        err = json.loads(raw)["error"]
+        assert status == 400 and err["type"] == "invalid_request_error" and err["param"] == param, err
+        assert param in err["message"]

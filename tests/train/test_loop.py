@@ -114,3 +114,111 @@ def test_text_is_trimmed_to_the_longest_caption(stage1_data) -> None:
     b = Stage1Loader(data.dataset, StorageConfig(), data, 16, 256).next()
     longest = int(b["mask_BL"].sum(1).max())
     assert b["tokens_BL"].shape[1] == -(-longest // 8) * 8 < 256
+
+
+def _micro_batch(seed: int, patch: int = 16) -> tuple:
+    """A packed micro-batch of random patches: 2 rows x (3 + 2 images), captions of 8 tokens."""
+    from train.data.packing import assemble
+
+    g = torch.Generator().manual_seed(seed)
+    pos = lambda n: torch.stack(torch.meshgrid(torch.arange(1), torch.arange(n), indexing="ij"), -1)  # noqa: E731
+    rows = [
+        [(torch.randn(n, 3 * patch * patch, generator=g), pos(n).reshape(-1, 2)) for n in ns]
+        for ns in ((5, 6, 4), (9, 7))
+    ]
+    vision, _ = assemble(rows, 16, 5, 3 * patch * patch)
+    tokens = torch.randint(4, 64, (5, 8), generator=g)
+    return vision, tokens, torch.ones(5, 8, dtype=torch.bool), torch.ones(5, dtype=torch.bool)
+
+
+TINY_MODEL = [
+    "model.vision.width=32",
+    "model.vision.depth=1",
+    "model.vision.heads=2",
+    "model.text.width=32",
+    "model.text.depth=1",
+    "model.text.heads=2",
+    "model.embed_dim=16",
+]
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_grad_accum_steps_once_on_the_mean_of_micro_batch_gradients(kind: str) -> None:
+    """Two accumulated micro-batches (each its own contrastive batch) give exactly the mean of the
+    two gradients taken separately at the same weights, then exactly one AdamW step with it."""
+    import copy
+    import functools
+
+    from train.stage1 import create_loss, train_step
+
+    cfg = _cfg(*TINY_MODEL, f"loss.kind={kind}", "optim.grad_clip=0", "optim.grad_accum=2")
+    torch.manual_seed(0)
+    model = build_model(cfg, 64, torch.device("cpu"))
+    ref = copy.deepcopy(model)
+    loss_fn = create_loss(cfg)
+    batches = [_micro_batch(1), _micro_batch(2)]
+
+    def compute(m: torch.nn.Module, b: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        vision, tokens, mask, valid = b
+        img, txt, scale, bias = m(vision, tokens, mask)
+        return loss_fn(img, txt, valid, scale, bias)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer_for(model, cfg)
+    value, _, skipped = train_step(opt, params, [functools.partial(compute, model, b) for b in batches], 0.0)
+    assert not skipped
+
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    grads, values = [], []
+    for b in batches:  # the reference: each micro-batch's gradient on its own, at the initial weights
+        ref.zero_grad(set_to_none=True)
+        loss, v = compute(ref, b)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in ref.named_parameters() if p.requires_grad})
+        values.append(v)
+    mean = {n: (grads[0][n] + grads[1][n]) / 2 for n in names}
+    assert value == (values[0] + values[1]) / 2
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, mean[n]), n  # the accumulated gradient is the mean
+    ref_opt = optimizer_for(ref, cfg)
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            p.grad = mean[n]
+    ref_opt.step()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q), n  # one optimizer step with the mean gradient
+
+
+def test_ema_update_math_and_state_dict() -> None:
+    """ema_k = d * ema_(k-1) + (1 - d) * w_k from ema_0 = w_0, for every parameter; the EMA state dict
+    is the model's with parameters averaged and buffers as they are."""
+    from train.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model[1].running_mean.fill_(0.25)
+    d = 0.9
+    ema = EMA(model, d)
+    ws = [model[0].weight.detach().clone().double()]
+    for k in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * k)
+        ws.append(model[0].weight.detach().clone().double())
+        ema.update(model)
+    want = d**3 * ws[0] + (1 - d) * (d**2 * ws[1] + d * ws[2] + ws[3])
+    torch.testing.assert_close(ema.shadow["0.weight"].double(), want, rtol=1e-6, atol=1e-7)
+    sd = ema.state_dict(model)
+    assert set(sd) == set(model.state_dict())
+    assert torch.equal(sd["0.weight"], ema.shadow["0.weight"])
+    assert not torch.equal(sd["0.weight"], model[0].weight)
+    assert torch.equal(sd["1.running_mean"], torch.full((4,), 0.25))
+
+
+def test_train_eval_section_matches_the_eval_hook() -> None:
+    """The trainer's ``eval`` section is what ``eval.hooks.periodic_eval`` validates against."""
+    from eval.hooks import EvalHookConfig
+    from train.config import EvalConfig
+
+    assert EvalConfig().model_dump() == EvalHookConfig().model_dump()

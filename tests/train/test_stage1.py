@@ -1,4 +1,5 @@
-"""The stage 1 loop: config checks, the CLI, loss falls, exact resume; torchrun DDP and FSDP2 (slow)."""
+"""The stage 1 loop: config checks, the CLI, loss falls, exact resume (with EMA, gradient accumulation
+and eval.every); torchrun DDP and FSDP2, FSDP2 bf16 mixed precision on gloo (slow)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,12 @@ def _args(ds, log_dir: Path, steps: int, *extra: str) -> list[str]:
     ] + [a for s in sets for a in ("--set", s)]
 
 
+def _rows(log_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(log_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in _rows(log_dir) if "loss" in r}  # eval rows carry no loss
 
 
 def test_config_that_cannot_fit_stops_with_reason() -> None:
@@ -112,6 +116,44 @@ def test_train_resume_reproduces_uninterrupted_losses(stage1_data, tmp_path: Pat
     assert finevit_cli(_args(stage1_data, part, 6, "data.workers=1")) == 0
     got = _losses(part)
     assert [got[s] for s in range(1, 7)] == [want[s] for s in range(1, 7)]  # bit-exact
+
+
+EVAL = ["eval.every=2", "eval.finegrained=synthetic://scenes?n=6&seed=1000&size=64", "eval.negatives=1"]
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_ema_grad_accum_and_eval(stage1_data, tmp_path: Path) -> None:
+    """With an EMA, 2 micro-batches per step and an eval every 2 steps: stop at 2 + resume to 4 gives
+    the uninterrupted losses bit for bit and the same EMA; the EMA checkpoint (step_N/ema) loads as an
+    encoder and is not the live weights; eval rows (no loss) land in the metrics file and
+    TensorBoard at steps 2 and 4."""
+    import torch
+
+    from train.model.encoder import load_encoder
+
+    extra = ["data.workers=1", "ema.decay=0.8", "optim.grad_accum=2", *EVAL, "log.tensorboard=true"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert finevit_cli(_args(stage1_data, full, 4, *extra)) == 0
+    assert finevit_cli(_args(stage1_data, part, 4, *extra, "loop.stop_at=2")) == 0
+    assert finevit_cli(_args(stage1_data, part, 4, *extra)) == 0
+    want, got = _losses(full), _losses(part)
+    assert sorted(want) == [1, 2, 3, 4] and got == want  # bit-exact
+
+    step = "checkpoints/step_00000004"
+    ema_full, ema_part = (load_encoder(d / step / "ema").state_dict() for d in (full, part))
+    live = load_encoder(full / step).state_dict()
+    assert ema_full.keys() == ema_part.keys() == live.keys()
+    assert all(torch.equal(ema_full[k], ema_part[k]) for k in ema_full)  # the EMA resumed exactly
+    assert not all(torch.equal(ema_full[k], live[k]) for k in live)
+
+    evals = [r for r in _rows(full) if any(k.startswith("eval/finegrained/") for k in r)]
+    assert [r["step"] for r in evals] == [2, 4] and all("loss" not in r for r in evals)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(full))
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("eval/finegrained/")]
+    assert tags and [e.step for e in acc.Scalars(tags[0])] == [2, 4]
 
 
 def _top1(log_dir: Path, last: int) -> float:
@@ -208,3 +250,92 @@ def test_non_finite_step_is_skipped_and_logged(stage1_data, tmp_path: Path, monk
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "skipped" in r] == [2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "skipped" not in r)
+
+
+FSDP_MP_PROBE = r"""
+import copy, json, sys
+import torch, torch.distributed as dist
+from train.config import ModelConfig, TextConfig, VisionConfig
+from train.data.packing import assemble
+from train.model.towers import Stage1Model
+from train.stage1 import shard_fsdp
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+cfg = ModelConfig(
+    vision=VisionConfig(width=32, depth=2, heads=2, patch_size=4),
+    text=TextConfig(width=32, depth=1, heads=2, context=8),
+    embed_dim=16,
+    attention="sdpa_docs",
+)
+model = Stage1Model(cfg, 64, "sdpa_docs")
+ref = copy.deepcopy(model)
+
+
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    pos = lambda n: torch.stack(torch.meshgrid(torch.arange(1), torch.arange(n), indexing="ij"), -1)
+    rows = [[(torch.randn(n, 48, generator=g), pos(n).reshape(-1, 2)) for n in (6, 5)] for _ in range(2)]
+    vision, _ = assemble(rows, 12, 4, 48)
+    return vision, torch.randint(4, 64, (4, 8), generator=g), torch.ones(4, 8, dtype=torch.bool)
+
+
+def loss_of(m, b):
+    img, txt, scale, bias = m(*b)
+    return -(img * txt).sum(-1).mean() * scale.exp() + (img @ txt.T).pow(2).mean()
+
+
+shard_fsdp(model, torch.bfloat16)
+seen = {}
+lin = next(x for x in model.vision.blocks[0].modules() if isinstance(x, torch.nn.Linear))
+lin.register_forward_pre_hook(lambda mod, a: seen.setdefault("forward_weight", str(mod.weight.dtype)) and None)
+with torch.autocast("cpu", dtype=torch.bfloat16):  # as the loop runs a bf16 forward
+    loss = loss_of(model, batch(rank))
+loss.backward()
+first = next(model.parameters())
+grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+out = {
+    "forward_weight": seen["forward_weight"],
+    "param": str(first.dtype),
+    "param_type": type(first).__name__,
+    "grad": str(first.grad.dtype),
+}
+refs = []  # fp32, unsharded: the mean over ranks of each rank's gradient
+for r in range(world):
+    ref.zero_grad()
+    loss_of(ref, batch(r)).backward()
+    refs.append({n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None})
+errs = {}
+for n, g in grads.items():
+    want = sum(x[n] for x in refs) / world
+    errs[n] = ((g.float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+out["max_rel_grad_err"], out["n_grads"] = max(errs.values()), len(grads)
+if rank == 0:
+    print("RESULT " + json.dumps(out), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_precision_on_gloo(tmp_path: Path) -> None:
+    """FSDP2 with the bf16 MixedPrecisionPolicy runs on CPU/gloo (torchrun, 2 processes): blocks compute
+    with bf16 weights while the sharded parameters and the reduced gradients stay fp32 DTensors, and
+    the gradient is the mean over ranks of the fp32 gradient within bf16 rounding."""
+    script = tmp_path / "fsdp_mp_probe.py"
+    script.write_text(FSDP_MP_PROBE)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(script)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert out["forward_weight"] == "torch.bfloat16", out  # gathered and computed in bf16
+    assert (out["param"], out["param_type"], out["grad"]) == ("torch.float32", "DTensor", "torch.float32")
+    assert out["n_grads"] > 20 and out["max_rel_grad_err"] < 0.06, out
