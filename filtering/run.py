@@ -26,7 +26,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.config import ConfigError, StorageConfig
@@ -34,6 +36,7 @@ from engine.layout import Dataset, LayerDir, LayoutError, sample_digits
 from engine.schemas import FILTER_BASE_SCHEMA
 from engine.shards import Progress, StageReport, run_shard_tasks
 from filtering.base import Filter, Sample
+from filtering.batch import Batch
 from filtering.config import FilterRunConfig, FilterStageConfig, build_filters
 from filtering.dedup import (
     PHASH_SCHEMA,
@@ -147,40 +150,26 @@ def layer_schema(filters: list[Filter]) -> pa.Schema:
 # ---------------------------------------------------------------- applying filters
 
 
+BATCH_ROWS = 16384  # rows per batch: large enough for the column code, small enough for the cache
+
+
 def apply_filters(filters: list[Filter], samples: list[Sample]) -> tuple[pa.Table, dict[str, Any]]:
-    """Every filter over every sample: the layer table and the per-filter counters."""
+    """Every filter over every sample: the layer table and the per-filter counters.
+
+    Batches of :data:`BATCH_ROWS` rows; in each, one :meth:`Filter.check_batch` per filter
+    (the caption filters see only the rows with a usable caption, checked once first). A row
+    keeps every reason, in filter order."""
     schema = layer_schema(filters)
-    cols: dict[str, list[Any]] = {n: [] for n in schema.names}
-    score_names = [n for n in schema.names if n not in ("key", "keep", "reasons")]
     reads_captions = any(f.needs == "caption" for f in filters)
     checked: Counter = Counter()
     dropped: Counter = Counter()
     reasons_all: Counter = Counter()
-    for s in samples:
-        reasons: list[str] = []
-        scores: dict[str, Any] = {}
-        bad = caption_problem(s) if reads_captions else None
-        if bad is not None:
-            reasons.append(bad)
-            dropped["caption"] += 1
-        for f in filters:
-            if bad is not None and f.needs == "caption":
-                continue
-            v = f.check(s)
-            checked[f.name] += 1
-            if v.scores:
-                scores.update(v.scores)
-            if not v.keep:
-                reasons.append(v.reason or f.name)
-                dropped[f.name] += 1
-        cols["key"].append(s.key)
-        cols["keep"].append(not reasons)
-        cols["reasons"].append(reasons)
-        for n in score_names:
-            cols[n].append(scores.get(n))
-        reasons_all.update(reasons)
-    table = pa.table(cols, schema=schema)
-    kept = sum(cols["keep"])
+    parts = []
+    for lo in range(0, len(samples), BATCH_ROWS):
+        chunk = samples[lo : lo + BATCH_ROWS]
+        parts.append(_apply_batch(filters, chunk, schema, reads_captions, checked, dropped, reasons_all))
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    kept = int(pc.sum(table.column("keep")).as_py() or 0) if len(table) else 0
     names = (["caption"] if reads_captions else []) + [f.name for f in filters]
     stats = {
         "kept": kept,
@@ -191,6 +180,77 @@ def apply_filters(filters: list[Filter], samples: list[Sample]) -> tuple[pa.Tabl
     if reads_captions:
         stats["filters"]["caption"]["checked"] = len(samples)
     return table, stats
+
+
+def _apply_batch(
+    filters: list[Filter],
+    samples: list[Sample],
+    schema: pa.Schema,
+    reads_captions: bool,
+    checked: Counter,
+    dropped: Counter,
+    reasons_all: Counter,
+) -> pa.Table:
+    n = len(samples)
+    pairs: list[tuple[int, int, str]] = []  # (row, filter position, reason)
+    if reads_captions:
+        bad = [caption_problem(s) for s in samples]
+        pairs += [(i, -1, r) for i, r in enumerate(bad) if r is not None]
+        dropped["caption"] += len(pairs)
+        cap_rows = np.fromiter((i for i, r in enumerate(bad) if r is None), np.int64)
+    else:
+        cap_rows = np.arange(n)
+    whole = Batch(samples)
+    caps = whole if len(cap_rows) == n else Batch([samples[i] for i in cap_rows])
+    scores: dict[str, pa.Array] = {}
+    for pos, f in enumerate(filters):
+        on_caps = f.needs == "caption"
+        b, rows = (caps, cap_rows) if on_caps else (whole, None)
+        if not len(b):
+            continue
+        v = f.check_batch(b)
+        checked[f.name] += len(b)
+        dropped[f.name] += len(v.reasons)
+        pairs += [(int(rows[j]) if on_caps else j, pos, r) for j, r in v.reasons.items()]
+        types = f.score_columns()
+        for name, col in v.scores.items():
+            if name not in types:
+                continue
+            arr = _to_arrow(col, types[name])
+            if on_caps and len(cap_rows) != n:  # spread over all rows: null where no caption
+                where = np.full(n, -1, np.int64)
+                where[cap_rows] = np.arange(len(cap_rows))
+                arr = arr.take(pa.array(where, mask=where < 0))
+            scores[name] = arr if name not in scores or not on_caps else _overlay(scores[name], arr, cap_rows)
+    pairs.sort(key=lambda p: (p[0], p[1]))
+    reasons_all.update(r for _, _, r in pairs)
+    counts = np.bincount(np.fromiter((p[0] for p in pairs), np.int64, len(pairs)), minlength=n)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    reasons = pa.ListArray.from_arrays(pa.array(offsets), pa.array([p[2] for p in pairs], pa.string()))
+    cols: dict[str, pa.Array] = {
+        "key": pa.array([s.key for s in samples], pa.string()),
+        "keep": pa.array(counts == 0),
+        "reasons": reasons,
+    }
+    for fld in schema:
+        if fld.name not in cols:
+            cols[fld.name] = scores.get(fld.name, pa.nulls(n, fld.type))
+    return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def _to_arrow(col: Any, typ: pa.DataType) -> pa.Array:
+    if isinstance(col, np.ma.MaskedArray):
+        return pa.array(col.data, mask=np.ma.getmaskarray(col)).cast(typ)
+    if isinstance(col, np.ndarray):
+        return pa.array(col).cast(typ)
+    return pa.array(col, typ)
+
+
+def _overlay(old: pa.Array, new: pa.Array, rows: np.ndarray) -> pa.Array:
+    """A later filter's score column wins on the rows it scored (as a dict update would)."""
+    mask = np.zeros(len(old), bool)
+    mask[rows] = True
+    return pc.if_else(pa.array(mask), new, old)
 
 
 def _read(store: Any, rel: str, want: list[str]) -> dict[str, list[Any]]:
