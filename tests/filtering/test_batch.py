@@ -49,6 +49,7 @@ ODD = [
     "Line one of the caption.\nLine two\tof the caption.",
     "caf\ufffd au lait on a red table in the top left corner.",
     "1234 5678 ### !!! 99.9% 42 7 8 9 10.",
+    "A zigzag of 12 dazzling zebra stripes: 40% fill, a 7x9 grid, sizes 3-5 px (2024).",
     "A lone surrogate \ud800 in a caption about a red circle.",
     "\u3053\u308c\u306f\u8d64\u3044\u5186\u3067\u3059\u3002",
     "A red circle and a blue square and a red circle and a blue square and a red circle and a blue",
