@@ -7,9 +7,10 @@ Driver (:func:`filter_dataset`):
    filter layer's ``layer.json`` (a rerun must use the same filters);
 2. pick the shards: committed image shards that every ``--on`` layer has committed; the others
    are reported and skipped with a reason;
-3. pass 1 (only with duplicate filters): per shard on Ray, the signature layers that are not
-   committed yet (:mod:`filtering.dedup`); then, on the driver, DuckDB finds the duplicate
-   clusters over the whole dataset;
+3. pass 1 (only with duplicate filters or an alignment percentile): per shard on Ray, the
+   signature / score layers that are not committed yet (:mod:`filtering.dedup`,
+   :mod:`filtering.align`); then, on the driver, DuckDB finds the duplicate clusters and the
+   alignment cut over the whole dataset;
 4. pass 2: per shard on Ray (:func:`filter_shard`), every filter over every row, written with
    the one layer writer (Parquet moved into place, ``_stats.json`` with per-filter counters
    last). A rerun skips committed shards, so a killed run resumes, each shard exactly once;
@@ -35,6 +36,7 @@ from engine.config import ConfigError, StorageConfig
 from engine.layout import Dataset, LayerDir, LayoutError, sample_digits
 from engine.schemas import FILTER_BASE_SCHEMA
 from engine.shards import Progress, StageReport, run_shard_tasks
+from filtering.align import ALIGN_SCHEMA, AlignmentFilter, alignment_cut
 from filtering.base import Filter, Sample
 from filtering.batch import Batch
 from filtering.config import FilterRunConfig, FilterStageConfig, build_filters
@@ -305,10 +307,12 @@ def filter_shard(
     on: dict[str, str | None],
     shard: str,
     dups: dict[str, dict[str, str]],
+    cuts: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """Filter one shard and commit its layer shard; returns its stats (``LayerStats.to_dict()``).
 
-    ``dups``: the global pass's verdicts for this shard's keys (key -> filter name -> reason)."""
+    ``dups``: the global pass's verdicts for this shard's keys (key -> filter name -> reason);
+    ``cuts``: the global pass's score cuts (filter name -> cut)."""
     from engine.layers import write_layer_shard
 
     started = time.time()
@@ -320,6 +324,17 @@ def filter_shard(
         if d:
             s.cache["dups"] = d
     for f in filters:
+        if isinstance(f, AlignmentFilter) and f.drop_percentile is not None:
+            # pass 1 scored every shard: read this one's scores back, apply the global cut
+            lay = ds.layer(f.layer_name(on["caption"] or ""))
+            got = _read(lay.store, lay.parquet(shard), ["key", "align_score", "status"])
+            ok = zip(got["key"], got["align_score"], got["status"], strict=True)
+            scores = {k: v for k, v, status in ok if status == "ok" and v is not None}
+            for s in samples:
+                if s.key in scores:
+                    s.cache["align"] = scores[s.key]
+            f.cut = (cuts or {}).get(f.name)
+            continue
         prepare = getattr(f, "prepare", None)
         if prepare is not None:
             with ds.shards.open(f"{shard}.tar") as tar:
@@ -352,8 +367,9 @@ def _iter_images(ds: Dataset, shard: str):
 
 
 def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, Any]) -> dict[str, int]:
-    """Write the signature layer shards in ``jobs`` (``{"phash": layer}``, ``{"minhash": (layer,
-    caption layer, filter)}``) for one shard; returns rows written per layer."""
+    """Write the signature / score layer shards in ``jobs`` (``{"phash": layer}``, ``{"minhash":
+    (layer, caption layer, filter)}``, ``{"align": (layer, caption layer, filter)}``) for one
+    shard; returns rows written per layer."""
     from engine.layers import write_layer_shard
 
     ds = Dataset(root, storage)
@@ -400,6 +416,16 @@ def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, An
         rows = flt.hasher.rows_for(items)
         with layer.store.staging(f"minhash-{shard}") as staging:
             write_layer_shard(layer, shard, rows, flt.hasher.schema(), staging, started, {"hash": "minhash"})
+        out[name] = len(rows)
+    if "align" in jobs:
+        started = time.time()
+        name, cap_layer, flt = jobs["align"]
+        layer = ds.layer(name)
+        samples = shard_samples(ds, shard, {"caption": cap_layer, "regions": None})
+        with ds.shards.open(f"{shard}.tar") as tar:
+            rows = flt.score_rows(tar, samples)
+        with layer.store.staging(f"align-{shard}") as staging:
+            write_layer_shard(layer, shard, rows, ALIGN_SCHEMA, staging, started, {"score": "alignment"})
         out[name] = len(rows)
     return out
 
@@ -544,7 +570,18 @@ def filter_dataset(
             for s in usable:
                 if s not in have:
                     jobs[s]["minhash"] = (name, on["caption"], f)
+        elif isinstance(f, AlignmentFilter) and f.drop_percentile is not None:
+            name = f.layer_name(on["caption"] or "")
+            lay = ds.layer(name)
+            info = {"kind": "signatures", "stage": "filter", "score": "alignment", "on": on["caption"]}
+            lay.write_info({**info, "checkpoint": f.checkpoint})
+            _fresh(lay.store)
+            have = set(lay.committed())
+            for s in usable:
+                if s not in have:
+                    jobs[s]["align"] = (name, on["caption"], f)
     has_global = any(f.needs == "global" for f in filters)
+    cuts: dict[str, float | None] = {}
     dups: dict[int, dict[str, dict[str, str]]] = {}
     if jobs:
         hash_task = ray.remote(num_cpus=st.task_cpus)(hash_shard)
@@ -572,6 +609,17 @@ def filter_dataset(
             return report
     if has_global:
         dups = global_dups(ds, storage, usable, filters, on)
+    for f in filters:
+        if isinstance(f, AlignmentFilter) and f.drop_percentile is not None:
+            from engine.audit.views import connect
+
+            lay = ds.layer(f.layer_name(on["caption"] or ""))
+            _fresh(lay.store)
+            con = connect(storage, s3=not ds.store.is_local)
+            files = [lay.store.uri(lay.parquet(s)) for s in usable]
+            cuts[f.name] = alignment_cut(con, files, f.drop_percentile)
+            con.close()
+            say(f"alignment: the lowest {f.drop_percentile:g} % of scores is below {cuts[f.name]}")
 
     # pass 2: the filter layer
     task = ray.remote(num_cpus=st.task_cpus)(filter_shard)
@@ -594,7 +642,7 @@ def filter_dataset(
 
     run_shard_tasks(
         todo,
-        lambda s: task.remote(ds.root, storage, st, on, s, dups.get(int(s), {})),
+        lambda s: task.remote(ds.root, storage, st, on, s, dups.get(int(s), {}), cuts),
         on_done,
         max_in_flight=in_flight,
         on_error=on_error,
