@@ -113,6 +113,13 @@ def from_unit(box: Box, fmt: str, width: int, height: int) -> list[float]:
     return [round(v) for v in vals] if fmt in ("pixels", "norm1000") else [round(v, 3) for v in vals]
 
 
+def box_tag(box: Box) -> str:
+    """A unit box as Qwen2-VL's grounding text, ``<box>(x0,y0),(x1,y1)</box>`` on the 0-1000 grid:
+    the form a stage-2 captioner of this project is trained with (``train/data/regions.box_text``)."""
+    x0, y0, x1, y1 = (min(1000, max(0, round(v * 1000))) for v in box)
+    return f"<box>({x0},{y0}),({x1},{y1})</box>"
+
+
 def clamp_box(box: Box, tolerance: float = 0.05) -> Box | None:
     """Clamp into [0,1]; None when a box lies mostly outside the image (by more than ``tolerance``)."""
     x0, y0, x1, y1 = box

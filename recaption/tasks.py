@@ -24,7 +24,14 @@ from engine.schemas import GLOBAL_CAPTION_SCHEMA, LAYER_FAILED, LAYER_OK, REGION
 from recaption.backends.base import Backend, CaptionRequest, CaptionResult, SamplingParams
 from recaption.images import Prepared, crop_box, draw_box
 from recaption.prompts import Prompt
-from recaption.regions import CONVENTION_TEXT, RegionError, from_unit, grounded_schema, parse_grounded
+from recaption.regions import (
+    CONVENTION_TEXT,
+    RegionError,
+    box_tag,
+    from_unit,
+    grounded_schema,
+    parse_grounded,
+)
 
 RAW_FIELD = pa.field("raw", pa.string())
 GLOBAL_LAYER_SCHEMA = GLOBAL_CAPTION_SCHEMA.append(RAW_FIELD)
@@ -396,6 +403,7 @@ class ProposalTask(RegionTask):
             width=w,
             height=h,
             box_hint=self.hint(box, w, h),
+            box_tag=box_tag(box),
             bbox_convention=CONVENTION_TEXT[self.s.bbox_format],
         )
         q = self.s.jpeg_quality

@@ -77,7 +77,8 @@ step captioner-stage1 $BIN train stage1 --config $S1_CFG --dataset "$HUMAN" --st
 step captioner-lm $BIN train tiny-lm "$TOK" "$D/models/tiny-lm"
 step captioner-stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/captioner-stage1" \
     --lm "$D/models/tiny-lm" --dataset "$HUMAN" --steps $CAP_S2_STEPS --log-dir "$D/runs/captioner-stage2" \
-    --set data.regions_layer=gt-regions --set data.global_layer=gt-global --set log.progress=false
+    --set data.regions_layer=gt-regions --set data.global_layer=gt-global --set log.progress=false \
+    --set "data.tasks=[{task: global, weight: 0.6}, {task: box_caption, weight: 0.4}]" # what it will caption
 step captioner-export $BIN export "$D/runs/captioner-stage2" "$D/models/captioner" --part vlm
 
 # ---------------------------------------------------------------- 3. recaption through the HTTP path
@@ -91,11 +92,13 @@ recaption() {
         kill -0 $pid || { cat "$D/logs/serve-captioner.log"; return 1; }
         sleep 1
     done
+    # the prompts the captioner was trained with (a tiny model follows no other wording)
     $BIN recaption "$CORPUS" --task global --layer recap-global --backend openai \
-        --endpoint "http://127.0.0.1:$PORT" --model captioner "${RECAP_ARGS[@]}" --no-progress
+        --endpoint "http://127.0.0.1:$PORT" --model captioner --prompt configs/prompts/stage2-global.txt \
+        "${RECAP_ARGS[@]}" --no-progress
     $BIN recaption "$CORPUS" --task regions --layer recap-regions --backend openai \
         --endpoint "http://127.0.0.1:$PORT" --model captioner --region-mode proposals \
-        --proposals-layer gt-regions --box-hint coords "${RECAP_ARGS[@]}" --no-progress
+        --proposals-layer gt-regions --prompt configs/prompts/stage2-region.txt "${RECAP_ARGS[@]}" --no-progress
 }
 step recaption recaption
 
@@ -105,11 +108,16 @@ step filter $BIN filter "$CORPUS" --layer recap-filter --on recap-global --on re
 step audit $BIN audit "$CORPUS" --report "$D/audit"
 
 # ---------------------------------------------------------------- 5. stage 1 twice, same budget and seed
+# the two runs go side by side (one torch thread each: the recipe's loop.threads) and are waited for
 step stage1-alt-text $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
-    --log-dir "$D/runs/stage1-alt-text" "${S1_SETS[@]}" --set "data.captions=[{source: alt-text}]"
+    --log-dir "$D/runs/stage1-alt-text" "${S1_SETS[@]}" --set "data.captions=[{source: alt-text}]" &
+alt_pid=$!
 step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
     --log-dir "$D/runs/stage1-recaption" "${S1_SETS[@]}" --set "data.captions=[{source: recap-global}]" \
-    --set "data.filters=[recap-filter]"
+    --set "data.filters=[recap-filter]" &
+recap_pid=$!
+wait $alt_pid
+wait $recap_pid
 
 # ---------------------------------------------------------------- 6. stage 2 from the recaption encoder
 step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
@@ -122,7 +130,7 @@ for name in alt-text recaption stage2; do
     if [[ $name == stage2 ]]; then
         model=("$D/models/encoder-stage2")
     else
-        model=("$D/runs/stage1-$name" --config $S1_CFG "${S1_SETS[@]}")
+        model=("$D/runs/stage1-$name") # the run config (with its measured mean/std) sits beside it
     fi
     step "eval-finegrained-$name" $BIN eval "${model[@]}" --task finegrained --data "$FG_DATA" \
         --out "$D/eval/finegrained-$name" --no-progress

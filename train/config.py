@@ -30,6 +30,11 @@ class TextConfig(StrictModel):
     context: int = Field(default=256, ge=8, description="max tokens per caption (256 default, 512 for dense)")
     vocab_size: int | None = Field(default=None, description="default: the tokenizer's size")
     rope_theta: float = 10_000.0
+    pool: Literal["mean", "map"] = Field(
+        default="mean",
+        description="caption pooling: masked mean, or a learned attention probe (MAP) that can weigh "
+        "the few words that tell long templated captions apart",
+    )
 
 
 class ModelConfig(StrictModel):
@@ -68,6 +73,14 @@ class DataConfig(StrictModel):
         default="fixed",
         description="image mean/std: fixed (data.mean/std) or the dataset's own, measured once on "
         "data.stats_samples images and stored at <dataset>/stats/image_stats.json",
+    )
+    hard_negatives: bool = Field(
+        default=False,
+        description="add one rule-based hard negative caption per image (an attribute word replaced or "
+        "two swapped; train/data/negatives.py) beside the batch's texts in the loss",
+    )
+    hard_negative_words: str | None = Field(
+        default=None, description="a YAML/JSON file {class: [words]} replacing the built-in word classes"
     )
     stats_samples: int = Field(default=512, ge=1, description="images the dataset mean/std is measured on")
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)

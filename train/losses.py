@@ -64,11 +64,14 @@ def sigmoid_loss(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     mode: str = "all_gather",
+    neg_BE: torch.Tensor | None = None,
+    neg_valid_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SigLIP: ``-log sigmoid(z_ij (t x_i.y_j + b))`` summed over pairs, over N images.
 
     Chunked over ranks: each rank's images meet one rank's texts at a time (a B x B block),
     the texts either all-gathered (``all_gather``) or passed round the ring (``ring``).
+    Hard negative texts (``neg_BE``, gathered from every rank) are one more block of negatives.
     """
     img_BE = torch.where(valid_B[:, None], img_BE, torch.zeros_like(img_BE))
     txt_BE = torch.where(valid_B[:, None], txt_BE, torch.zeros_like(txt_BE))
@@ -92,13 +95,25 @@ def sigmoid_loss(
             partial = partial + _sigmoid_block(img_BE, txt, valid_B, valid, scale, logit_bias, False)
     elif W > 1:
         raise ValueError(f"unknown sigmoid distribution mode {mode!r}: use all_gather or ring")
+    if neg_BE is not None and neg_valid_B is not None:
+        neg_GE = all_gather_with_grad(torch.where(neg_valid_B[:, None], neg_BE, torch.zeros_like(neg_BE)))
+        neg_valid_G = all_gather_nograd(neg_valid_B.to(torch.uint8)).bool()
+        partial = partial + _sigmoid_block(img_BE, neg_GE, valid_B, neg_valid_G, scale, logit_bias, False)
     return _finish(partial, n)
 
 
 def softmax_loss(
-    img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tensor, logit_scale: torch.Tensor
+    img_BE: torch.Tensor,
+    txt_BE: torch.Tensor,
+    valid_B: torch.Tensor,
+    logit_scale: torch.Tensor,
+    neg_BE: torch.Tensor | None = None,
+    neg_valid_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP: symmetric cross-entropy; local images/texts against gathered texts/images (with grads)."""
+    """CLIP: symmetric cross-entropy; local images/texts against gathered texts/images (with grads).
+
+    Hard negative texts (``neg_BE``, gathered from every rank) join the image->text candidates
+    (NegCLIP); they have no image, so text->image is unchanged."""
     n = _global_count(valid_B)
     scale = logit_scale.exp()
     img_GE, txt_GE = all_gather_with_grad(img_BE), all_gather_with_grad(txt_BE)
@@ -107,6 +122,12 @@ def softmax_loss(
     target_B = torch.arange(B, device=img_BE.device) + rank() * B
     neg = torch.finfo(img_BE.dtype).min
     logits_i_BG = (img_BE @ txt_GE.T * scale).masked_fill(~valid_G[None], neg)
+    if neg_BE is not None and neg_valid_B is not None:
+        neg_GE = all_gather_with_grad(neg_BE)
+        neg_valid_G = all_gather_nograd(neg_valid_B.to(torch.uint8)).bool()
+        logits_i_BG = torch.cat(
+            [logits_i_BG, (img_BE @ neg_GE.T * scale).masked_fill(~neg_valid_G[None], neg)], 1
+        )
     logits_t_BG = (txt_BE @ img_GE.T * scale).masked_fill(~valid_G[None], neg)
     ce = F.cross_entropy(logits_i_BG, target_B, reduction="none") + F.cross_entropy(
         logits_t_BG, target_B, reduction="none"

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from train import checkpoint as ckpt
 from train.config import Stage1Config, check_fits
@@ -91,8 +92,10 @@ def create_loss(cfg: Stage1Config) -> LossFn:
     """Pick the loss once (OpenCLIP's ``create_loss``): ``f(img_BE, txt_BE, valid_B, scale, bias)``."""
     if cfg.loss.kind == "sigmoid":
         mode = cfg.loss.sigmoid_dist
-        return lambda img, txt, valid, scale, bias: sigmoid_loss(img, txt, valid, scale, bias, mode)
-    return lambda img, txt, valid, scale, bias: softmax_loss(img, txt, valid, scale)
+        return lambda img, txt, valid, scale, bias, **neg: sigmoid_loss(
+            img, txt, valid, scale, bias, mode, **neg
+        )
+    return lambda img, txt, valid, scale, bias, **neg: softmax_loss(img, txt, valid, scale, **neg)
 
 
 def autocast_dtype(cfg: Stage1Config, device: torch.device) -> torch.dtype | None:
@@ -202,12 +205,30 @@ def contrastive_loss(
     mask_BL: torch.Tensor,
     valid_B: torch.Tensor,
     out: dict[str, torch.Tensor],
+    negatives: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward both towers and the loss; the embeddings and scalars are left in ``out`` for metrics."""
+    """Forward both towers and the loss; the embeddings and scalars are left in ``out`` for metrics.
+
+    ``negatives``: hard negative captions ``(tokens_BL, mask_BL, valid_B)``, run through the text
+    tower in the same forward as the captions (one call, so DDP/FSDP see one forward)."""
+    if negatives is None:
+        with amp():
+            img_BE, txt_BE, scale, bias = fwd(vision, tokens_BL, mask_BL)
+        out.update(img_BE=img_BE, txt_BE=txt_BE, scale=scale, bias=bias)
+        return loss_fn(img_BE, txt_BE, valid_B, scale, bias)
+    neg_BL, neg_mask_BL, neg_valid_B = negatives
+    B, width = tokens_BL.shape[0], max(tokens_BL.shape[1], neg_BL.shape[1])
+    both = torch.cat(
+        [F.pad(tokens_BL, (0, width - tokens_BL.shape[1])), F.pad(neg_BL, (0, width - neg_BL.shape[1]))]
+    )
+    both_mask = torch.cat(
+        [F.pad(mask_BL, (0, width - mask_BL.shape[1])), F.pad(neg_mask_BL, (0, width - neg_mask_BL.shape[1]))]
+    )
     with amp():
-        img_BE, txt_BE, scale, bias = fwd(vision, tokens_BL, mask_BL)
+        img_BE, txt_2BE, scale, bias = fwd(vision, both, both_mask)
+    txt_BE, neg_BE = txt_2BE[:B], txt_2BE[B:]
     out.update(img_BE=img_BE, txt_BE=txt_BE, scale=scale, bias=bias)
-    return loss_fn(img_BE, txt_BE, valid_B, scale, bias)
+    return loss_fn(img_BE, txt_BE, valid_B, scale, bias, neg_BE=neg_BE, neg_valid_B=neg_valid_B)
 
 
 class Meter:
@@ -325,8 +346,11 @@ def train_stage1(cfg: Stage1Config, on_event: Callable[[str], None] = print) -> 
         tokens_BL, mask_BL = batch["tokens_BL"].to(device), batch["mask_BL"].to(device)
         valid_B = batch["valid_B"].to(device)
         out: dict[str, torch.Tensor] = {}
+        negatives = None
+        if "neg_tokens_BL" in batch:
+            negatives = tuple(batch[k].to(device) for k in ("neg_tokens_BL", "neg_mask_BL", "neg_valid_B"))
         compute = functools.partial(
-            contrastive_loss, fwd, loss_fn, amp, vision, tokens_BL, mask_BL, valid_B, out
+            contrastive_loss, fwd, loss_fn, amp, vision, tokens_BL, mask_BL, valid_B, out, negatives
         )
         value, norm, skipped = train_step(optim, params, compute, cfg.optim.grad_clip)
         step += 1

@@ -168,6 +168,20 @@ def stage1_vision_state(step_dir: str, model_cfg: ModelConfig) -> dict[str, torc
     return {k[len("vision.") :]: v for k, v in state["model"].items()}
 
 
+def inherit_normalization(cfg: Stage2Config) -> None:
+    """Feed the vision tower pixels normalized as in stage 1: the init run's mean/std (e.g. the
+    dataset statistics of ``data.normalize: dataset``) unless ``data.mean``/``data.std`` are set
+    here. Pixels normalized otherwise reach the tower at a quarter of the contrast it learned on."""
+    from train.model.encoder import find_run_config, read_config_file, resolve_checkpoint
+
+    if {"mean", "std"} & cfg.data.model_fields_set or not cfg.init.checkpoint:
+        return
+    found = find_run_config(resolve_checkpoint(cfg.init.checkpoint))
+    run = read_config_file(found).get("data", {}) if found else {}
+    if "mean" in run and "std" in run:
+        cfg.data.mean, cfg.data.std = tuple(run["mean"]), tuple(run["std"])
+
+
 def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineViTVLMProcessor]:
     """The VLM (stage-1 vision weights, fresh projector, the LM's weights) and its processor."""
     from train.model.encoder import resolve_checkpoint
@@ -262,6 +276,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     if cfg.loop.threads:
         torch.set_num_threads(cfg.loop.threads)
     torch.manual_seed(cfg.loop.seed)  # same projector init on every rank
+    inherit_normalization(cfg)
     model, processor = build(cfg)
     model.to(device)
     seed_all(cfg.loop.seed + rank)

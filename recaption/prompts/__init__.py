@@ -4,7 +4,8 @@ so a layer's ``prompt_id`` always names the exact text that produced it.
 
 A first line ``# task: ...`` says what the prompt is for and is not sent. ``{name}``
 placeholders are filled per request (``{width}``, ``{height}``, ``{bbox_convention}``,
-``{box_hint}``); other braces are literal.
+``{box_hint}``, and for region proposals ``{box_tag}``, the box as ``<box>(x0,y0),(x1,y1)</box>``
+on the 0-1000 grid, the form this project's stage-2 captioners learn); other braces are literal.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 DEFAULTS = {"global": "dense-v1", "grounded": "regions-grounded-v1", "proposals": "region-proposal-v1"}
-_PLACEHOLDER = re.compile(r"\{(width|height|bbox_convention|box_hint)\}")
+_PLACEHOLDER = re.compile(r"\{(width|height|bbox_convention|box_hint|box_tag)\}")
 
 
 class PromptError(ValueError):

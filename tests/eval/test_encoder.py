@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tests.eval.conftest import TinyCkpt, save_stage1_checkpoint
@@ -83,3 +84,24 @@ def test_vision_only_encoder_fails_clearly_for_text(tiny_ckpt: TinyCkpt, tmp_pat
     assert torch.equal(back.encode_image(_images()), enc.encode_image(_images()))
     with pytest.raises(EncoderError, match="needs a text tower"):
         back.encode_text(["a cat"])
+
+
+def test_a_recipe_with_dataset_normalization_keeps_the_runs_statistics(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """`finevit eval RUN --config RECIPE`: the recipe's placeholder mean/std must not replace the
+    statistics the run measured (that silently fed the encoder differently normalized pixels)."""
+    ck = save_stage1_checkpoint(tmp_path / "run", tokenizer_dir)
+    measured = {"normalize": "dataset", "mean": [0.9, 0.8, 0.7], "std": [0.1, 0.2, 0.3]}
+    (ck.run / "config.yaml").write_text(
+        yaml.safe_dump({**ck.config, "data": {**ck.config["data"], **measured}})
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**ck.config, "data": {**ck.config["data"], "normalize": "dataset"}}))
+    enc = load_encoder(ck.run, recipe)
+    assert enc.preprocess.mean == (0.9, 0.8, 0.7) and enc.preprocess.std == (0.1, 0.2, 0.3)
+    explicit = load_encoder(ck.run, recipe, ["data.mean=[0.5,0.5,0.5]"])
+    assert explicit.preprocess.mean == (0.5, 0.5, 0.5)
+    (ck.run / "config.yaml").unlink()
+    with pytest.raises(EncoderError, match="data.normalize=dataset"):
+        load_encoder(ck.run, recipe)

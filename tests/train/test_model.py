@@ -70,11 +70,11 @@ def test_plan_rows_best_fit() -> None:
     assert sum(map(sum, rows)) / 512 > 0.97
 
 
-def _model() -> Stage1Model:
+def _model(pool: str = "mean") -> Stage1Model:
     torch.manual_seed(0)
     cfg = ModelConfig(
         vision=VisionConfig(width=32, depth=2, heads=2, patch_size=8),
-        text=TextConfig(width=32, depth=1, heads=2, context=16),
+        text=TextConfig(width=32, depth=1, heads=2, context=16, pool=pool),
         embed_dim=16,
     )
     return Stage1Model(cfg, 50).eval()
@@ -101,8 +101,9 @@ def test_packed_embedding_equals_alone() -> None:
     assert img_packed[3].abs().sum() == 0  # an empty slot pools to zero
 
 
-def test_text_padding_does_not_change_embedding() -> None:
-    model = _model()
+@pytest.mark.parametrize("pool", ["mean", "map"])
+def test_text_padding_does_not_change_embedding(pool: str) -> None:
+    model = _model(pool)
     tokens = torch.randint(4, 50, (2, 16))
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, :7] = True
@@ -112,7 +113,10 @@ def test_text_padding_does_not_change_embedding() -> None:
     with torch.no_grad():
         _, t1, _, _ = model(alone, tokens, mask)
         _, t2, _, _ = model(alone, tokens2, mask)
+        _, t3, _, _ = model(alone, tokens[:, :7], mask[:, :7])  # trimmed to the caption
     torch.testing.assert_close(t1, t2)
+    torch.testing.assert_close(t1, t3, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(t1[0], t1[1])
 
 
 def test_activation_checkpointing_same_gradients() -> None:

@@ -45,6 +45,7 @@ from engine.config import StorageConfig
 from engine.layout import Dataset, LayoutError
 from train.config import DataConfig
 from train.data.naflex import grid_for, patchify
+from train.data.negatives import hard_negative
 from train.data.packing import assemble, plan_rows
 
 ALT_TEXT = "alt-text"
@@ -448,7 +449,25 @@ class Stage1Stream(torch.utils.data.IterableDataset):
         stats["images"] += len(captions)
         valid_B = torch.zeros(d.max_images, dtype=torch.bool)
         valid_B[: len(captions)] = True
+        extra: dict[str, torch.Tensor] = {}
+        if d.hard_negatives:
+            negs = [
+                hard_negative(c, k, e, d.seed, d.hard_negative_words)
+                for c, k, e in zip(captions, keys, epochs, strict=True)
+            ]
+            neg_BL, neg_mask_BL, _ = tokenize(tokenizer, [n or "" for n in negs], self.context, d.max_images)
+            neg_valid_B = torch.zeros(d.max_images, dtype=torch.bool)
+            neg_valid_B[: len(negs)] = torch.tensor([n is not None for n in negs], dtype=torch.bool)
+            neg_longest = int(neg_mask_BL.sum(1).max()) if negs else 1
+            neg_width = min(self.context, -(-max(neg_longest, 1) // 8) * 8)
+            extra = {
+                "neg_tokens_BL": neg_BL[:, :neg_width].contiguous(),
+                "neg_mask_BL": neg_mask_BL[:, :neg_width].contiguous(),
+                "neg_valid_B": neg_valid_B,
+            }
+            stats["hard_negatives"] += int(neg_valid_B.sum())
         return {
+            **extra,
             "vision": vision,
             "tokens_BL": tokens_BL,
             "mask_BL": mask_BL,

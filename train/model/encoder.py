@@ -290,7 +290,7 @@ def _load_tokenizer(path: str) -> Any:
         raise EncoderError(f"cannot load a tokenizer from {path!r}: {e}") from None
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
     text = path.read_text()
@@ -398,7 +398,7 @@ def _stage1_config(step: Path, config: Any, overrides: list[str] | None) -> tupl
     elif isinstance(config, dict):
         data, origin = dict(config), "given config"
     elif config is not None:
-        data, origin = _read_config_file(Path(config)), str(config)
+        data, origin = read_config_file(Path(config)), str(config)
     else:
         found = find_run_config(step)
         if found is None:
@@ -406,13 +406,26 @@ def _stage1_config(step: Path, config: Any, overrides: list[str] | None) -> tupl
                 f"no run config found beside {step} (looked for {', '.join(CONFIG_NAMES)} there and in "
                 "3 parents): pass the stage-1 recipe with --config (and the --set overrides used to train)"
             )
-        data, origin = _read_config_file(found), str(found)
+        data, origin = read_config_file(found), str(found)
     if overrides:
         data = apply_overrides(data, overrides)
     try:
-        return Stage1Config.model_validate(data), origin
+        cfg = Stage1Config.model_validate(data)
     except Exception as e:
         raise EncoderError(f"{origin}: not a stage-1 config: {e}") from None
+    explicit = any(o.split("=", 1)[0].strip() in ("data.mean", "data.std") for o in overrides or [])
+    if config is not None and cfg.data.normalize == "dataset" and not explicit:
+        # a recipe holds no dataset statistics: the run resolved them and wrote them beside the
+        # checkpoint; preprocessing with the recipe's placeholder mean/std would blind the encoder
+        found = find_run_config(step)
+        if found is None:
+            raise EncoderError(
+                f"{origin}: data.normalize=dataset, but no run config beside {step} holds the mean/std "
+                "the run measured: evaluate the run folder without --config, or --set data.mean/data.std"
+            )
+        run = read_config_file(found).get("data", {})
+        cfg.data.mean, cfg.data.std = tuple(run["mean"]), tuple(run["std"])
+    return cfg, origin
 
 
 def _load_stage1(p: Path, config: Any, overrides: list[str] | None, tokenizer: str | None) -> FineViTEncoder:

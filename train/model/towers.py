@@ -83,10 +83,11 @@ class TextTower(nn.Module):
         self.embed = nn.Embedding(vocab_size, t.width)
         self.blocks = nn.ModuleList(Block(t.width, t.heads, t.mlp_ratio) for _ in range(t.depth))
         self.norm = nn.LayerNorm(t.width)
+        self.head = MapHead(t.width, t.heads, t.mlp_ratio) if t.pool == "map" else None
         self.proj = nn.Linear(t.width, cfg.embed_dim, bias=False)
 
     def forward(self, tokens_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
-        """Bidirectional attention over each caption's tokens, masked mean pooling."""
+        """Bidirectional attention over each caption's tokens, then masked mean or MAP pooling."""
         B, L = tokens_BL.shape
         D, H = self.cfg.width, self.cfg.heads
         x_TD = self.embed(tokens_BL).reshape(B * L, D)
@@ -106,6 +107,9 @@ class TextTower(nn.Module):
         x_BLD = self.norm(_run_blocks(self.blocks, x_TD, cos_TF, sin_TF, attend, self.checkpointing)).view(
             B, L, D
         )
+        if self.head is not None:
+            seg_BL = torch.where(mask_BL, torch.arange(B, device=mask_BL.device)[:, None], -1)
+            return self.proj(self.head(x_BLD.reshape(B * L, D), seg_BL.reshape(-1), B))
         m_BL1 = mask_BL[..., None].to(x_BLD.dtype)
         pooled_BD = (x_BLD * m_BL1).sum(1) / m_BL1.sum(1).clamp_min(1.0)
         return self.proj(pooled_BD)

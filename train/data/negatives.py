@@ -1,0 +1,109 @@
+"""Rule-based hard negative captions (NegCLIP / SugarCrepe style) for fine-grained contrastive training.
+
+A contrastive batch of random images rarely holds two that differ in one detail, so a model can
+match captions to images by their gist (background, object count) and stay blind to which object
+has which colour -- the bag-of-words failure CLIP shows on attribute-binding tests. A hard
+negative is the caption with one detail changed: one word of a class (colour, shape, size,
+texture, position, number) replaced by another word of that class, or two words of a class
+swapped (the red circle and the blue square -> the blue circle and the red square). The loss
+then puts the negative beside the batch's texts for each image (``train/losses.py``).
+
+The word classes are plain English vocabulary (``DEFAULT_CLASSES``), or a YAML/JSON file of
+``{class: [word, ...]}`` given as ``loss.hard_negatives.words``. A caption with no word of any class
+has no negative (its slot is masked). The choice is a pure function of (seed, key, epoch), so a
+resumed run draws the same negatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from functools import lru_cache
+from pathlib import Path
+
+DEFAULT_CLASSES: dict[str, str] = {  # class -> its words, space-separated
+    "colour": "red orange yellow green cyan blue purple pink brown black white gray grey violet "
+    "magenta teal navy beige gold silver",
+    "shape": "circle square triangle star cross ring diamond hexagon rectangle oval pentagon heart arrow",
+    "size": "small medium large tiny big huge",
+    "texture": "solid striped dotted checkered plain",
+    "vertical": "top bottom upper lower above below",
+    "horizontal": "left right",
+    "number": "one two three four five six seven eight nine ten",
+}
+
+
+def _pattern(words: list[str]) -> re.Pattern[str]:
+    alts = "|".join(sorted((re.escape(w) for w in words), key=len, reverse=True))
+    return re.compile(rf"\b({alts})(s|es)?\b", re.IGNORECASE)
+
+
+@lru_cache(maxsize=8)
+def _compiled(words_file: str | None) -> list[tuple[list[str], re.Pattern[str]]]:
+    classes: dict[str, list[str]] = {c: ws.split() for c, ws in DEFAULT_CLASSES.items()}
+    if words_file:
+        text = Path(words_file).read_text()
+        if words_file.endswith(".json"):
+            classes = json.loads(text)
+        else:
+            import yaml
+
+            classes = yaml.safe_load(text)
+        if not isinstance(classes, dict) or not all(
+            isinstance(v, list) and len(v) >= 2 and all(isinstance(w, str) for w in v)
+            for v in classes.values()
+        ):
+            raise ValueError(
+                f"loss.hard_negatives.words: {words_file} must map each class to a list of >= 2 words"
+            )
+    return [([w.lower() for w in ws], _pattern(ws)) for ws in classes.values()]
+
+
+def _like(word: str, template: str) -> str:
+    """``word`` with ``template``'s capitalisation."""
+    if template.isupper() and len(template) > 1:
+        return word.upper()
+    return word[:1].upper() + word[1:] if template[:1].isupper() else word
+
+
+def _rng(seed: int, key: str, epoch: int) -> random.Random:
+    h = hashlib.blake2b(f"{seed}:{key}:{epoch}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(h, "little"))
+
+
+def hard_negative(
+    caption: str, key: str, epoch: int, seed: int = 0, words_file: str | None = None
+) -> str | None:
+    """One hard negative of ``caption`` (a replace or a swap of attribute words), or None."""
+    rng = _rng(seed, key, epoch)
+    found = []  # (class index, match)
+    classes = _compiled(words_file)
+    for ci, (_, pat) in enumerate(classes):
+        found.extend((ci, m) for m in pat.finditer(caption))
+    if not found:
+        return None
+    # a swap of two different words of one class binds attributes to objects; else a replace
+    swappable = []
+    for ci in {c for c, _ in found}:
+        ms = [m for c, m in found if c == ci]
+        pairs = [
+            (a, b) for i, a in enumerate(ms) for b in ms[i + 1 :] if a.group(1).lower() != b.group(1).lower()
+        ]
+        swappable.extend(pairs)
+    if swappable and rng.random() < 0.5:
+        a, b = rng.choice(swappable)
+        wa, wb = a.group(1), b.group(1)
+        return (
+            caption[: a.start(1)]
+            + _like(wb.lower(), wa)
+            + caption[a.end(1) : b.start(1)]
+            + _like(wa.lower(), wb)
+            + caption[b.end(1) :]
+        )
+    ci, m = rng.choice(found)
+    old = m.group(1)
+    choices = [w for w in classes[ci][0] if w != old.lower()]
+    new = _like(rng.choice(choices), old)
+    return caption[: m.start(1)] + new + caption[m.end(1) :]
