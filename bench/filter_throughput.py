@@ -10,7 +10,9 @@ background), 1,000,000 in full mode (``--quick``: 20,000), with planted cases: n
 loops 1 %, refusals 1 %, truncations 1 %, German captions 0.5 %.
 
 Candidates, side by side (A B A B on the same slice, median of the rounds):
-  text  default filters (lingua only where the English stopword shortcut does not decide)
+  text  default filters (lingua only where the English stopword shortcut does not decide),
+        through ``apply_filters``: each filter's ``check_batch`` over batches of 16,384 rows
+        (the Sample objects are built before the clock starts, as the shard reader builds them)
   text  the same with lingua on every caption (stopword_shortcut=0)
   minhash  ours: datasketch ``update_batch`` with xxh32, word 3-gram shingles, LSH bands
   minhash  datasketch as its README shows it: ``MinHash()`` + ``update(shingle)`` per shingle (sha1)

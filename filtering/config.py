@@ -238,6 +238,12 @@ class AlignmentCfg(_F):
     type: Literal["alignment"]
     checkpoint: str = Field(description="a FineViT encoder: stage-1 checkpoint dir or exported dir")
     min_score: float | None = Field(default=None, ge=-1, le=1, description="drop below; None: score only")
+    drop_percentile: float | None = Field(
+        default=None,
+        gt=0,
+        lt=100,
+        description="drop the lowest p % of scores over the whole layer (2 passes)",
+    )
     batch_size: int = Field(default=32, ge=1)
 
     def build(self) -> Filter:

@@ -7,9 +7,10 @@ Driver (:func:`filter_dataset`):
    filter layer's ``layer.json`` (a rerun must use the same filters);
 2. pick the shards: committed image shards that every ``--on`` layer has committed; the others
    are reported and skipped with a reason;
-3. pass 1 (only with duplicate filters): per shard on Ray, the signature layers that are not
-   committed yet (:mod:`filtering.dedup`); then, on the driver, DuckDB finds the duplicate
-   clusters over the whole dataset;
+3. pass 1 (only with duplicate filters or an alignment percentile): per shard on Ray, the
+   signature / score layers that are not committed yet (:mod:`filtering.dedup`,
+   :mod:`filtering.align`); then, on the driver, DuckDB finds the duplicate clusters and the
+   alignment cut over the whole dataset;
 4. pass 2: per shard on Ray (:func:`filter_shard`), every filter over every row, written with
    the one layer writer (Parquet moved into place, ``_stats.json`` with per-filter counters
    last). A rerun skips committed shards, so a killed run resumes, each shard exactly once;
@@ -26,7 +27,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.config import ConfigError, StorageConfig
@@ -34,7 +37,9 @@ from engine.layout import Dataset, LayerDir, LayoutError, sample_digits
 from engine.lease import Lease
 from engine.schemas import FILTER_BASE_SCHEMA
 from engine.shards import Progress, StageReport, run_shard_tasks
+from filtering.align import ALIGN_SCHEMA, AlignmentFilter, alignment_cut
 from filtering.base import Filter, Sample
+from filtering.batch import Batch
 from filtering.config import FilterRunConfig, FilterStageConfig, build_filters
 from filtering.dedup import (
     PHASH_SCHEMA,
@@ -148,40 +153,26 @@ def layer_schema(filters: list[Filter]) -> pa.Schema:
 # ---------------------------------------------------------------- applying filters
 
 
+BATCH_ROWS = 16384  # rows per batch: large enough for the column code, small enough for the cache
+
+
 def apply_filters(filters: list[Filter], samples: list[Sample]) -> tuple[pa.Table, dict[str, Any]]:
-    """Every filter over every sample: the layer table and the per-filter counters."""
+    """Every filter over every sample: the layer table and the per-filter counters.
+
+    Batches of :data:`BATCH_ROWS` rows; in each, one :meth:`Filter.check_batch` per filter
+    (the caption filters see only the rows with a usable caption, checked once first). A row
+    keeps every reason, in filter order."""
     schema = layer_schema(filters)
-    cols: dict[str, list[Any]] = {n: [] for n in schema.names}
-    score_names = [n for n in schema.names if n not in ("key", "keep", "reasons")]
     reads_captions = any(f.needs == "caption" for f in filters)
     checked: Counter = Counter()
     dropped: Counter = Counter()
     reasons_all: Counter = Counter()
-    for s in samples:
-        reasons: list[str] = []
-        scores: dict[str, Any] = {}
-        bad = caption_problem(s) if reads_captions else None
-        if bad is not None:
-            reasons.append(bad)
-            dropped["caption"] += 1
-        for f in filters:
-            if bad is not None and f.needs == "caption":
-                continue
-            v = f.check(s)
-            checked[f.name] += 1
-            if v.scores:
-                scores.update(v.scores)
-            if not v.keep:
-                reasons.append(v.reason or f.name)
-                dropped[f.name] += 1
-        cols["key"].append(s.key)
-        cols["keep"].append(not reasons)
-        cols["reasons"].append(reasons)
-        for n in score_names:
-            cols[n].append(scores.get(n))
-        reasons_all.update(reasons)
-    table = pa.table(cols, schema=schema)
-    kept = sum(cols["keep"])
+    parts = []
+    for lo in range(0, len(samples), BATCH_ROWS):
+        chunk = samples[lo : lo + BATCH_ROWS]
+        parts.append(_apply_batch(filters, chunk, schema, reads_captions, checked, dropped, reasons_all))
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    kept = int(pc.sum(table.column("keep")).as_py() or 0) if len(table) else 0
     names = (["caption"] if reads_captions else []) + [f.name for f in filters]
     stats = {
         "kept": kept,
@@ -192,6 +183,77 @@ def apply_filters(filters: list[Filter], samples: list[Sample]) -> tuple[pa.Tabl
     if reads_captions:
         stats["filters"]["caption"]["checked"] = len(samples)
     return table, stats
+
+
+def _apply_batch(
+    filters: list[Filter],
+    samples: list[Sample],
+    schema: pa.Schema,
+    reads_captions: bool,
+    checked: Counter,
+    dropped: Counter,
+    reasons_all: Counter,
+) -> pa.Table:
+    n = len(samples)
+    pairs: list[tuple[int, int, str]] = []  # (row, filter position, reason)
+    if reads_captions:
+        bad = [caption_problem(s) for s in samples]
+        pairs += [(i, -1, r) for i, r in enumerate(bad) if r is not None]
+        dropped["caption"] += len(pairs)
+        cap_rows = np.fromiter((i for i, r in enumerate(bad) if r is None), np.int64)
+    else:
+        cap_rows = np.arange(n)
+    whole = Batch(samples)
+    caps = whole if len(cap_rows) == n else Batch([samples[i] for i in cap_rows])
+    scores: dict[str, pa.Array] = {}
+    for pos, f in enumerate(filters):
+        on_caps = f.needs == "caption"
+        b, rows = (caps, cap_rows) if on_caps else (whole, None)
+        if not len(b):
+            continue
+        v = f.check_batch(b)
+        checked[f.name] += len(b)
+        dropped[f.name] += len(v.reasons)
+        pairs += [(int(rows[j]) if on_caps else j, pos, r) for j, r in v.reasons.items()]
+        types = f.score_columns()
+        for name, col in v.scores.items():
+            if name not in types:
+                continue
+            arr = _to_arrow(col, types[name])
+            if on_caps and len(cap_rows) != n:  # spread over all rows: null where no caption
+                where = np.full(n, -1, np.int64)
+                where[cap_rows] = np.arange(len(cap_rows))
+                arr = arr.take(pa.array(where, mask=where < 0))
+            scores[name] = arr if name not in scores or not on_caps else _overlay(scores[name], arr, cap_rows)
+    pairs.sort(key=lambda p: (p[0], p[1]))
+    reasons_all.update(r for _, _, r in pairs)
+    counts = np.bincount(np.fromiter((p[0] for p in pairs), np.int64, len(pairs)), minlength=n)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    reasons = pa.ListArray.from_arrays(pa.array(offsets), pa.array([p[2] for p in pairs], pa.string()))
+    cols: dict[str, pa.Array] = {
+        "key": pa.array([s.key for s in samples], pa.string()),
+        "keep": pa.array(counts == 0),
+        "reasons": reasons,
+    }
+    for fld in schema:
+        if fld.name not in cols:
+            cols[fld.name] = scores.get(fld.name, pa.nulls(n, fld.type))
+    return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def _to_arrow(col: Any, typ: pa.DataType) -> pa.Array:
+    if isinstance(col, np.ma.MaskedArray):
+        return pa.array(col.data, mask=np.ma.getmaskarray(col)).cast(typ)
+    if isinstance(col, np.ndarray):
+        return pa.array(col).cast(typ)
+    return pa.array(col, typ)
+
+
+def _overlay(old: pa.Array, new: pa.Array, rows: np.ndarray) -> pa.Array:
+    """A later filter's score column wins on the rows it scored (as a dict update would)."""
+    mask = np.zeros(len(old), bool)
+    mask[rows] = True
+    return pc.if_else(pa.array(mask), new, old)
 
 
 def _read(store: Any, rel: str, want: list[str]) -> dict[str, list[Any]]:
@@ -246,10 +308,12 @@ def filter_shard(
     on: dict[str, str | None],
     shard: str,
     dups: dict[str, dict[str, str]],
+    cuts: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """Filter one shard and commit its layer shard; returns its stats (``LayerStats.to_dict()``).
 
-    ``dups``: the global pass's verdicts for this shard's keys (key -> filter name -> reason)."""
+    ``dups``: the global pass's verdicts for this shard's keys (key -> filter name -> reason);
+    ``cuts``: the global pass's score cuts (filter name -> cut)."""
     from engine.layers import write_layer_shard
 
     started = time.time()
@@ -261,6 +325,17 @@ def filter_shard(
         if d:
             s.cache["dups"] = d
     for f in filters:
+        if isinstance(f, AlignmentFilter) and f.drop_percentile is not None:
+            # pass 1 scored every shard: read this one's scores back, apply the global cut
+            lay = ds.layer(f.layer_name(on["caption"] or ""))
+            got = _read(lay.store, lay.parquet(shard), ["key", "align_score", "status"])
+            ok = zip(got["key"], got["align_score"], got["status"], strict=True)
+            scores = {k: v for k, v, status in ok if status == "ok" and v is not None}
+            for s in samples:
+                if s.key in scores:
+                    s.cache["align"] = scores[s.key]
+            f.cut = (cuts or {}).get(f.name)
+            continue
         prepare = getattr(f, "prepare", None)
         if prepare is not None:
             with ds.shards.open(f"{shard}.tar") as tar:
@@ -293,8 +368,9 @@ def _iter_images(ds: Dataset, shard: str):
 
 
 def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, Any]) -> dict[str, int]:
-    """Write the signature layer shards in ``jobs`` (``{"phash": layer}``, ``{"minhash": (layer,
-    caption layer, filter)}``) for one shard; returns rows written per layer."""
+    """Write the signature / score layer shards in ``jobs`` (``{"phash": layer}``, ``{"minhash":
+    (layer, caption layer, filter)}``, ``{"align": (layer, caption layer, filter)}``) for one
+    shard; returns rows written per layer."""
     from engine.layers import write_layer_shard
 
     ds = Dataset(root, storage)
@@ -341,6 +417,16 @@ def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, An
         rows = flt.hasher.rows_for(items)
         with layer.store.staging(f"minhash-{shard}") as staging:
             write_layer_shard(layer, shard, rows, flt.hasher.schema(), staging, started, {"hash": "minhash"})
+        out[name] = len(rows)
+    if "align" in jobs:
+        started = time.time()
+        name, cap_layer, flt = jobs["align"]
+        layer = ds.layer(name)
+        samples = shard_samples(ds, shard, {"caption": cap_layer, "regions": None})
+        with ds.shards.open(f"{shard}.tar") as tar:
+            rows = flt.score_rows(tar, samples)
+        with layer.store.staging(f"align-{shard}") as staging:
+            write_layer_shard(layer, shard, rows, ALIGN_SCHEMA, staging, started, {"score": "alignment"})
         out[name] = len(rows)
     return out
 
@@ -503,7 +589,18 @@ def _filter_layer(
             for s in usable:
                 if s not in have:
                     jobs[s]["minhash"] = (name, on["caption"], f)
+        elif isinstance(f, AlignmentFilter) and f.drop_percentile is not None:
+            name = f.layer_name(on["caption"] or "")
+            lay = ds.layer(name)
+            info = {"kind": "signatures", "stage": "filter", "score": "alignment", "on": on["caption"]}
+            lay.write_info({**info, "checkpoint": f.checkpoint})
+            _fresh(lay.store)
+            have = set(lay.committed())
+            for s in usable:
+                if s not in have:
+                    jobs[s]["align"] = (name, on["caption"], f)
     has_global = any(f.needs == "global" for f in filters)
+    cuts: dict[str, float | None] = {}
     dups: dict[int, dict[str, dict[str, str]]] = {}
     if jobs:
         hash_task = ray.remote(num_cpus=st.task_cpus)(hash_shard)
@@ -531,6 +628,17 @@ def _filter_layer(
             return report
     if has_global:
         dups = global_dups(ds, storage, usable, filters, on)
+    for f in filters:
+        if isinstance(f, AlignmentFilter) and f.drop_percentile is not None:
+            from engine.audit.views import connect
+
+            lay = ds.layer(f.layer_name(on["caption"] or ""))
+            _fresh(lay.store)
+            con = connect(storage, s3=not ds.store.is_local)
+            files = [lay.store.uri(lay.parquet(s)) for s in usable]
+            cuts[f.name] = alignment_cut(con, files, f.drop_percentile)
+            con.close()
+            say(f"alignment: the lowest {f.drop_percentile:g} % of scores is below {cuts[f.name]}")
 
     if lease.lost:
         raise LayoutError(f"lost the lease of layer {st.layer!r} (another run took it over): stopping")
@@ -555,7 +663,7 @@ def _filter_layer(
 
     run_shard_tasks(
         todo,
-        lambda s: task.remote(ds.root, storage, st, on, s, dups.get(int(s), {})),
+        lambda s: task.remote(ds.root, storage, st, on, s, dups.get(int(s), {}), cuts),
         on_done,
         max_in_flight=in_flight,
         on_error=on_error,

@@ -14,9 +14,13 @@
     LanguageFilter      lingua (models ship in the wheel; no download)   scores lang_score
     BlocklistFilter     user regexes
 
-Each is written for throughput (the runner sees millions of captions per core-hour): C-level
-string methods and compiled regexes first, Python loops only on the few captions a cheap
-test flags (the longest repeated run is searched only when some word n-gram repeats).
+Each has two ways in. ``check`` (one row) is the readable reference. ``check_batch`` (a whole
+:class:`filtering.batch.Batch`) is what the runner calls: Arrow string kernels and numpy over
+the batch's columns (n-gram repetition by exact n-gram codes sorted per row, letters and
+control characters by byte classes, refusal cues by substring kernels, the stopword test on
+the vocabulary), then ``check`` on the few rows that a cheap column test flags or the column
+code cannot answer exactly (non-ASCII text for the byte-level tests, lingua's candidates).
+Both give the same verdicts and scores (``tests/filtering/test_batch.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ import re
 from collections import Counter
 from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from filtering.base import KEEP, Filter, Sample, Verdict
+from filtering.base import KEEP, Filter, Sample, Verdict, Verdicts
+from filtering.batch import Batch, distinct_per_row, longest_repeats, ngram_codes
 
 _NON_LETTER = re.compile(r"[\W\d_]+")
 _ASCII_NON_LETTERS = bytes(i for i in range(128) if not chr(i).isalpha())
@@ -71,6 +78,35 @@ class LengthFilter(Filter):
             if self.max_tokens is not None and n_tok > self.max_tokens:
                 return self.drop(f"more than {self.max_tokens} tokens", sc)
         return Verdict(True, None, sc)
+
+    def check_batch(self, b: Batch) -> Verdicts:
+        n_chars = pc.utf8_length(b.arr).to_numpy(zero_copy_only=False).astype(np.int64)
+        n_words = b.n_words.copy()  # a score column: rows left to check() are written into it
+        tests = [
+            (n_chars < self.min_chars, f"fewer than {self.min_chars} chars"),
+            (
+                n_chars > (self.max_chars if self.max_chars is not None else np.inf),
+                f"more than {self.max_chars} chars",
+            ),
+            (n_words < self.min_words, f"fewer than {self.min_words} words"),
+            (
+                n_words > (self.max_words if self.max_words is not None else np.inf),
+                f"more than {self.max_words} words",
+            ),
+        ]
+        if self.min_tokens or self.max_tokens is not None:
+            given = np.array([t or 0 for t in b.column("n_tokens")], np.int64)
+            n_tok = np.where(given > 0, given, (n_chars + 3) // 4)
+            hi = self.max_tokens if self.max_tokens is not None else np.inf
+            tests += [
+                (n_tok < self.min_tokens, f"fewer than {self.min_tokens} tokens"),
+                (n_tok > hi, f"more than {self.max_tokens} tokens"),
+            ]
+        out = Verdicts(np.ones(len(b), bool), {}, {"n_chars": n_chars, "n_words": n_words})
+        _first_reasons(out, self.name, tests)
+        for i in np.nonzero(~b.exact)[0]:
+            out.set(i, self.check(b.samples[i]))
+        return out
 
 
 def dup_ngram_ratio(words: list[str], n: int) -> float:
@@ -152,6 +188,67 @@ class RepetitionFilter(Filter):
             return self.drop(f"a sentence repeated more than {self.max_sent} times", sc)
         return Verdict(True, None, sc)
 
+    def check_batch(self, b: Batch) -> Verdicts:
+        m, n = len(b), self.n
+        total = np.maximum(b.n_words - n + 1, 0)
+        codes = ngram_codes(b.token_ids, n, len(b.vocab))
+        distinct = distinct_per_row(codes, b.word_offsets[:-1], total)
+        many = total > 1
+        ratio = np.where(many, 1.0 - distinct / np.maximum(total, 1), 0.0)
+        n_dup = np.where(many, total - distinct, 0)
+        run = np.ma.masked_all(m, np.int64)
+        long = np.nonzero(n_dup >= self.max_run - n + 2)[0]
+        if len(long):
+            off = b.word_offsets
+            hi = np.minimum(n_dup[long] + n - 1, self.max_run + 1)
+            run[long] = longest_repeats(b.token_ids, off[long], b.n_words[long], np.full(len(long), n), hi)
+        sent = np.ones(m, np.int64)
+        some = n_dup > 0
+        sent[some & b.plain] = sentence_repeats_ascii(b.arr.filter(pa.array(some & b.plain)))
+        for i in np.nonzero(some & ~b.plain)[0]:
+            sent[i] = sentence_repeats(b.captions[i])
+        out = Verdicts(
+            np.ones(m, bool), {}, {"dup_ngram_ratio": ratio, "longest_repeat": run, "sentence_repeats": sent}
+        )
+        _first_reasons(
+            out,
+            self.name,
+            [
+                (ratio > self.max_ratio, f"repeated {self.n}-grams above {self.max_ratio}"),
+                (run.filled(0) > self.max_run, f"a repeated run longer than {self.max_run} words"),
+                (sent > self.max_sent, f"a sentence repeated more than {self.max_sent} times"),
+            ],
+        )
+        for i in np.nonzero(~b.exact)[0]:
+            out.set(i, self.check(b.samples[i]))
+        return out
+
+
+def sentence_repeats_ascii(arr: pa.Array) -> np.ndarray:
+    """:func:`sentence_repeats` for each of many ASCII captions, with Arrow string kernels."""
+    low = pc.ascii_lower(arr)
+    for a, z in (("! ", ". "), ("? ", ". "), ("\n", " ")):
+        low = pc.replace_substring(low, a, z)
+    parts = pc.split_pattern(low, ". ")
+    rows = pc.list_parent_indices(parts).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.utf8_trim(parts.flatten(), " .")
+    long = pc.greater(pc.binary_length(flat), 8).to_numpy(zero_copy_only=False)
+    rows = rows[long]
+    ids = pc.dictionary_encode(flat.filter(pa.array(long))).indices.to_numpy(zero_copy_only=False)
+    out = np.zeros(len(arr), np.int64)
+    if len(rows):
+        keys, counts = np.unique((rows << 32) | ids.astype(np.int64), return_counts=True)
+        np.maximum.at(out, keys >> 32, counts)
+    return out
+
+
+def _first_reasons(out: Verdicts, name: str, tests: list[tuple[np.ndarray, str]]) -> None:
+    """Drop each row with the first test (in order) it fails, as ``check`` returns the first."""
+    for mask, detail in reversed(tests):  # the first test written last: it wins
+        for i in np.nonzero(mask)[0].tolist():
+            out.reasons[i] = f"{name}: {detail}"
+    out.keep[list(out.reasons)] = False
+
 
 class TruncationFilter(Filter):
     """Captions cut by the token limit (``finish_reason=length``) or ending mid-sentence."""
@@ -169,6 +266,19 @@ class TruncationFilter(Filter):
         if self.final_punct and not s.caption.rstrip().endswith(self.ENDINGS):
             return self.drop("ends mid-sentence")
         return KEEP
+
+    def check_batch(self, b: Batch) -> Verdicts:
+        m = len(b)
+        cut = np.zeros(m, bool)
+        if self.final_punct:
+            e = self.ENDINGS
+            cut = np.fromiter((not c.rstrip().endswith(e) for c in b.captions), bool, m)
+        length = np.zeros(m, bool)
+        if self.finish_reason:
+            length = np.fromiter((f == "length" for f in b.column("finish_reason")), bool, m)
+        out = Verdicts(np.ones(m, bool), {}, {})
+        _first_reasons(out, self.name, [(length, "finish_reason=length"), (cut, "ends mid-sentence")])
+        return out
 
 
 DEFAULT_REFUSALS = (
@@ -241,6 +351,23 @@ class RefusalFilter(Filter):
                 return self.drop("boilerplate opening")
         return KEEP
 
+    def check_batch(self, b: Batch) -> Verdicts:
+        m = len(b)
+        if self._cues is None or self._boiler_first is None:  # user patterns: no cheap cue test
+            return super().check_batch(b)
+        # the cue test of check(), on ASCII rows with Arrow: only flagged rows run the regexes
+        head = pc.ascii_lower(pc.utf8_slice_codeunits(b.arr, 0, self.window))
+        cues = "|".join(re.escape(c) for c in self._cues)  # RE2: one pass for all cues
+        flag = ~b.plain | pc.match_substring_regex(head, cues).to_numpy(zero_copy_only=False)
+        first = pc.utf8_slice_codeunits(pc.ascii_ltrim_whitespace(head), 0, 1)
+        flag |= pc.is_in(first, pa.array(list(self._boiler_first))).to_numpy(zero_copy_only=False)
+        out = Verdicts(np.ones(m, bool), {}, {})
+        for i in np.nonzero(flag)[0]:
+            v = self.check(b.samples[i])
+            if not v.keep:
+                out.set(i, v)
+        return out
+
 
 class GarbledFilter(Filter):
     """Non-printable characters, replacement characters, or too few letters."""
@@ -272,6 +399,23 @@ class GarbledFilter(Filter):
         if ratio < self.min_letter_ratio:
             return self.drop(f"letters below {self.min_letter_ratio} of the text", sc)
         return Verdict(True, None, sc)
+
+    def check_batch(self, b: Batch) -> Verdicts:
+        counts = b.byte_counts  # letters, spaces, non-printable, \x1c-\x1f (exact on ASCII rows)
+        n = np.diff(np.frombuffer(b.arr.buffers()[1], np.int64)[b.arr.offset : b.arr.offset + len(b) + 1])
+        ratio = counts[:, 0] / np.maximum(n - counts[:, 1], 1)
+        out = Verdicts(np.ones(len(b), bool), {}, {"letter_ratio": ratio})
+        _first_reasons(
+            out,
+            self.name,
+            [
+                (counts[:, 2] + counts[:, 3] > 0, "non-printable characters"),
+                (ratio < self.min_letter_ratio, f"letters below {self.min_letter_ratio} of the text"),
+            ],
+        )
+        for i in np.nonzero(~b.ascii)[0]:
+            out.set(i, self.check(b.samples[i]))
+        return out
 
 
 # English function words: a caption whose words are this often among them is English without
@@ -358,8 +502,43 @@ class LanguageFilter(Filter):
             hits = sum(map(_EN_STOPWORDS.__contains__, map(str.lower, ws)))
             if hits / len(ws) >= self.shortcut:
                 return Verdict(True, None, {"lang": "en", "lang_score": None})
-        text = s.caption[: self.max_chars]
-        values = self.detector.compute_language_confidence_values(text)
+        return self._decide(self.detector.compute_language_confidence_values(self._text(s.caption)))
+
+    def check_batch(self, b: Batch) -> Verdicts:
+        m = len(b)
+        out = Verdicts(
+            np.ones(m, bool), {}, {"lang": ["en"] * m, "lang_score": np.ma.masked_all(m, np.float64)}
+        )
+        ask = np.ones(m, bool)
+        if self.shortcut:
+            # the stopword share of each caption's first 80 words, over the vocabulary once
+            stop = np.fromiter((w.lower() in _EN_STOPWORDS for w in b.vocab.to_pylist()), bool, len(b.vocab))
+            rows = b.token_rows
+            first = (np.arange(len(rows)) - b.word_offsets[rows]) < 80
+            hits = np.bincount(rows[first], weights=stop[b.token_ids[first]], minlength=m)
+            seen = np.minimum(b.n_words, 80)
+            ask = ~((seen > 0) & (hits / np.maximum(seen, 1) >= self.shortcut))
+        idx = np.nonzero(ask & b.exact)[0].tolist()
+        caps = b.captions
+        # lingua's batch call (threads in Rust; their CPU time counts in the bench's figure)
+        texts = [caps[i][: self.max_chars] for i in idx]
+        values = self.detector.compute_language_confidence_values_in_parallel(texts) if texts else []
+        for i, vals in zip(idx, values, strict=True):
+            out.set(i, self._decide(vals))
+        for i in np.nonzero(~b.exact)[0]:
+            out.set(i, self.check(b.samples[i]))
+        return out
+
+    def _text(self, caption: str) -> str:
+        """The head the model reads; lone surrogates (not UTF-8, lingua refuses them) as U+FFFD."""
+        head = caption[: self.max_chars]
+        try:
+            head.encode()
+        except UnicodeEncodeError:
+            head = head.encode("utf-8", "replace").decode().replace("?", "\ufffd")
+        return head
+
+    def _decide(self, values: list[Any]) -> Verdict:
         if not values:
             return self.drop("language unknown", {"lang": None, "lang_score": 0.0})
         top = values[0]

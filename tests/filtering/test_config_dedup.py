@@ -56,6 +56,10 @@ def test_default_config_builds() -> None:
             r"filter.filters.1.blocklist: .*patterns: '\('",
         ),
         ("- type: near_dup_caption\n  threshold: 1.5\n", r"filter.filters.0.near_dup_caption.threshold"),
+        (
+            "- type: alignment\n  checkpoint: run\n  drop_percentile: 150\n",
+            r"filter.filters.0.alignment.drop_percentile: Input should be less than 100",
+        ),
         ("- type: length\n- type: length\n", "listed twice"),
         ("[]\n", "no filters listed"),
         ("filters: 3\n", "filter.filters: Input should be a valid list"),
