@@ -112,7 +112,10 @@ class IngestConfig(StrictModel):
     allow_hosts: list[str] = []
     # URL downloads (img2dataset's downloader)
     download_threads: int = Field(default=32, ge=1)
-    timeout: float = Field(default=10.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0)  # per socket operation (connect, each read)
+    # per download: a larger body is refused, a slower download (a drip under `timeout`) is cut off
+    max_download_bytes: int = Field(default=64 * 2**20, ge=1)
+    download_deadline_s: float = Field(default=60.0, gt=0)
     retries: int = Field(default=0, ge=0)
     user_agent_token: str | None = None
 

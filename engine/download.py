@@ -15,6 +15,11 @@ NAT64, Teredo) are refused with ``blocked: private address`` unless
 ``0177.0.0.1``, ``127.1``) resolve to the address they spell and are judged as that.
 ``allow_hosts`` names hosts (as written in the URL) that may resolve to private addresses,
 e.g. an internal image mirror, without opening the rest of the network.
+
+Every response body is read under two caps: ``max_download_bytes`` (a declared
+``Content-Length`` over it is refused before reading, a body that grows past it is cut off:
+``too large: ...``) and ``download_deadline_s``, the total time for one download (a server
+that drips bytes under the socket timeout is cut off: ``too slow: ...``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import http.client
 import ipaddress
 import os
 import socket
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
@@ -173,22 +179,81 @@ class _SchemeGuardRedirectHandler(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
+class DownloadCapError(BlockedAddressError):
+    """A body over ``max_download_bytes`` or a download over ``download_deadline_s``."""
+
+
+class _CappedResponse:
+    """A response whose ``read`` stops at a byte cap and a total deadline (one socket read at a
+    time, so a slow drip is noticed within one socket timeout of the deadline)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, resp: Any, max_bytes: int, deadline_s: float, started: float) -> None:
+        self._resp, self._max, self._deadline_s, self._started = resp, max_bytes, deadline_s, started
+        declared = resp.headers.get("Content-Length") if getattr(resp, "headers", None) else None
+        if declared and declared.strip().isdigit() and int(declared) > max_bytes:
+            resp.close()
+            raise DownloadCapError(
+                f"too large: Content-Length {int(declared)} > max_download_bytes {max_bytes}"
+            )
+
+    def read(self, amt: int | None = None) -> bytes:
+        limit = self._max + 1 if amt is None else min(amt, self._max + 1)
+        buf = bytearray()
+        read1 = getattr(self._resp, "read1", None) or self._resp.read
+        while len(buf) < limit:
+            if time.monotonic() - self._started > self._deadline_s:
+                self._resp.close()
+                raise DownloadCapError(
+                    f"too slow: download took over download_deadline_s {self._deadline_s:g}"
+                )
+            chunk = read1(min(self.CHUNK, limit - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+        if len(buf) > self._max:
+            self._resp.close()
+            raise DownloadCapError(f"too large: body over max_download_bytes {self._max}")
+        return bytes(buf)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._resp, name)
+
+    def __enter__(self) -> _CappedResponse:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._resp.close()
+
+
 class _SchemeGuardOpener(urllib.request.OpenerDirector):
-    """An opener that refuses every scheme but http(s) before any handler (proxies included) runs."""
+    """An opener that refuses every scheme but http(s) before any handler (proxies included) runs,
+    and hands back responses that read under the byte cap and the total deadline."""
+
+    max_bytes: int = 64 * 2**20
+    deadline_s: float = 60.0
 
     def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT) -> Any:
         check_scheme(fullurl if isinstance(fullurl, str) else fullurl.full_url)
-        return super().open(fullurl, data, timeout)
+        started = time.monotonic()
+        resp = super().open(fullurl, data, timeout)
+        return _CappedResponse(resp, self.max_bytes, self.deadline_s, started)
 
 
 def build_guarded_opener(
-    allow_private_network: bool, allow_hosts: Iterable[str] = ()
+    allow_private_network: bool,
+    allow_hosts: Iterable[str] = (),
+    max_bytes: int = 64 * 2**20,
+    deadline_s: float = 60.0,
 ) -> urllib.request.OpenerDirector:
-    """http(s) only, redirects re-checked; private targets refused unless allowed.
+    """http(s) only, redirects re-checked; private targets refused unless allowed; bodies read
+    under ``max_bytes`` and ``deadline_s`` (total seconds per download).
 
     Built by hand rather than with ``build_opener``, which always adds the file, FTP and data
     handlers."""
     opener = _SchemeGuardOpener()
+    opener.max_bytes, opener.deadline_s = max_bytes, deadline_s
     if allow_private_network:
         http_handlers: list[Any] = [urllib.request.HTTPHandler(), urllib.request.HTTPSHandler()]
     else:
@@ -205,16 +270,20 @@ def build_guarded_opener(
     return opener
 
 
-def install_network_guard(allow_private_network: bool, allow_hosts: Iterable[str] = ()) -> None:
+def install_network_guard(cfg: IngestConfig) -> None:
     """Set this process's urllib opener (img2dataset downloads through ``urlopen``)."""
-    urllib.request.install_opener(build_guarded_opener(allow_private_network, allow_hosts))
+    urllib.request.install_opener(
+        build_guarded_opener(
+            cfg.allow_private_network, cfg.allow_hosts, cfg.max_download_bytes, cfg.download_deadline_s
+        )
+    )
 
 
 def fetch_url(url: str, cfg: IngestConfig) -> bytes:
     """One URL's bytes with img2dataset's downloader (user agent, X-Robots-Tag, retries)."""
     from img2dataset.downloader import download_image_with_retry
 
-    install_network_guard(cfg.allow_private_network, cfg.allow_hosts)
+    install_network_guard(cfg)
     _, stream, err = download_image_with_retry(
         (0, url), cfg.timeout, cfg.retries, cfg.user_agent_token, DISALLOWED_HEADER_DIRECTIVES
     )
@@ -241,7 +310,7 @@ def download_shard(
 
     from engine.images import Img2datasetResizer
 
-    install_network_guard(cfg.allow_private_network, cfg.allow_hosts)
+    install_network_guard(cfg)
     table = pa.table(
         {
             "url": [u for u, _ in rows],
