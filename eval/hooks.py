@@ -11,33 +11,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from train.config import EvalConfig
 
-from engine.config import StrictModel
-
-
-class EvalHookConfig(StrictModel):
-    every: int = Field(default=0, ge=0, description="steps between evals during training; 0: off")
-    finegrained: str = Field(
-        default="synthetic://scenes?n=32&seed=1000&size=128",
-        description="held-out synthetic scenes ('' to skip); train on another seed",
-    )
-    negatives: int = Field(default=3, ge=1)
-    zeroshot: str = Field(default="", description="zero-shot set (ImageFolder, CSV or JSON); '' to skip")
-    zeroshot_format: str = "auto"
-    templates: str = "ensemble"
-    batch_size: int = Field(default=64, ge=1)
+# one definition of these fields: the trainer's config section (train/ does not import eval/)
+EvalHookConfig = EvalConfig
 
 
 def periodic_eval(encoder: Any, cfg: Any, step: int) -> dict[str, float]:
     """Run the configured suites; returns flat ``{"eval/<task>/<metric>": value}`` (floats only).
 
-    ``cfg``: an :class:`EvalHookConfig`, a dict, or any pydantic model with the same fields (the
-    trainer keeps its own copy in its config tree: train/ does not import eval/)."""
+    ``cfg``: an :class:`EvalHookConfig` (the trainer's ``eval`` section) or a dict of its fields."""
     from eval.run import evaluate
 
-    if not isinstance(cfg, EvalHookConfig):  # a dict, or the trainer's own copy of these fields
-        cfg = EvalHookConfig.model_validate(cfg if isinstance(cfg, dict) else cfg.model_dump())
+    if not isinstance(cfg, EvalHookConfig):
+        cfg = EvalHookConfig.model_validate(cfg)
     was_training = encoder.training
     encoder.eval()
     out: dict[str, float] = {}

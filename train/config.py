@@ -157,7 +157,7 @@ class EMAConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """Eval during training (``eval.hooks.periodic_eval``); the same fields as its ``EvalHookConfig``."""
+    """Eval during training (``eval.hooks.periodic_eval``, which takes this section as it is)."""
 
     every: int = Field(default=0, ge=0, description="steps between evals (and one at the end); 0: off")
     finegrained: str = Field(

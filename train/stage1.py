@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from engine.config import redact_secrets
 from train import checkpoint as ckpt
@@ -266,14 +265,9 @@ def contrastive_loss(
             img_BE, txt_BE, scale, bias = fwd(vision, tokens_BL, mask_BL)
         out.update(img_BE=img_BE, txt_BE=txt_BE, scale=scale, bias=bias)
         return loss_fn(img_BE, txt_BE, valid_B, scale, bias)
-    neg_BL, neg_mask_BL, neg_valid_B = negatives
-    B, width = tokens_BL.shape[0], max(tokens_BL.shape[1], neg_BL.shape[1])
-    both = torch.cat(
-        [F.pad(tokens_BL, (0, width - tokens_BL.shape[1])), F.pad(neg_BL, (0, width - neg_BL.shape[1]))]
-    )
-    both_mask = torch.cat(
-        [F.pad(mask_BL, (0, width - mask_BL.shape[1])), F.pad(neg_mask_BL, (0, width - neg_mask_BL.shape[1]))]
-    )
+    neg_BL, neg_mask_BL, neg_valid_B = negatives  # the loader gives them the captions' width
+    B = tokens_BL.shape[0]
+    both, both_mask = torch.cat([tokens_BL, neg_BL]), torch.cat([mask_BL, neg_mask_BL])
     with amp():
         img_BE, txt_2BE, scale, bias = fwd(vision, both, both_mask)
     txt_BE, neg_BE = txt_2BE[:B], txt_2BE[B:]

@@ -173,14 +173,13 @@ def inherit_normalization(cfg: Stage2Config) -> None:
     """Feed the vision tower pixels normalized as in stage 1: the init run's mean/std (e.g. the
     dataset statistics of ``data.normalize: dataset``) unless ``data.mean``/``data.std`` are set
     here. Pixels normalized otherwise reach the tower at a quarter of the contrast it learned on."""
-    from train.model.encoder import find_run_config, read_config_file, resolve_checkpoint
+    from train.model.encoder import resolve_checkpoint, run_pixel_stats
 
     if {"mean", "std"} & cfg.data.model_fields_set or not cfg.init.checkpoint:
         return
-    found = find_run_config(resolve_checkpoint(cfg.init.checkpoint))
-    run = read_config_file(found).get("data", {}) if found else {}
-    if "mean" in run and "std" in run:
-        cfg.data.mean, cfg.data.std = tuple(run["mean"]), tuple(run["std"])
+    stats = run_pixel_stats(resolve_checkpoint(cfg.init.checkpoint))
+    if stats is not None:
+        cfg.data.mean, cfg.data.std = stats
 
 
 def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineViTVLMProcessor]:

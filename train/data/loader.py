@@ -440,16 +440,12 @@ class Stage1Stream(torch.utils.data.IterableDataset):
             rows.append(out)
         vision, real = assemble(rows, d.seq_len, d.max_images, 3 * p * p)
         tokens_BL, mask_BL, truncated = tokenize(tokenizer, captions, self.context, d.max_images)
-        # the text tower runs at the longest caption of the step (rounded up to 8 to bound the
-        # shapes torch.compile sees), not at the full context: empty slots cost little
-        longest = int(mask_BL.sum(1).max()) if captions else 1
-        width = min(self.context, -(-max(longest, 1) // 8) * 8)
-        tokens_BL, mask_BL = tokens_BL[:, :width].contiguous(), mask_BL[:, :width].contiguous()
         stats["truncated_captions"] += truncated
         stats["images"] += len(captions)
         valid_B = torch.zeros(d.max_images, dtype=torch.bool)
         valid_B[: len(captions)] = True
         extra: dict[str, torch.Tensor] = {}
+        masks = [mask_BL]
         if d.hard_negatives:
             negs = [
                 hard_negative(c, k, e, d.seed, d.hard_negative_words)
@@ -458,14 +454,18 @@ class Stage1Stream(torch.utils.data.IterableDataset):
             neg_BL, neg_mask_BL, _ = tokenize(tokenizer, [n or "" for n in negs], self.context, d.max_images)
             neg_valid_B = torch.zeros(d.max_images, dtype=torch.bool)
             neg_valid_B[: len(negs)] = torch.tensor([n is not None for n in negs], dtype=torch.bool)
-            neg_longest = int(neg_mask_BL.sum(1).max()) if negs else 1
-            neg_width = min(self.context, -(-max(neg_longest, 1) // 8) * 8)
-            extra = {
-                "neg_tokens_BL": neg_BL[:, :neg_width].contiguous(),
-                "neg_mask_BL": neg_mask_BL[:, :neg_width].contiguous(),
-                "neg_valid_B": neg_valid_B,
-            }
+            extra = {"neg_tokens_BL": neg_BL, "neg_mask_BL": neg_mask_BL, "neg_valid_B": neg_valid_B}
+            masks.append(neg_mask_BL)
             stats["hard_negatives"] += int(neg_valid_B.sum())
+        # the text tower runs at the longest caption of the step (rounded up to 8 to bound the
+        # shapes torch.compile sees), not at the full context: empty slots cost little. Captions
+        # and their negatives share the width, so the step runs them as one text batch.
+        longest = max(int(m.sum(1).max()) for m in masks) if captions else 1
+        width = min(self.context, -(-max(longest, 1) // 8) * 8)
+        tokens_BL, mask_BL = tokens_BL[:, :width].contiguous(), mask_BL[:, :width].contiguous()
+        for k in ("neg_tokens_BL", "neg_mask_BL"):
+            if k in extra:
+                extra[k] = extra[k][:, :width].contiguous()
         return {
             **extra,
             "vision": vision,

@@ -290,7 +290,7 @@ def _load_tokenizer(path: str) -> Any:
         raise EncoderError(f"cannot load a tokenizer from {path!r}: {e}") from None
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def _read_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
     text = path.read_text()
@@ -398,7 +398,7 @@ def _stage1_config(step: Path, config: Any, overrides: list[str] | None) -> tupl
     elif isinstance(config, dict):
         data, origin = dict(config), "given config"
     elif config is not None:
-        data, origin = read_config_file(Path(config)), str(config)
+        data, origin = _read_config_file(Path(config)), str(config)
     else:
         found = find_run_config(step)
         if found is None:
@@ -406,7 +406,7 @@ def _stage1_config(step: Path, config: Any, overrides: list[str] | None) -> tupl
                 f"no run config found beside {step} (looked for {', '.join(CONFIG_NAMES)} there and in "
                 "3 parents): pass the stage-1 recipe with --config (and the --set overrides used to train)"
             )
-        data, origin = read_config_file(found), str(found)
+        data, origin = _read_config_file(found), str(found)
     if overrides:
         data = apply_overrides(data, overrides)
     try:
@@ -417,15 +417,23 @@ def _stage1_config(step: Path, config: Any, overrides: list[str] | None) -> tupl
     if config is not None and cfg.data.normalize == "dataset" and not explicit:
         # a recipe holds no dataset statistics: the run resolved them and wrote them beside the
         # checkpoint; preprocessing with the recipe's placeholder mean/std would blind the encoder
-        found = find_run_config(step)
-        if found is None:
+        stats = run_pixel_stats(step)
+        if stats is None:
             raise EncoderError(
                 f"{origin}: data.normalize=dataset, but no run config beside {step} holds the mean/std "
                 "the run measured: evaluate the run folder without --config, or --set data.mean/data.std"
             )
-        run = read_config_file(found).get("data", {})
-        cfg.data.mean, cfg.data.std = tuple(run["mean"]), tuple(run["std"])
+        cfg.data.mean, cfg.data.std = stats
     return cfg, origin
+
+
+def run_pixel_stats(step: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` a stage-1 run trained with, from the run config beside ``step``, or None."""
+    found = find_run_config(step)
+    run = _read_config_file(found).get("data", {}) if found else {}
+    if "mean" not in run or "std" not in run:
+        return None
+    return tuple(run["mean"]), tuple(run["std"])
 
 
 def _load_stage1(p: Path, config: Any, overrides: list[str] | None, tokenizer: str | None) -> FineViTEncoder:
