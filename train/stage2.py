@@ -6,10 +6,16 @@ schedule's phases (which parts train), AdamW + warmup/cosine, the loader
 (:mod:`train.data.regions`), DCP checkpoints with exact resume, DDP, NaN guard, logs with
 tokens/s and MFU. The CLI only builds the config.
 
-Schedule: ``schedule`` is a list of phases ``{until: STEP, train: projector|encoder|all}``:
+Schedule: ``schedule`` is a list of phases ``{until: STEP, train: projector|encoder|lm|all}``:
 ``projector`` trains the projector only; ``encoder`` the vision tower + projector with the LM
-frozen; ``all`` everything. All parameters stay in the optimizer (frozen ones get no gradient,
-so AdamW leaves them alone), which keeps the optimizer state and checkpoints one shape.
+frozen; ``lm`` the projector + LM with the vision tower frozen (LLaVA's second stage); ``all``
+everything. All parameters stay in the optimizer (frozen ones get no gradient, so AdamW leaves
+them alone), which keeps the optimizer state and checkpoints one shape.
+
+Learning rates per part: ``optim.lr`` times ``optim.vision_lr_mult`` / ``projector_lr_mult`` /
+``lm_lr_mult``. The vision tower's default is 0.1: at the LM's rate a trained encoder collapses
+within a few hundred steps (every patch token the same vector), and the LM then has nothing to
+read (Qwen2-VL and LLaVA-OneVision also train the ViT at a fraction of the LM's rate).
 """
 
 from __future__ import annotations
@@ -74,7 +80,15 @@ class LMConfig(StrictModel):
 
 class Phase(StrictModel):
     until: int = Field(ge=1, description="this phase runs until this step (exclusive of later phases)")
-    train: Literal["projector", "encoder", "all"]
+    train: Literal["projector", "encoder", "lm", "all"]
+
+
+class Stage2Optim(OptimConfig):
+    vision_lr_mult: float = Field(
+        default=0.1, ge=0, description="the vision tower's learning rate as a multiple of optim.lr"
+    )
+    projector_lr_mult: float = Field(default=1.0, ge=0, description="the projector's multiple of optim.lr")
+    lm_lr_mult: float = Field(default=1.0, ge=0, description="the language model's multiple of optim.lr")
 
 
 class Stage2Config(StrictModel):
@@ -84,7 +98,7 @@ class Stage2Config(StrictModel):
     lm: LMConfig = LMConfig()
     data: Stage2Data = Stage2Data()
     schedule: list[Phase] = [Phase(until=10**9, train="projector")]
-    optim: OptimConfig = OptimConfig()
+    optim: Stage2Optim = Stage2Optim()
     loop: LoopConfig = LoopConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig(dir="runs/stage2")
@@ -220,7 +234,30 @@ def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
     enc = train in ("encoder", "all")
     for name, p in model.vision.named_parameters():
         p.requires_grad_(enc and not name.startswith(("head.", "proj.")))
-    model.language_model.requires_grad_(train == "all")
+    model.language_model.requires_grad_(train in ("lm", "all"))
+
+
+def param_groups(model: FineViTVLMForConditionalGeneration, o: Stage2Optim) -> list[dict[str, Any]]:
+    """AdamW groups: each part (vision, projector, LM) at its own rate, biases and norms undecayed.
+    The stage-1 pooling head and projection are left out (stage 2 never uses them)."""
+    parts = (
+        ("vision.", o.vision_lr_mult),
+        ("projector.", o.projector_lr_mult),
+        ("language_model.", o.lm_lr_mult),
+    )
+    groups = []
+    for prefix, mult in parts:
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if n.startswith(prefix) and not n.startswith(("vision.head.", "vision.proj."))
+        ]
+        for decayed in (True, False):
+            ps = [p for p in params if (p.ndim >= 2) == decayed]
+            if ps:
+                wd = o.weight_decay if decayed else 0.0
+                groups.append({"params": ps, "lr": o.lr * mult, "weight_decay": wd, "part": prefix[:-1]})
+    return groups
 
 
 def phase_at(cfg: Stage2Config, step: int) -> str:
@@ -290,15 +327,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             find_unused_parameters=True,  # frozen phases and the unused pooling head
         )
     o = cfg.optim
-    params = [p for n, p in model.named_parameters() if not n.startswith(("vision.head.", "vision.proj."))]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optim = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=o.betas,
-        eps=o.eps,
-    )
+    optim = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
     d = cfg.data
     max_len = d.max_len or int(getattr(model.language_model.config, "max_position_embeddings", 2048))
@@ -399,7 +428,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
                 step,
                 {
                     "loss": float(value),
-                    "lr": sched.get_last_lr()[0],
+                    "lr": cfg.optim.lr * sched.lr_lambdas[0](sched.last_epoch),  # the base rate
                     "phase": phase,
                     "tokens_per_s": window["tokens"] / dt,
                     "target_tokens_per_s": window["target"] / dt,
