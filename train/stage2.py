@@ -83,6 +83,21 @@ class Phase(StrictModel):
     train: Literal["projector", "encoder", "lm", "all"]
 
 
+class ProjectorConfig(StrictModel):
+    feature_layers: list[int] = Field(
+        default=[-1],
+        min_length=1,
+        description="vision blocks whose patch tokens the projector reads, concatenated (LLaVA's "
+        "vision_feature_layer): -1 the last block after the final norm, k >= 0 the output of the first "
+        "k blocks (0: the patch embeddings)",
+    )
+    abs_pos: bool = Field(
+        default=True,
+        description="add each merged token's place in the image (fractions of height and width): the "
+        "encoder's RoPE is relative, so without it the LM cannot tell where an image token sits",
+    )
+
+
 class Stage2Optim(OptimConfig):
     vision_lr_mult: float = Field(
         default=0.1, ge=0, description="the vision tower's learning rate as a multiple of optim.lr"
@@ -96,6 +111,7 @@ class Stage2Config(StrictModel):
     model: ModelConfig = ModelConfig()
     init: InitConfig = InitConfig()
     lm: LMConfig = LMConfig()
+    projector: ProjectorConfig = ProjectorConfig()
     data: Stage2Data = Stage2Data()
     schedule: list[Phase] = [Phase(until=10**9, train="projector")]
     optim: Stage2Optim = Stage2Optim()
@@ -116,6 +132,10 @@ def check_fits(cfg: Stage2Config) -> None:
         problems.append(f"data.max_patches ({d.max_patches}) > data.seq_len ({d.seq_len})")
     if not d.tasks:
         problems.append("data.tasks is empty")
+    depth = cfg.model.vision.depth
+    bad = [k for k in cfg.projector.feature_layers if not (k == -1 or 0 <= k <= depth)]
+    if bad:
+        problems.append(f"projector.feature_layers {bad}: each must be -1 or 0..{depth} (model.vision.depth)")
     if any(t.task == "global" for t in d.tasks) and not d.global_layer:
         problems.append("data.tasks has 'global' but data.global_layer is empty")
     if problems:
@@ -221,6 +241,8 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
         lm_config=lm_config,
         image_token=IMAGE_TOKEN,
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layers=cfg.projector.feature_layers,
+        projector_abs_pos=cfg.projector.abs_pos,
     )
     lm_sd = {k: v.clone() for k, v in lm.state_dict().items()}
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)

@@ -58,8 +58,12 @@ def _ns(d: Any) -> Any:
     return d
 
 
-def vision_tokens(tower: VisionTower, batch: VisionBatch) -> torch.Tensor:
-    """The vision tower up to its final norm (no pooling head): ``x_TD``."""
+def vision_tokens(tower: VisionTower, batch: VisionBatch, layers: Sequence[int] = (-1,)) -> torch.Tensor:
+    """The vision tower's patch tokens (no pooling head): ``x_TD``, or ``(T, D * len(layers))``.
+
+    ``layers`` picks what the projector reads, LLaVA's ``vision_feature_layer`` as a list whose
+    outputs are concatenated: ``-1`` the last block after the final norm; ``k >= 0`` the output of
+    the first ``k`` blocks (``0``: the patch embeddings) under a plain layer norm."""
     x_TD = tower.norm_pre(tower.patch_embed(batch.patches_TP))
     cos, sin = rope_2d(batch.pos_T2, tower.cfg.width // tower.cfg.heads, tower.cfg.rope_theta)
     meta, backend = batch.meta, tower.backend
@@ -67,7 +71,21 @@ def vision_tokens(tower: VisionTower, batch: VisionBatch) -> torch.Tensor:
     def attend(q, k, v):
         return packed_attention(q, k, v, meta, backend)
 
-    return tower.norm(_run_blocks(tower.blocks, x_TD, cos, sin, attend, tower.checkpointing))
+    if tuple(layers) == (-1,):
+        return tower.norm(_run_blocks(tower.blocks, x_TD, cos, sin, attend, tower.checkpointing))
+    depth = len(tower.blocks)
+    want = sorted({depth if k == -1 else k for k in layers})
+    if want[0] < 0 or want[-1] > depth:
+        raise ValueError(f"vision feature layers {list(layers)}: each must be -1 or 0..{depth}")
+    outs = {0: x_TD}
+    for i in range(want[-1]):
+        x_TD = _run_blocks(tower.blocks[i : i + 1], x_TD, cos, sin, attend, tower.checkpointing)
+        outs[i + 1] = x_TD
+    feats = [
+        tower.norm(outs[depth]) if k in (-1, depth) else F.layer_norm(outs[k], outs[k].shape[-1:])
+        for k in layers
+    ]
+    return torch.cat(feats, dim=-1)
 
 
 def pack_padded(
@@ -105,6 +123,8 @@ class FineViTVLMConfig(PretrainedConfig):
         lm_config: dict | None = None,
         image_token: str = IMAGE_TOKEN,
         image_token_id: int = 0,
+        vision_feature_layers: Sequence[int] = (-1,),
+        projector_abs_pos: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vision = vision or {}
@@ -112,6 +132,8 @@ class FineViTVLMConfig(PretrainedConfig):
         self.lm_config = lm_config or {}
         self.image_token = image_token
         self.image_token_id = image_token_id
+        self.vision_feature_layers = list(vision_feature_layers)
+        self.projector_abs_pos = projector_abs_pos
         super().__init__(**kwargs)
 
 
@@ -137,7 +159,12 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
             language_model = AutoModelForCausalLM.from_config(lm_config)
         self.language_model = language_model
         hidden = self.language_model.get_input_embeddings().weight.shape[1]
-        self.projector = PatchMerger(model_cfg.vision.width, hidden)
+        self.feature_layers = list(getattr(config, "vision_feature_layers", None) or [-1])
+        self.projector = PatchMerger(
+            model_cfg.vision.width * len(self.feature_layers),
+            hidden,
+            abs_pos=bool(getattr(config, "projector_abs_pos", False)),
+        )
         self.projector.apply(_init)
         self.post_init()
         self.generation_config = self.language_model.generation_config
@@ -147,7 +174,7 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
 
     def image_embeds(self, vision: VisionBatch, spans: Sequence[Span]) -> torch.Tensor:
         """Projected features of every image, concatenated in ``spans`` order: ``(sum M, H)``."""
-        x_TC = vision_tokens(self.vision, vision)
+        x_TC = vision_tokens(self.vision, vision, self.feature_layers)
         out = [self.projector(x_TC[t0 : t0 + gh * gw].reshape(gh, gw, -1)) for t0, gh, gw in spans]
         return torch.cat(out) if out else x_TC.new_zeros(0, self.projector.fc2.out_features)
 
