@@ -39,6 +39,7 @@ from train.distributed import init_from_env, is_dist
 from train.metrics import Logger, peak_tflops
 from train.model.vlm import (
     IMAGE_TOKEN,
+    REGION_TOKEN,
     FineViTVLMConfig,
     FineViTVLMForConditionalGeneration,
     FineViTVLMProcessor,
@@ -90,6 +91,11 @@ class ProjectorConfig(StrictModel):
         description="vision blocks whose patch tokens the projector reads, concatenated (LLaVA's "
         "vision_feature_layer): -1 the last block after the final norm, k >= 0 the output of the first "
         "k blocks (0: the patch embeddings)",
+    )
+    region_tokens: bool = Field(
+        default=True,
+        description="Ferret's region representation: a <region> token after each box of a prompt, "
+        "filled with the mean of the image tokens in the box (train/model/vlm.py)",
     )
     abs_pos: bool = Field(
         default=True,
@@ -223,8 +229,10 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
     step_dir = str(resolve_checkpoint(cfg.init.checkpoint))
     vision_sd = stage1_vision_state(step_dir, cfg.model)
     lm, tok = load_lm(cfg.lm.path)
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    wanted = [IMAGE_TOKEN] + ([REGION_TOKEN] if cfg.projector.region_tokens else [])
+    missing = [t for t in wanted if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if len(tok) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tok))
     d = cfg.data
@@ -243,12 +251,15 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layers=cfg.projector.feature_layers,
         projector_abs_pos=cfg.projector.abs_pos,
+        region_token=REGION_TOKEN if cfg.projector.region_tokens else None,
+        region_token_id=tok.convert_tokens_to_ids(REGION_TOKEN) if cfg.projector.region_tokens else None,
     )
     lm_sd = {k: v.clone() for k, v in lm.state_dict().items()}
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)
     model.language_model.load_state_dict(lm_sd)  # whatever post_init touched: the LM's own weights
     model.vision.load_state_dict(vision_sd)
-    return model, FineViTVLMProcessor(tok, preprocess)
+    region = REGION_TOKEN if cfg.projector.region_tokens else None
+    return model, FineViTVLMProcessor(tok, preprocess, IMAGE_TOKEN, region)
 
 
 def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
@@ -408,6 +419,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
                 labels=batch["labels_BL"].to(device),
                 vision=batch["vision"].to(device),
                 spans=batch["spans"],
+                region_boxes=batch["region_boxes"],
             )
         loss = out.loss
         optim.zero_grad(set_to_none=True)
