@@ -74,11 +74,6 @@ def test_the_demo_prompts_are_the_ones_its_captioner_learns() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="issue 15 open: the loop runs end to end at full scale (README), but the tiny captioner still "
-    "ignores the image (issue 12), so every recaption is alike, the filter rightly drops them all as "
-    "near-duplicates and stage 1 on recaptions stops with 0 usable samples; un-skip when stage 2 grounds"
-)
 def test_reduced_demo_end_to_end_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "demo_out"
     env = dict(os.environ, DEMO_DIR=str(out), DEMO_SCALE="ci", PYTHONPATH=str(ROOT))
