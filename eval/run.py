@@ -25,12 +25,15 @@ def load_model(
     max_patches: int | None = None,
     weights: str | None = None,
     device: str = "cpu",
+    region_features: str = "fgclip",
 ) -> Any:
-    """``openclip:...`` -> :class:`eval.openclip.OpenClipEncoder`; else a FineViT checkpoint or export."""
+    """``openclip:...`` -> :class:`eval.openclip.OpenClipEncoder`; else a FineViT checkpoint or export.
+
+    ``region_features`` (OpenCLIP only, boxcls): ``fgclip`` or ``final``, see eval/openclip.py."""
     if spec.startswith("openclip:"):
         from eval.openclip import load_openclip
 
-        return load_openclip(spec, weights).to(device)
+        return load_openclip(spec, weights, region_mode=region_features).to(device)
     from train.model.encoder import load_encoder
 
     return load_encoder(spec, config, overrides, tokenizer, max_patches, device)

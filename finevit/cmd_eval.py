@@ -8,6 +8,7 @@
     finevit eval CKPT --task long-retrieval --data dci/ --dci-text extra
     finevit eval CKPT --task boxcls --data instances_val2017.json --images val2017/
     finevit eval openclip:ViT-B-32 --weights open_clip_model.safetensors --task zeroshot --data ...
+    finevit eval openclip:ViT-B-16 --weights ... --task boxcls --data instances_val2017.json --images val2017/
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
     p.add_argument("--max-patches", type=int, help="patch budget at eval (default: the training budget)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the run config's data.tokenizer)")
     p.add_argument("--weights", help="openclip: local weights file")
+    p.add_argument(
+        "--region-features",
+        default="fgclip",
+        choices=["fgclip", "final"],
+        help="openclip boxcls: FG-CLIP's dense features (last block's value path, default) or the final tokens",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write results.json + results.md into this folder")
@@ -109,6 +116,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.max_patches,
             args.weights,
             args.device,
+            args.region_features,
         )
         results = []
         for task in args.task:

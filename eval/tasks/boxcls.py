@@ -13,18 +13,25 @@ from eval.datasets import BoxSet
 from eval.embed import TaskError, embed_texts, require_text
 from eval.metrics import class_embeddings, classification_metrics
 from eval.report import TaskResult
-from eval.roi import normalized_to_grid, roi_align_1x1
+from eval.roi import normalized_to_grid, roi_align, roi_backend
+
+FINEVIT_PROTOCOL = (
+    "native resolution; RoIAlign 1x1 over the final patch tokens, pooled by the MAP head + proj"
+)
 
 
 def region_embeddings(
-    encoder: Any, images: list, boxes: list[list[tuple[float, float, float, float]]]
+    encoder: Any,
+    images: list,
+    boxes: list[list[tuple[float, float, float, float]]],
+    roi: str = "auto",
 ) -> list[torch.Tensor]:
     """Per image, ``(B, E)`` unit-norm region embeddings of its normalized boxes."""
     grids = encoder.patch_features(images)
     out = []
     for grid_HWC, bxs in zip(grids, boxes, strict=True):
         H, W, _ = grid_HWC.shape
-        feats = roi_align_1x1(grid_HWC, normalized_to_grid(torch.tensor(bxs, dtype=torch.float32), H, W))
+        feats = roi_align(grid_HWC, normalized_to_grid(torch.tensor(bxs, dtype=torch.float32), H, W), roi)
         out.append(encoder.pool_regions(feats))
     return out
 
@@ -74,6 +81,9 @@ def run(
         missing_images=ds.missing,
         missing_examples=ds.missing_examples,
         unreadable_images=len(failed),
-        notes=["n counts boxes; region = RoIAlign 1x1 over the patch grid, pooled by the MAP head"],
+        notes=[
+            "n counts boxes; region: " + getattr(encoder, "region_protocol", FINEVIT_PROTOCOL),
+            f"RoIAlign: {roi_backend()}",
+        ],
         seconds=time.perf_counter() - t0,
     )
