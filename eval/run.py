@@ -59,8 +59,12 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = False,
     checkpoint_hash: str | None = None,
+    storage: Any = None,
 ) -> TaskResult:
-    """Run ``task`` on ``data``; see eval/datasets.py for formats and ``finevit eval --help``."""
+    """Run ``task`` on ``data``; see eval/datasets.py for formats and ``finevit eval --help``.
+
+    ``data`` and ``images`` may be ``s3://`` URIs, reached with ``storage`` (an
+    :class:`engine.config.StorageConfig`; None: the environment and boto3's chain)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     tname, tlist = load_templates(templates) if task in ("zeroshot", "boxcls") else ("-", [])
@@ -68,10 +72,10 @@ def evaluate(
         from eval.tasks import zeroshot
 
         result = zeroshot.run(
-            encoder, datasets.load_classification(data, fmt, images), tlist, batch_size, progress
+            encoder, datasets.load_classification(data, fmt, images, storage), tlist, batch_size, progress
         )
     elif task in ("retrieval", "long-retrieval"):
-        ds = datasets.load_captions(data, fmt, images, split, layers, dci_text, limit)
+        ds = datasets.load_captions(data, fmt, images, split, layers, dci_text, limit, storage)
         if task == "retrieval":
             from eval.tasks import retrieval
 
@@ -85,7 +89,7 @@ def evaluate(
 
         layer = (layers or ["gt-regions"])[0]
         result = boxcls.run(
-            encoder, datasets.load_boxes(data, fmt, images, layer), tlist, batch_size, progress
+            encoder, datasets.load_boxes(data, fmt, images, layer, storage), tlist, batch_size, progress
         )
     else:
         from engine.synthetic import parse_synthetic_uri

@@ -7,6 +7,7 @@
     finevit eval CKPT --task retrieval --data captions_val2017.json --images val2017/
     finevit eval CKPT --task long-retrieval --data dci/ --dci-text extra
     finevit eval CKPT --task boxcls --data instances_val2017.json --images val2017/
+    finevit eval CKPT --task retrieval --data s3://bucket/ds --format finevit --layer gt-global
     finevit eval openclip:ViT-B-32 --weights open_clip_model.safetensors --task zeroshot --data ...
     finevit eval openclip:ViT-B-16 --weights ... --task boxcls --data instances_val2017.json --images val2017/
 """
@@ -45,7 +46,8 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="dataset path, annotation file, FineViT dataset root, or synthetic://scenes?... (finegrained)",
+        help="dataset path, annotation file or FineViT dataset root, local or s3://bucket/prefix (S3: "
+        "--s3-endpoint-url, --set storage.*, else the AWS_* environment); synthetic://scenes?... (finegrained)",
     )
     p.add_argument(
         "--format",
@@ -53,7 +55,9 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
         help="imagefolder, csv, json (zeroshot); coco-captions, karpathy, finevit (retrieval); dci, urban1k, "
         "sharegpt4v, finevit (long-retrieval); coco-instances, finevit (boxcls); default: guessed",
     )
-    p.add_argument("--images", help="image folder for annotation files (default: the file's folder)")
+    p.add_argument(
+        "--images", help="image folder for annotation files, local or s3:// (default: the file's folder)"
+    )
     p.add_argument("--split", default="test", help="Karpathy split (default test)")
     p.add_argument(
         "--layer", action="append", help="FineViT caption layer(s) (alt-text: shard captions) or region layer"
@@ -91,6 +95,7 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from engine.store import StorageError
     from eval.datasets import FormatError
     from eval.embed import TaskError
     from eval.report import markdown, write
@@ -108,6 +113,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except (EncoderError, ValueError) as e:
             return fail(str(e))
     try:
+        storage = _storage(args)
         enc = load_model(
             args.model,
             args.config,
@@ -134,6 +140,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 args.negatives,
                 args.batch_size,
                 progress=not args.no_progress and sys.stderr.isatty(),
+                storage=storage,
             )
             if r.missing_images or r.unreadable_images:
                 warn(
@@ -141,7 +148,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     f"(e.g. {', '.join(r.missing_examples[:3])})"
                 )
             results.append(r)
-    except (FormatError, EncoderError, TaskError, ImportError, ValueError) as e:
+    except (FormatError, EncoderError, TaskError, ImportError, ValueError, StorageError) as e:
         return fail(str(e))
     print(markdown(results), end="")
     if args.out:
@@ -150,3 +157,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(json.dumps([r.metrics for r in results]))
     return EXIT_OK
+
+
+def _storage(args: argparse.Namespace) -> Any:
+    """S3 access for ``s3://`` data: ``--s3-endpoint-url`` and the ``--set storage.*`` overrides (the
+    others are the model's), then the environment and boto3's chain."""
+    from engine.config import FineVitConfig, load_config
+
+    sets = [o for o in args.overrides if o.startswith("storage.")]
+    if args.s3_endpoint_url:
+        sets.append(f"storage.endpoint_url={args.s3_endpoint_url}")
+    return load_config(None, sets, FineVitConfig).storage
