@@ -126,6 +126,10 @@ class Files:
                 entries = fs.ls(path, detail=True)
             except FileNotFoundError:
                 entries = []
+            except Exception as e:  # credentials, endpoint, permissions: one line naming the URI
+                from engine.store import StorageError
+
+                raise StorageError(f"cannot list {uri}: {type(e).__name__}: {e}") from None
             self._listed[uri] = {
                 e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("type") == "directory"
                 for e in entries
@@ -154,7 +158,14 @@ class Files:
         if not _is_s3(uri):
             return Path(uri).read_bytes()
         fs, path = self._fs(uri)
-        return fs.cat_file(path)
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            from engine.store import StorageError
+
+            raise StorageError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
 
     def read_text(self, uri: str) -> str:
         try:

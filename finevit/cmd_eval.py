@@ -150,6 +150,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             results.append(r)
     except (FormatError, EncoderError, TaskError, ImportError, ValueError, StorageError) as e:
         return fail(str(e))
+    except (OSError, *_boto_errors()) as e:  # storage refused or unreachable (S3 403, no credentials, ...)
+        return fail(f"cannot read {args.data}: {type(e).__name__}: {e}")
     print(markdown(results), end="")
     if args.out:
         jpath, mpath = write(results, args.out)
@@ -168,3 +170,12 @@ def _storage(args: argparse.Namespace) -> Any:
     if args.s3_endpoint_url:
         sets.append(f"storage.endpoint_url={args.s3_endpoint_url}")
     return load_config(None, sets, FineVitConfig).storage
+
+
+def _boto_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        return (BotoCoreError,)
+    except ImportError:
+        return ()

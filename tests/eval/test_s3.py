@@ -108,3 +108,14 @@ def test_finevit_dataset_and_coco_instances_on_s3(
     assert finevit_cli([*nope, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.json" in err[0] and "no such file" in err[0]
+    bad_keys = [
+        "--s3-endpoint-url",
+        s3.endpoint,
+        "--set",
+        "storage.access_key_id=x",
+        "--set",
+        "storage.anon=true",
+    ]
+    assert finevit_cli([*argv, "--layer", "gt-global", *bad_keys]) == 2  # anonymous: moto says 403
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and s3.bucket in err[0], err
