@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from eval.datasets import BoxSet
-from eval.embed import TaskError, embed_texts, require_text
+from eval.embed import TaskError, embed_texts, open_images, require_text
 from eval.metrics import class_embeddings, classification_metrics
 from eval.report import TaskResult
 from eval.roi import normalized_to_grid, roi_align, roi_backend
@@ -57,12 +57,12 @@ def run(
         range(0, len(ds.images), batch_size), desc="boxcls images", disable=not progress, leave=False
     ):
         ims, bxs, lbs = [], [], []
-        for j in range(i, min(i + batch_size, len(ds.images))):
-            try:
-                ims.append(ds.images[j].open())
-            except Exception:
+        js = range(i, min(i + batch_size, len(ds.images)))
+        for j, im in zip(js, open_images([ds.images[j] for j in js]), strict=True):
+            if im is None:
                 failed.append(ds.images[j].name)
                 continue
+            ims.append(im)
             bxs.append(ds.boxes[j])
             lbs.extend(ds.labels[j])
         if ims:
