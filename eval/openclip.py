@@ -116,6 +116,11 @@ class OpenClipEncoder:
         return v
 
     @property
+    def region_resolution(self) -> str:
+        h, w = self._vit().image_size
+        return f"{w}x{h} squashed (no crop)"
+
+    @property
     def region_protocol(self) -> str:
         h, w = self._vit().image_size
         feats = (

@@ -109,7 +109,7 @@ def evaluate(
         text += f" (mean {lengths['text_tokens_mean']}, max {lengths['text_tokens_max']}, {lengths['texts_truncated']} truncated)"
     result.settings.update(
         {
-            "resolution": _resolution(encoder),
+            "resolution": result.settings.get("resolution") or _resolution(encoder),
             "text": text,
             "templates": f"{tname} ({len(tlist)})" if tlist else "-",
             "checkpoint": checkpoint_hash or encoder_hash(encoder),

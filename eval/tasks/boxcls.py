@@ -72,12 +72,14 @@ def run(
     target_B = torch.tensor(targets, dtype=torch.long)
     metrics: dict[str, Any] = classification_metrics(reg_BE @ classes_CE.T, target_B) if targets else {}
     metrics["classes"] = len(ds.classnames)
+    region_res = getattr(encoder, "region_resolution", None)  # OpenCLIP: squashed, not centre-cropped
     return TaskResult(
         "boxcls",
         ds.source,
         ds.split,
         len(targets),
         metrics,
+        settings={"resolution": region_res} if region_res else {},
         missing_images=ds.missing,
         missing_examples=ds.missing_examples,
         unreadable_images=len(failed),

@@ -147,6 +147,7 @@ def test_cli_boxcls_on_openclip_config(open_clip_ok, tmp_path: Path, capsys: pyt
     assert row["task"] == "boxcls" and row["n"] == 2 and row["missing_images"] == 1
     assert set(row["metrics"]) >= {"top1", "top5", "mean_per_class_recall"} and row["metrics"]["classes"] == 3
     assert any("value path" in n for n in row["notes"]) and row["settings"]["model"] == "openclip:tiny-clip"
+    assert row["settings"]["resolution"] == "32x32 squashed (no crop)"
     assert finevit_cli([*argv, "--region-features", "final", "--out", str(out)]) == 0
     assert any("final tokens" in n for n in json.loads((out / "results.json").read_text())[0]["notes"])
     resnet = tmp_path / "rn.json"
