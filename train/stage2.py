@@ -104,6 +104,15 @@ class ProjectorConfig(StrictModel):
     )
 
 
+class Stage2Loss(StrictModel):
+    reduction: Literal["token", "sample", "square"] = Field(
+        default="square",
+        description="how target tokens are averaged: 'token' (every token of the batch alike: long "
+        "global captions drown short region captions), 'sample' (each sample's mean, then the mean over "
+        "samples), 'square' (InternVL 2.5's square averaging: a sample's tokens weigh 1/sqrt(length))",
+    )
+
+
 class Stage2Optim(OptimConfig):
     vision_lr_mult: float = Field(
         default=0.1, ge=0, description="the vision tower's learning rate as a multiple of optim.lr"
@@ -121,6 +130,7 @@ class Stage2Config(StrictModel):
     data: Stage2Data = Stage2Data()
     schedule: list[Phase] = [Phase(until=10**9, train="projector")]
     optim: Stage2Optim = Stage2Optim()
+    loss: Stage2Loss = Stage2Loss()
     loop: LoopConfig = LoopConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig(dir="runs/stage2")
@@ -293,6 +303,30 @@ def param_groups(model: FineViTVLMForConditionalGeneration, o: Stage2Optim) -> l
     return groups
 
 
+def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Next-token cross-entropy on the target tokens (labels != -100), averaged as ``reduction``
+    says (see :class:`Stage2Loss`)."""
+    logits, labels = logits_BLV[:, :-1].float(), labels_BL[:, 1:]
+    mask = labels != -100
+    ce_BL = (
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1), reduction="none"
+        ).view_as(labels)
+        * mask
+    )
+    n_B = mask.sum(1)
+    if reduction == "token":
+        return ce_BL.sum() / n_B.sum().clamp(min=1)
+    has = n_B > 0
+    w_B = torch.where(
+        has, 1.0 / (n_B.clamp(min=1) if reduction == "sample" else n_B.clamp(min=1).sqrt()), 0.0
+    )
+    # square: weights normalized over the batch's tokens so the scale matches 'token'
+    per_B = ce_BL.sum(1) * w_B
+    norm = has.sum() if reduction == "sample" else (n_B * w_B).sum()
+    return per_B.sum() / norm.clamp(min=1)
+
+
 def phase_at(cfg: Stage2Config, step: int) -> str:
     for ph in cfg.schedule:
         if step < ph.until:
@@ -416,12 +450,11 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             out = net(
                 input_ids=batch["input_ids_BL"].to(device),
                 attention_mask=batch["mask_BL"].to(device),
-                labels=batch["labels_BL"].to(device),
                 vision=batch["vision"].to(device),
                 spans=batch["spans"],
                 region_boxes=batch["region_boxes"],
             )
-        loss = out.loss
+            loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(

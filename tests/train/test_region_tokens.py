@@ -4,8 +4,6 @@ that image's projected tokens in the box."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +14,6 @@ from train.model.vlm import (
     FineViTVLMConfig,
     FineViTVLMForConditionalGeneration,
     FineViTVLMProcessor,
-    region_feature,
 )
 
 PRE = {"patch_size": 8, "max_patches": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -69,14 +66,23 @@ def test_the_processor_marks_each_box_of_an_image_prompt(tokenizer) -> None:
     assert "region_boxes" not in off and not (off["input_ids"] == rid).any()
 
 
-def test_a_region_token_carries_the_mean_of_the_image_tokens_in_its_box() -> None:
-    grid = torch.arange(4 * 6 * 2, dtype=torch.float32).reshape(4, 6, 2)  # 4x6 merged cells, H=2
-    # cells whose centres lie in x [0, 0.5], y [0, 0.5]: rows 0-1, cols 0-2
-    torch.testing.assert_close(
-        region_feature([grid], [0, 0.0, 0.0, 0.5, 0.5]), grid[:2, :3].reshape(-1, 2).mean(0)
-    )
-    # a box between centres gets the nearest cell
-    torch.testing.assert_close(region_feature([grid], [0, 0.9, 0.9, 0.95, 0.95]), grid[3, 5])
+def test_a_box_is_roialigned_to_a_block_the_projector_maps_like_any_other() -> None:
+    from train.model.projector import PatchMerger, roi_blocks
+
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(6.0), indexing="ij")
+    x = torch.stack([rows, cols, 2 * rows - cols], -1)  # features linear in the position: bilinear is exact
+    # a box on the cells of rows 1-2, cols 2-3 (normalized: y 1/4..3/4, x 2/6..4/6) is those four cells
+    box = torch.tensor([[2 / 6, 1 / 4, 4 / 6, 3 / 4]])
+    torch.testing.assert_close(roi_blocks(x, box)[0], x[1:3, 2:4])
+    # ... and the projector makes of it the merged token of that block (same place, same weights)
+    torch.manual_seed(0)
+    merger = PatchMerger(3, 8, abs_pos=True)
+    rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    x6 = torch.stack([rows, cols, 2 * rows - cols], -1)
+    centre = torch.tensor([[2 / 6, 2 / 6, 4 / 6, 4 / 6]])  # patches 2-3 x 2-3: merged cell (1, 1) of 3x3
+    torch.testing.assert_close(merger.regions(x6, centre)[0], merger(x6)[4])
+    # a box elsewhere gives another token
+    assert not torch.allclose(merger.regions(x6, box)[0], merger(x6)[4])
 
 
 def test_the_model_fills_region_tokens_and_refuses_a_mismatch(tokenizer) -> None:
@@ -110,6 +116,12 @@ def test_the_model_fills_region_tokens_and_refuses_a_mismatch(tokenizer) -> None
         vb, spans = pack_padded(out["pixel_values"], out["image_grid"])
         grid = model.image_grids(vb, spans)[0]  # 4x4 merged cells
     at = out["input_ids"][0].tolist().index(cfg.region_token_id)
-    torch.testing.assert_close(emb[0, at], grid[:2, :2].reshape(-1, grid.shape[-1]).mean(0))
+    # the top-left quarter of a 4x4 merged grid is merged cell (0, 0)... of the 8x8 patch grid,
+    # a box of 4x4 patches: RoIAlign to 2x2 bins, not the cell itself -- so compare with the projector
+    with torch.no_grad():
+        patches = model.patch_grids(vb, spans)[0]
+        want = model.projector.regions(patches, torch.tensor([[0.0, 0.0, 0.5, 0.5]]))[0]
+    torch.testing.assert_close(emb[0, at], want)
+    assert not torch.allclose(emb[0, at], grid[0, 0])
     with pytest.raises(ValueError, match="region boxes"):
         model.embed(out["input_ids"], out["pixel_values"], out["image_grid"])

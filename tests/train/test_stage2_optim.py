@@ -82,3 +82,30 @@ def test_each_part_trains_at_its_own_rate() -> None:
 def test_phases_train_only_their_parts(phase: str, trains: set[str]) -> None:
     moved = one_step(tiny_vlm(), phase, Stage2Optim(lr=1e-2, weight_decay=0.0))
     assert {part for part, d in moved.items() if d > 0} == trains
+
+
+def test_loss_reductions() -> None:
+    """'token' is the LM's own loss; 'sample' and 'square' stop long targets drowning short ones."""
+    from train.stage2 import lm_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 11)
+    labels = torch.full((2, 9), -100)
+    labels[0, 1:9] = torch.randint(0, 11, (8,))  # a long target: 8 tokens
+    labels[1, 7:9] = torch.randint(0, 11, (2,))  # a short one: 2 tokens
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), reduction="none"
+    )
+    ce = ce.view(2, 8)
+    long, short = ce[0].sum(), ce[1, 6:].sum()
+    hf = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(lm_loss(logits, labels, "token"), hf)
+    torch.testing.assert_close(lm_loss(logits, labels, "token"), (long + short) / 10)
+    torch.testing.assert_close(lm_loss(logits, labels, "sample"), (long / 8 + short / 2) / 2)
+    w8, w2 = 8**-0.5, 2**-0.5
+    torch.testing.assert_close(
+        lm_loss(logits, labels, "square"), (long * w8 + short * w2) / (8 * w8 + 2 * w2)
+    )
+    # a sample without target tokens counts for nothing
+    labels[1] = -100
+    torch.testing.assert_close(lm_loss(logits, labels, "sample"), long / 8)

@@ -126,20 +126,19 @@ def boxes_in(text: str) -> list[tuple[float, float, float, float]]:
     return [tuple(int(g) / 1000 for g in m.groups()) for m in BOX_RE.finditer(text)]  # type: ignore[misc]
 
 
-def region_feature(grids: Sequence[torch.Tensor], row: Sequence[float]) -> torch.Tensor:
-    """``(H,)``: the mean of image ``row[0]``'s merged tokens whose cell centres lie in the box
-    ``row[1:]`` (normalized x0, y0, x1, y1); the cell nearest the box's centre when none does."""
-    grid = grids[int(row[0])]
-    mh, mw, H = grid.shape
-    x0, y0, x1, y1 = row[1:]
-    cy = (torch.arange(mh, device=grid.device) + 0.5) / mh
-    cx = (torch.arange(mw, device=grid.device) + 0.5) / mw
-    inside = ((cy >= y0) & (cy <= y1))[:, None] & ((cx >= x0) & (cx <= x1))[None, :]
-    if not bool(inside.any()):
-        r = min(mh - 1, int((y0 + y1) / 2 * mh))
-        c = min(mw - 1, int((x0 + x1) / 2 * mw))
-        return grid[r, c]
-    return grid[inside].mean(0)
+def region_features(
+    projector: PatchMerger, patch_grids: Sequence[torch.Tensor], boxes_R5: torch.Tensor
+) -> torch.Tensor:
+    """``(R, H)``: one LM token per ``[image, x0, y0, x1, y1]`` row, in order: the box RoIAligned
+    on that image's patch grid and projected like a 2x2 block (:meth:`PatchMerger.regions`)."""
+    out: list[torch.Tensor | None] = [None] * boxes_R5.shape[0]
+    images = boxes_R5[:, 0].long()
+    for i in images.unique().tolist():
+        rows = (images == i).nonzero().flatten()
+        feats = projector.regions(patch_grids[i], boxes_R5[rows, 1:])
+        for r, f in zip(rows.tolist(), feats, strict=True):
+            out[r] = f
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ the VLM
@@ -208,13 +207,17 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         _init(module)
 
+    def patch_grids(self, vision: VisionBatch, spans: Sequence[Span]) -> list[torch.Tensor]:
+        """Each image's vision features (the projector's input) as its patch grid ``(gh, gw, C)``."""
+        x_TC = vision_tokens(self.vision, vision, self.feature_layers)
+        return [x_TC[t0 : t0 + gh * gw].reshape(gh, gw, -1) for t0, gh, gw in spans]
+
     def image_grids(self, vision: VisionBatch, spans: Sequence[Span]) -> list[torch.Tensor]:
         """Projected features of each image as its merged grid ``(mh, mw, H)``, in ``spans`` order."""
-        x_TC = vision_tokens(self.vision, vision, self.feature_layers)
         out = []
-        for t0, gh, gw in spans:
-            mh, mw = merged_grid(gh, gw)
-            out.append(self.projector(x_TC[t0 : t0 + gh * gw].reshape(gh, gw, -1)).reshape(mh, mw, -1))
+        for x in self.patch_grids(vision, spans):
+            mh, mw = merged_grid(x.shape[0], x.shape[1])
+            out.append(self.projector(x).reshape(mh, mw, -1))
         return out
 
     def image_embeds(self, vision: VisionBatch, spans: Sequence[Span]) -> torch.Tensor:
@@ -249,11 +252,10 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
                     f"{n_slots} image and {n_regions} region tokens in the prompt but no image given"
                 )
             return embeds_BLH
-        grids = self.image_grids(vision, spans)
+        patch_grids = self.patch_grids(vision, spans)
+        feats = [self.projector(x) for x in patch_grids]
         feats_MH = (
-            torch.cat([g.reshape(-1, g.shape[-1]) for g in grids]).to(embeds_BLH.dtype)
-            if grids
-            else embeds_BLH.new_zeros(0, embeds_BLH.shape[-1])
+            torch.cat(feats).to(embeds_BLH.dtype) if feats else embeds_BLH.new_zeros(0, embeds_BLH.shape[-1])
         )
         if feats_MH.shape[0] != n_slots:
             raise ValueError(
@@ -268,7 +270,7 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
                     f"the prompt has {n_regions} region tokens but {boxes.shape[0]} region boxes were given: "
                     "build prompts with the processor"
                 )
-            regions_RH = torch.stack([region_feature(grids, row) for row in boxes.tolist()])
+            regions_RH = region_features(self.projector, patch_grids, boxes)
             embeds_BLH = embeds_BLH.masked_scatter(is_region_BL[..., None], regions_RH.to(embeds_BLH.dtype))
         return embeds_BLH
 
