@@ -73,6 +73,16 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     p.add_argument(
         "--trust-remote-code", action="store_true", help="hf/vllm: run the model directory's own code"
     )
+    p.add_argument(
+        "--cache-dir",
+        help="where the response cache keeps answers across runs (default <dataset>/cache/recaption; "
+        "local or s3://)",
+    )
+    p.add_argument(
+        "--no-persistent-cache",
+        action="store_true",
+        help="neither reuse nor store answers across runs (duplicates within a run are still sent once)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--dry-run",
@@ -152,6 +162,8 @@ def cmd_recaption(args: argparse.Namespace) -> int:
             "recaption.clients": args.clients,
             "recaption.retry_failed": flag(args.retry_failed),
             "recaption.progress": "false" if args.no_progress else None,
+            "recaption.cache_dir": _q(args.cache_dir),
+            "recaption.persistent_cache": "false" if args.no_persistent_cache else None,
             "recaption.model_family": args.model_family,
             "recaption.hf.trust_remote_code": flag(args.trust_remote_code),
             "recaption.vllm.trust_remote_code": flag(args.trust_remote_code),
