@@ -164,3 +164,18 @@ def test_cli_cache_dir_and_no_persistent_cache(scenes, fault_server, tmp_path):
     _run_cli(scenes, srv, "--layer", "c3", "--cache-dir", str(cache), "--no-persistent-cache")
     assert sum(srv.seen.values()) == 2 * sent  # not read ...
     assert _files(cache) == stored and not (scenes / "cache").exists()  # ... nor written
+
+
+def test_cli_several_layers_in_one_pass(scenes, fault_server):
+    """``--task global --task regions`` writes two layers from one pass, each with its own
+    layer.json, commits and stats, and prints a summary per layer."""
+    srv = fault_server(keep_bodies=True)
+    out = _run_cli(scenes, srv, "--task", "global", "--task", "regions", "--layer", "g", "--layer", "r")
+    ds = Dataset(str(scenes))
+    for name, kind in (("g", "caption"), ("r", "regions")):
+        layer = ds.layer(name)
+        assert layer.committed() == ["00001"] and layer.info()["kind"] == kind
+        st = layer.read_stats("00001")
+        assert (st.count, st.ok, st.extra["requests"]) == (8, 8, 8), st
+        assert f"layer {name} shards 1 written" in out, out
+    assert len(srv.bodies) == 16 and sum("response_format" in b for b in srv.bodies) == 8

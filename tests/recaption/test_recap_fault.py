@@ -553,3 +553,64 @@ def test_response_cache_persists_across_runs(scenes, fault_server):
     # other settings (here max_tokens) are other answers: sent again
     _run_shards(scenes, _cfg(srv, layer="p3", max_tokens=100))
     assert sum(srv.seen.values()) == 2 * sent
+
+
+def test_one_pass_writes_several_layers(scenes, fault_server, monkeypatch):
+    """Operator feature: one read and decode of each image serves several layers (a global
+    caption and grounded regions), each committed once with its own rows and stats; a later pass
+    with one more layer asks only for that layer and leaves the committed ones alone."""
+    import recaption.samples as samples_mod
+    from recaption.plan import RecaptionReport, layer_configs, plan_pass
+
+    decoded, tars = [], []
+    prepare, tar = samples_mod.prepare, samples_mod.iter_tar_images
+    monkeypatch.setattr(samples_mod, "prepare", lambda *a, **k: decoded.append(1) or prepare(*a, **k))
+    monkeypatch.setattr(samples_mod, "iter_tar_images", lambda ds, s: tars.append(s) or tar(ds, s))
+    srv = fault_server(keep_bodies=True)
+    specs = [{"task": "global", "layer": "g"}, {"task": "regions", "layer": "r"}]
+    ds = Dataset(str(scenes))
+
+    def run_pass(specs) -> tuple[list, list]:
+        cfg = _cfg(srv, layers=specs)
+        cfgs = layer_configs(cfg)
+        for c in cfgs:
+            check_or_write_info(ds.layer(layer_name(c)), layer_info(c, "fake-vlm"))
+        reports = [RecaptionReport(dataset=ds.root, layer=layer_name(c)) for c in cfgs]
+        todo = plan_pass(ds, cfgs, reports)
+        w = ShardWorker(
+            str(scenes), StorageConfig(), cfg, "fake-vlm", run_id=[f"run{i}" for i in range(len(cfgs))]
+        )
+
+        async def go():
+            try:
+                return [await w.run_pass(t.shard, t.payload) for t in todo]
+            finally:
+                await w.close()
+
+        return todo, asyncio.run(go())
+
+    todo, outs = run_pass(specs)
+    assert [t.payload for t in todo] == [[(0, "shard"), (1, "shard")]] * 3
+    assert len(decoded) == 23 and tars == ["00000", "00001", "00002"]  # once per image, once per tar
+    g, r = ds.layer("g"), ds.layer("r")
+    assert g.committed() == r.committed() == ["00000", "00001", "00002"]
+    grounded = [b for b in srv.bodies if "response_format" in b]
+    assert len(grounded) == 23 and len(srv.bodies) == 46  # one request per image per layer
+    for (og, orr), s in zip(outs, ["00000", "00001", "00002"], strict=True):
+        sg, sr = g.read_stats(s), r.read_stats(s)
+        n = 7 if s == "00000" else 8  # one image failed at ingest
+        assert (sg.count, sg.ok, sg.extra["requests"], sg.extra["run_id"]) == (8, n, n, "run0")
+        assert (sr.count, sr.ok, sr.extra["requests"], sr.extra["run_id"]) == (8, n, n, "run1")
+        assert og["stats"]["requests"] == orr["stats"]["requests"] == n
+    rows_g = [x for s in g.committed() for x in _rows(g, s)]
+    rows_r = [x for s in r.committed() for x in _rows(r, s)]
+    assert [x["key"] for x in rows_g] == [x["key"] for x in rows_r] and len({x["key"] for x in rows_g}) == 24
+    assert all(x["caption"].startswith("A large red") for x in rows_g if x["status"] == "ok")
+    assert all(len(x["regions"]) == 2 for x in rows_r if x["status"] == "ok")
+    marks = {p: p.stat().st_mtime_ns for p in (scenes / "layers").glob("[gr]/*_stats.json")}
+    # one more layer: only it is asked for; g and r stay as they were
+    decoded.clear()
+    todo, _ = run_pass([*specs, {"task": "global", "layer": "g2", "prompt": "short-v1"}])
+    assert [t.payload for t in todo] == [[(2, "shard")]] * 3 and len(decoded) == 23
+    assert len(srv.bodies) == 46 + 23 and ds.layer("g2").committed() == ["00000", "00001", "00002"]
+    assert {p: p.stat().st_mtime_ns for p in marks} == marks

@@ -211,7 +211,7 @@ def test_cli_flags_build_the_config(monkeypatch):
         seen["root"], seen["cfg"] = root, cfg
         raise Stop
 
-    monkeypatch.setattr(run_mod, "recaption", fake)
+    monkeypatch.setattr(run_mod, "recaption_layers", fake)
     with pytest.raises(Stop):
         cr.cmd_recaption(args)
     r = seen["cfg"].recaption
