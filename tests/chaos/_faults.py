@@ -46,11 +46,7 @@ def run_cli(args: list[str], log: Path, timeout: float = 400) -> tuple[int, str,
     return rc, text, wall
 
 
-@contextlib.contextmanager
-def ray_head(log: Path, num_cpus: int = 2):
-    """A local Ray head in its own process group (``ray start --head --block``), its address
-    in ``RAY_ADDRESS`` while it lives; SIGKILL to that group (never ``ray stop``: that would stop
-    every Ray on the machine) at the end."""
+def _start_head(log: Path, num_cpus: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     temp = tempfile.mkdtemp(prefix="fvray-chaosb-", dir="/tmp")
     f = open(log, "ab")  # noqa: SIM115 - the child holds it
@@ -59,23 +55,47 @@ def ray_head(log: Path, num_cpus: int = 2):
     cmd += ["--object-store-memory=200000000"]
     proc = subprocess.Popen(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     f.close()
+    return proc, f"127.0.0.1:{port}"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def ray_head(log: Path, num_cpus: int = 2, tries: int = 3):
+    """A local Ray head in its own process group (``ray start --head --block``), its address
+    in ``RAY_ADDRESS`` while it lives; SIGKILL to that group (never ``ray stop``: that would stop
+    every Ray on the machine) at the end. A start that times out (Ray waits a fixed 30 s for its
+    raylet) is tried again, up to ``tries`` times."""
     old = os.environ.get("RAY_ADDRESS")
+    proc = None
     try:
-        deadline = time.time() + 180
-        while "Ray runtime started" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray head did not start:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-        yield os.environ["RAY_ADDRESS"]
+        for attempt in range(tries):
+            seen = len(log.read_text(errors="replace")) if log.exists() else 0
+            proc, address = _start_head(log, num_cpus)
+            deadline = time.time() + 180
+            while proc.poll() is None and time.time() < deadline:
+                if "Ray runtime started" in log.read_text(errors="replace")[seen:]:
+                    break
+                time.sleep(0.2)
+            else:
+                _kill_group(proc)
+                if attempt == tries - 1:
+                    raise RuntimeError(f"ray head did not start:\n{log.read_text(errors='replace')[-3000:]}")
+                continue
+            break
+        os.environ["RAY_ADDRESS"] = address
+        yield address
     finally:
         if old is None:
             os.environ.pop("RAY_ADDRESS", None)
         else:
             os.environ["RAY_ADDRESS"] = old
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc is not None:
+            _kill_group(proc)
 
 
 @dataclass
