@@ -24,14 +24,15 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0 NO_ALB
 
 # Sizes. full: the demo's claim (quiet 2-core budget: ~15 min). ci: every step, seconds each.
 if [[ $SCALE == ci ]]; then
+    # the captioner gets enough steps to write whole sentences (else the filter rightly drops every
+    # recaption and stage 1 on recaptions has nothing to train on)
     N_TRAIN=128 N_HUMAN=64 N_EVAL=32 SIZE=96 SPS=64
-    S1_STEPS=20 CAP_S1_STEPS=10 CAP_S2_STEPS=10 S2_STEPS=10 FG_N=8
-    RECAP_ARGS=(--max-tokens 48 --keep-truncated) # an untrained LM talks to its limit
+    S1_STEPS=20 CAP_S1_STEPS=10 CAP_S2_STEPS=150 S2_STEPS=10 FG_N=8
 else
     N_TRAIN=2048 N_HUMAN=512 N_EVAL=128 SIZE=128 SPS=256
-    S1_STEPS=600 CAP_S1_STEPS=300 CAP_S2_STEPS=400 S2_STEPS=200 FG_N=64
-    RECAP_ARGS=(--max-tokens 224)
+    S1_STEPS=600 CAP_S1_STEPS=300 CAP_S2_STEPS=800 S2_STEPS=300 FG_N=64
 fi
+RECAP_ARGS=(--max-tokens 224)
 N_TRAIN=${DEMO_N_TRAIN:-$N_TRAIN}
 S1_STEPS=${DEMO_S1_STEPS:-$S1_STEPS}
 PORT=${DEMO_PORT:-$((20000 + RANDOM % 20000))}
@@ -42,7 +43,8 @@ ROOT=${DEMO_S3:-$D/data}
 CORPUS=$ROOT/corpus HELDOUT=$ROOT/heldout HUMAN=$ROOT/human
 TOK=$D/models/tokenizer
 S1_CFG=configs/demo_stage1.yaml
-S2_CFG=configs/stage2_tiny_cpu.yaml
+CAP_CFG=configs/demo_captioner.yaml
+S2_CFG=configs/demo_stage2.yaml
 FG_DATA="synthetic://scenes?n=$FG_N&seed=1000&size=$SIZE"
 S1_SETS=(--set "data.tokenizer=$TOK" --set "log.progress=false")
 
@@ -75,10 +77,8 @@ step tokenizer $BIN train-tokenizer "$HUMAN" --layer gt-global --layer alt-text 
 step captioner-stage1 $BIN train stage1 --config $S1_CFG --dataset "$HUMAN" --steps $CAP_S1_STEPS \
     --log-dir "$D/runs/captioner-stage1" "${S1_SETS[@]}" --set "data.captions=[{source: gt-global}]"
 step captioner-lm $BIN train tiny-lm "$TOK" "$D/models/tiny-lm"
-step captioner-stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/captioner-stage1" \
-    --lm "$D/models/tiny-lm" --dataset "$HUMAN" --steps $CAP_S2_STEPS --log-dir "$D/runs/captioner-stage2" \
-    --set data.regions_layer=gt-regions --set data.global_layer=gt-global --set log.progress=false \
-    --set "data.tasks=[{task: global, weight: 0.6}, {task: box_caption, weight: 0.4}]" # what it will caption
+step captioner-stage2 $BIN train stage2 --config $CAP_CFG --init "$D/runs/captioner-stage1" \
+    --lm "$D/models/tiny-lm" --dataset "$HUMAN" --steps $CAP_S2_STEPS --log-dir "$D/runs/captioner-stage2"
 step captioner-export $BIN export "$D/runs/captioner-stage2" "$D/models/captioner" --part vlm
 
 # ---------------------------------------------------------------- 3. recaption through the HTTP path
@@ -121,8 +121,7 @@ wait $recap_pid
 
 # ---------------------------------------------------------------- 6. stage 2 from the recaption encoder
 step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
-    --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2" --set data.regions_layer=recap-regions \
-    --set data.global_layer=recap-global --set log.progress=false
+    --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2"
 step export $BIN export "$D/runs/stage2" "$D/models/encoder-stage2" --part encoder
 
 # ---------------------------------------------------------------- 7. eval the three encoders

@@ -6,10 +6,16 @@ schedule's phases (which parts train), AdamW + warmup/cosine, the loader
 (:mod:`train.data.regions`), DCP checkpoints with exact resume, DDP, NaN guard, logs with
 tokens/s and MFU. The CLI only builds the config.
 
-Schedule: ``schedule`` is a list of phases ``{until: STEP, train: projector|encoder|all}``:
+Schedule: ``schedule`` is a list of phases ``{until: STEP, train: projector|encoder|lm|all}``:
 ``projector`` trains the projector only; ``encoder`` the vision tower + projector with the LM
-frozen; ``all`` everything. All parameters stay in the optimizer (frozen ones get no gradient,
-so AdamW leaves them alone), which keeps the optimizer state and checkpoints one shape.
+frozen; ``lm`` the projector + LM with the vision tower frozen (LLaVA's second stage); ``all``
+everything. All parameters stay in the optimizer (frozen ones get no gradient, so AdamW leaves
+them alone), which keeps the optimizer state and checkpoints one shape.
+
+Learning rates per part: ``optim.lr`` times ``optim.vision_lr_mult`` / ``projector_lr_mult`` /
+``lm_lr_mult``. The vision tower's default is 0.1: at the LM's rate a trained encoder collapses
+within a few hundred steps (every patch token the same vector), and the LM then has nothing to
+read (Qwen2-VL and LLaVA-OneVision also train the ViT at a fraction of the LM's rate).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from train.distributed import init_from_env, is_dist
 from train.metrics import Logger, peak_tflops
 from train.model.vlm import (
     IMAGE_TOKEN,
+    REGION_TOKEN,
     FineViTVLMConfig,
     FineViTVLMForConditionalGeneration,
     FineViTVLMProcessor,
@@ -74,7 +81,44 @@ class LMConfig(StrictModel):
 
 class Phase(StrictModel):
     until: int = Field(ge=1, description="this phase runs until this step (exclusive of later phases)")
-    train: Literal["projector", "encoder", "all"]
+    train: Literal["projector", "encoder", "lm", "all"]
+
+
+class ProjectorConfig(StrictModel):
+    feature_layers: list[int] = Field(
+        default=[-1],
+        min_length=1,
+        description="vision blocks whose patch tokens the projector reads, concatenated (LLaVA's "
+        "vision_feature_layer): -1 the last block after the final norm, k >= 0 the output of the first "
+        "k blocks (0: the patch embeddings)",
+    )
+    region_tokens: bool = Field(
+        default=True,
+        description="Ferret's region representation: a <region> token after each box of a prompt, "
+        "filled with the mean of the image tokens in the box (train/model/vlm.py)",
+    )
+    abs_pos: bool = Field(
+        default=True,
+        description="add each merged token's place in the image (fractions of height and width): the "
+        "encoder's RoPE is relative, so without it the LM cannot tell where an image token sits",
+    )
+
+
+class Stage2Loss(StrictModel):
+    reduction: Literal["token", "sample", "square"] = Field(
+        default="square",
+        description="how target tokens are averaged: 'token' (every token of the batch alike: long "
+        "global captions drown short region captions), 'sample' (each sample's mean, then the mean over "
+        "samples), 'square' (InternVL 2.5's square averaging: a sample's tokens weigh 1/sqrt(length))",
+    )
+
+
+class Stage2Optim(OptimConfig):
+    vision_lr_mult: float = Field(
+        default=0.1, ge=0, description="the vision tower's learning rate as a multiple of optim.lr"
+    )
+    projector_lr_mult: float = Field(default=1.0, ge=0, description="the projector's multiple of optim.lr")
+    lm_lr_mult: float = Field(default=1.0, ge=0, description="the language model's multiple of optim.lr")
 
 
 class Stage2Config(StrictModel):
@@ -82,9 +126,11 @@ class Stage2Config(StrictModel):
     model: ModelConfig = ModelConfig()
     init: InitConfig = InitConfig()
     lm: LMConfig = LMConfig()
+    projector: ProjectorConfig = ProjectorConfig()
     data: Stage2Data = Stage2Data()
     schedule: list[Phase] = [Phase(until=10**9, train="projector")]
-    optim: OptimConfig = OptimConfig()
+    optim: Stage2Optim = Stage2Optim()
+    loss: Stage2Loss = Stage2Loss()
     loop: LoopConfig = LoopConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig(dir="runs/stage2")
@@ -102,6 +148,10 @@ def check_fits(cfg: Stage2Config) -> None:
         problems.append(f"data.max_patches ({d.max_patches}) > data.seq_len ({d.seq_len})")
     if not d.tasks:
         problems.append("data.tasks is empty")
+    depth = cfg.model.vision.depth
+    bad = [k for k in cfg.projector.feature_layers if not (k == -1 or 0 <= k <= depth)]
+    if bad:
+        problems.append(f"projector.feature_layers {bad}: each must be -1 or 0..{depth} (model.vision.depth)")
     if any(t.task == "global" for t in d.tasks) and not d.global_layer:
         problems.append("data.tasks has 'global' but data.global_layer is empty")
     if problems:
@@ -189,8 +239,10 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
     step_dir = str(resolve_checkpoint(cfg.init.checkpoint))
     vision_sd = stage1_vision_state(step_dir, cfg.model)
     lm, tok = load_lm(cfg.lm.path)
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    wanted = [IMAGE_TOKEN] + ([REGION_TOKEN] if cfg.projector.region_tokens else [])
+    missing = [t for t in wanted if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if len(tok) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tok))
     d = cfg.data
@@ -207,12 +259,17 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
         lm_config=lm_config,
         image_token=IMAGE_TOKEN,
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layers=cfg.projector.feature_layers,
+        projector_abs_pos=cfg.projector.abs_pos,
+        region_token=REGION_TOKEN if cfg.projector.region_tokens else None,
+        region_token_id=tok.convert_tokens_to_ids(REGION_TOKEN) if cfg.projector.region_tokens else None,
     )
     lm_sd = {k: v.clone() for k, v in lm.state_dict().items()}
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)
     model.language_model.load_state_dict(lm_sd)  # whatever post_init touched: the LM's own weights
     model.vision.load_state_dict(vision_sd)
-    return model, FineViTVLMProcessor(tok, preprocess)
+    region = REGION_TOKEN if cfg.projector.region_tokens else None
+    return model, FineViTVLMProcessor(tok, preprocess, IMAGE_TOKEN, region)
 
 
 def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
@@ -220,7 +277,54 @@ def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
     enc = train in ("encoder", "all")
     for name, p in model.vision.named_parameters():
         p.requires_grad_(enc and not name.startswith(("head.", "proj.")))
-    model.language_model.requires_grad_(train == "all")
+    model.language_model.requires_grad_(train in ("lm", "all"))
+
+
+def param_groups(model: FineViTVLMForConditionalGeneration, o: Stage2Optim) -> list[dict[str, Any]]:
+    """AdamW groups: each part (vision, projector, LM) at its own rate, biases and norms undecayed.
+    The stage-1 pooling head and projection are left out (stage 2 never uses them)."""
+    parts = (
+        ("vision.", o.vision_lr_mult),
+        ("projector.", o.projector_lr_mult),
+        ("language_model.", o.lm_lr_mult),
+    )
+    groups = []
+    for prefix, mult in parts:
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if n.startswith(prefix) and not n.startswith(("vision.head.", "vision.proj."))
+        ]
+        for decayed in (True, False):
+            ps = [p for p in params if (p.ndim >= 2) == decayed]
+            if ps:
+                wd = o.weight_decay if decayed else 0.0
+                groups.append({"params": ps, "lr": o.lr * mult, "weight_decay": wd, "part": prefix[:-1]})
+    return groups
+
+
+def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Next-token cross-entropy on the target tokens (labels != -100), averaged as ``reduction``
+    says (see :class:`Stage2Loss`)."""
+    logits, labels = logits_BLV[:, :-1].float(), labels_BL[:, 1:]
+    mask = labels != -100
+    ce_BL = (
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1), reduction="none"
+        ).view_as(labels)
+        * mask
+    )
+    n_B = mask.sum(1)
+    if reduction == "token":
+        return ce_BL.sum() / n_B.sum().clamp(min=1)
+    has = n_B > 0
+    w_B = torch.where(
+        has, 1.0 / (n_B.clamp(min=1) if reduction == "sample" else n_B.clamp(min=1).sqrt()), 0.0
+    )
+    # square: weights normalized over the batch's tokens so the scale matches 'token'
+    per_B = ce_BL.sum(1) * w_B
+    norm = has.sum() if reduction == "sample" else (n_B * w_B).sum()
+    return per_B.sum() / norm.clamp(min=1)
 
 
 def phase_at(cfg: Stage2Config, step: int) -> str:
@@ -290,15 +394,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             find_unused_parameters=True,  # frozen phases and the unused pooling head
         )
     o = cfg.optim
-    params = [p for n, p in model.named_parameters() if not n.startswith(("vision.head.", "vision.proj."))]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optim = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=o.betas,
-        eps=o.eps,
-    )
+    optim = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
     d = cfg.data
     max_len = d.max_len or int(getattr(model.language_model.config, "max_position_embeddings", 2048))
@@ -354,11 +450,11 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             out = net(
                 input_ids=batch["input_ids_BL"].to(device),
                 attention_mask=batch["mask_BL"].to(device),
-                labels=batch["labels_BL"].to(device),
                 vision=batch["vision"].to(device),
                 spans=batch["spans"],
+                region_boxes=batch["region_boxes"],
             )
-        loss = out.loss
+            loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(
@@ -399,7 +495,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
                 step,
                 {
                     "loss": float(value),
-                    "lr": sched.get_last_lr()[0],
+                    "lr": cfg.optim.lr * sched.lr_lambdas[0](sched.last_epoch),  # the base rate
                     "phase": phase,
                     "tokens_per_s": window["tokens"] / dt,
                     "target_tokens_per_s": window["target"] / dt,

@@ -287,33 +287,41 @@ def test_exported_vlm_serves_as_a_captioner_and_writes_a_layer(
                         break
             except OSError:
                 time.sleep(0.3)
-        r = subprocess.run(
+        common = [
+            "--backend",
+            "openai",
+            "--endpoint",
+            url,
+            "--limit",
+            "16",
+            "--retries",
+            "0",
+            "--no-progress",
+        ]
+        for task in (
+            ["--task", "global", "--layer", "s2-global", "--max-tokens", "8", "--keep-truncated"],
+            # boxes from the ground-truth layer, the prompt stage 2 trained on: the server's processor
+            # gives each box its region token (a missing region box would fail every row)
             [
-                *cli,
-                "recaption",
-                str(ds),
-                "--backend",
-                "openai",
-                "--endpoint",
-                url,
                 "--task",
-                "global",
+                "regions",
                 "--layer",
-                "s2-global",
+                "s2-regions",
+                "--region-mode",
+                "proposals",
+                "--proposals-layer",
+                "gt-regions",
+                "--prompt",
+                str(Path(__file__).resolve().parents[2] / "configs/prompts/stage2-region.txt"),
                 "--max-tokens",
                 "8",
                 "--keep-truncated",
-                "--limit",
-                "16",
-                "--retries",
-                "0",
-                "--no-progress",
             ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
+        ):
+            r = subprocess.run(
+                [*cli, "recaption", str(ds), *task, *common], capture_output=True, text=True, timeout=300
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
     finally:
         server.terminate()
         try:
@@ -324,3 +332,7 @@ def test_exported_vlm_serves_as_a_captioner_and_writes_a_layer(
     assert len(rows) == 16
     ok = [x for x in rows if x["status"] == "ok"]
     assert len(ok) == 16 and all(x["model"] == "vlm" and isinstance(x["caption"], str) for x in ok), rows[:2]
+    regions = read_layer(str(ds), "s2-regions").to_pylist()
+    assert len(regions) == 16 and all(x["status"] == "ok" for x in regions), regions[:2]
+    boxes = [b for x in regions for b in x["regions"]]
+    assert boxes and all(isinstance(b["caption"], str) and b["caption"] for b in boxes), boxes[:3]

@@ -222,10 +222,11 @@ def plan(
 
 def encode_sample(
     processor: Any, prompt: str, target: str, grid: tuple[int, int], max_len: int, stats: Counter
-) -> tuple[list[int], list[int]] | None:
-    """``(input_ids, labels)`` of one sample: chat-templated prompt with its image tokens, then the
-    target and EOS. Past ``max_len`` the prompt's text loses tokens from its start (never image
-    tokens, never the target); a sample whose image tokens + target alone do not fit is dropped."""
+) -> tuple[list[int], list[int], list[list[float]]] | None:
+    """``(input_ids, labels, regions)`` of one sample: chat-templated prompt with its image tokens
+    (and region tokens, ``regions`` rows ``[0, x0, y0, x1, y1]``), then the target and EOS. Past
+    ``max_len`` the prompt's text loses tokens from its start (never image or region tokens, never
+    the target); a sample whose image tokens + target alone do not fit is dropped."""
     tok = processor.tokenizer
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
@@ -235,20 +236,22 @@ def encode_sample(
     t_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     over = len(p_ids) + len(t_ids) - max_len
     if over > 0:
-        img = processor.image_token_id
-        n_img = sum(1 for t in p_ids if t == img)
-        if n_img + len(t_ids) > max_len:
+        special = {processor.image_token_id}
+        if processor.region_token is not None:
+            special.add(tok.convert_tokens_to_ids(processor.region_token))
+        n_special = sum(1 for t in p_ids if t in special)
+        if n_special + len(t_ids) > max_len:
             stats["too_long"] += 1
             return None
         keep, dropped = [], 0
         for t in p_ids:
-            if dropped < over and t != img:
+            if dropped < over and t not in special:
                 dropped += 1
                 continue
             keep.append(t)
         p_ids = keep
         stats["truncated_prompts"] += 1
-    return p_ids + t_ids, [-100] * len(p_ids) + t_ids
+    return p_ids + t_ids, [-100] * len(p_ids) + t_ids, processor.regions(text)
 
 
 def collate(
@@ -261,10 +264,11 @@ def collate(
 ) -> dict[str, Any]:
     """Decode, patchify and pack the images (rows of ``seq_len`` patches, first fit) and pad the
     token sequences (right, to the longest): ``vision``, ``spans``, ``input_ids_BL``, ``labels_BL``,
-    ``mask_BL``, ``tasks``, ``targets``, ``real_tokens``."""
+    ``mask_BL``, ``tasks``, ``targets``, ``real_tokens``, ``region_boxes`` (``(R, 5)``: sample, box)."""
     rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     room: list[int] = []
     spans, seqs, kept = [], [], []
+    regions: list[list[float]] = []
     for s in samples:
         try:
             with Image.open(io.BytesIO(images[s.key])) as im:
@@ -291,7 +295,8 @@ def collate(
         rows[r].append((x_NP, rows_pos))
         room[r] -= n
         spans.append((r * seq_len + at, gh, gw))
-        seqs.append(enc)
+        seqs.append(enc[:2])
+        regions += [[float(len(kept)), *row[1:]] for row in enc[2]]  # its image: this sample's
         kept.append(s)
         stats[f"task_{s.task}"] += 1
     if not kept:
@@ -320,6 +325,7 @@ def collate(
         "targets": [s.target for s in kept],
         "real_tokens": int(mask.sum()),
         "patch_tokens": real,
+        "region_boxes": torch.tensor(regions, dtype=torch.float32).reshape(-1, 5),
     }
 
 

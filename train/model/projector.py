@@ -5,6 +5,12 @@ concatenated (grids with an odd side are zero-padded first), normalized and mapp
 two-layer MLP, so an image of ``h x w`` patches becomes ``ceil(h/2) * ceil(w/2)`` LM tokens.
 Legend: h, w patch grid of one image; C vision width; H the LM's hidden size; M merged tokens.
 
+With ``abs_pos`` each merged token also gets where it sits in the image, as a fraction of the
+height and width (sin/cos features, a learned linear map added after the norm). The encoder's 2D
+RoPE is relative: its tokens do not carry their absolute place, and the LM reads them as one row
+whose length changes with the aspect ratio -- so without this it cannot tell "top left" from
+"bottom right" (Qwen2-VL solves the same with M-RoPE in the LM; this works with any causal LM).
+
 Imports only torch: this file is copied into exported model folders (``train/export.py``).
 """
 
@@ -28,12 +34,53 @@ def merged_tokens(gh: int, gw: int, merge: int = MERGE) -> int:
     return mh * mw
 
 
+POS_FREQS = 4  # sin/cos at 1..4 cycles per side: 16 features per token
+
+
+def cell_centres(mh: int, mw: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(mh * mw, 2)`` (y, x) of each merged cell's centre as fractions of the sides, row-major."""
+    y = (torch.arange(mh, device=device, dtype=torch.float32) + 0.5) / mh
+    x = (torch.arange(mw, device=device, dtype=torch.float32) + 0.5) / mw
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1)
+
+
+def position_features(centres_M2: torch.Tensor) -> torch.Tensor:
+    """``(M, 4 * POS_FREQS)`` sin/cos features of (y, x) fractions."""
+    k = torch.arange(1, POS_FREQS + 1, device=centres_M2.device, dtype=torch.float32) * torch.pi
+    ang = torch.cat([centres_M2[:, :1].float() * k, centres_M2[:, 1:].float() * k], dim=1)
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+def roi_blocks(
+    x_hwC: torch.Tensor, boxes_R4: torch.Tensor, merge: int = MERGE, samples: int = 2
+) -> torch.Tensor:
+    """RoIAlign of normalized ``(x0, y0, x1, y1)`` boxes on a patch grid: each box as a
+    ``merge x merge`` block of bins, each bin the mean of ``samples x samples`` bilinear samples
+    (Mask R-CNN's RoIAlign, aligned) -> ``(R, merge, merge, C)``, the input shape of one merged token."""
+    h, w, C = x_hwC.shape
+    R, n = boxes_R4.shape[0], merge * samples
+    t = (torch.arange(n, device=x_hwC.device, dtype=torch.float32) + 0.5) / n  # sample points in [0, 1]
+    b = boxes_R4.float()
+    xs = b[:, 0:1] + (b[:, 2:3] - b[:, 0:1]) * t  # (R, n) fractions of the width
+    ys = b[:, 1:2] + (b[:, 3:4] - b[:, 1:2]) * t
+    # grid_sample's align_corners=False: -1 and 1 are the outer edges of the grid
+    grid = torch.stack([xs[:, None, :].expand(R, n, n), ys[:, :, None].expand(R, n, n)], dim=-1) * 2 - 1
+    img = x_hwC.permute(2, 0, 1)[None].expand(R, C, h, w)
+    out = F.grid_sample(
+        img, grid.to(x_hwC.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    out = out.reshape(R, C, merge, samples, merge, samples).mean(dim=(3, 5))  # (R, C, merge, merge)
+    return out.permute(0, 2, 3, 1)
+
+
 class PatchMerger(nn.Module):
-    def __init__(self, vision_width: int, lm_width: int, merge: int = MERGE) -> None:
+    def __init__(self, vision_width: int, lm_width: int, merge: int = MERGE, abs_pos: bool = False) -> None:
         super().__init__()
         self.merge = merge
         inner = vision_width * merge * merge
         self.norm = nn.LayerNorm(inner)
+        self.pos = nn.Linear(4 * POS_FREQS, inner) if abs_pos else None
         self.fc1 = nn.Linear(inner, inner)
         self.fc2 = nn.Linear(inner, lm_width)
 
@@ -44,4 +91,17 @@ class PatchMerger(nn.Module):
         mh, mw = merged_grid(h, w, m)
         x = F.pad(x_hwC, (0, 0, 0, mw * m - w, 0, mh * m - h))
         x_MK = x.reshape(mh, m, mw, m, C).permute(0, 2, 1, 3, 4).reshape(mh * mw, m * m * C)
-        return self.fc2(F.gelu(self.fc1(self.norm(x_MK))))
+        return self._mlp(x_MK, cell_centres(mh, mw, x_MK.device))
+
+    def regions(self, x_hwC: torch.Tensor, boxes_R4: torch.Tensor) -> torch.Tensor:
+        """One LM token per normalized box of one image's patch grid: the box RoIAligned to a
+        ``merge x merge`` block and mapped like any block of the grid (placed at the box's centre)."""
+        blocks = roi_blocks(x_hwC, boxes_R4.to(x_hwC.device), self.merge)
+        centres = torch.stack([boxes_R4[:, 1] + boxes_R4[:, 3], boxes_R4[:, 0] + boxes_R4[:, 2]], 1) / 2
+        return self._mlp(blocks.reshape(blocks.shape[0], -1), centres.to(x_hwC.device))
+
+    def _mlp(self, x_MK: torch.Tensor, centres_M2: torch.Tensor) -> torch.Tensor:
+        x_MK = self.norm(x_MK)
+        if self.pos is not None:
+            x_MK = x_MK + self.pos(position_features(centres_M2).to(x_MK.dtype))
+        return self.fc2(F.gelu(self.fc1(x_MK)))

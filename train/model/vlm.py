@@ -8,6 +8,13 @@
   those tokens are replaced by the projected image features, in order.
 * :class:`FineViTVLMProcessor`: chat template (image parts -> ``<image>``) + NaFlex patchify
   + tokenizer; ``AutoProcessor`` loads it from an exported folder.
+* Region tokens (Ferret's hybrid region representation, when the model has a ``region_token``):
+  the processor puts a ``<region>`` token after every ``<box>(x0,y0),(x1,y1)</box>`` of a prompt
+  and returns the boxes as ``region_boxes``; the model fills each such token with the mean of
+  its image's projected tokens whose cells lie in the box. The box text says where; the region
+  token carries what is there, so "describe this box" does not hinge on the LM learning to turn
+  coordinates into an attention query. Prompts stay plain text: an OpenAI-style request with a
+  box in its text gets the same tokens as training did.
 * :class:`FineViTModel`: the encoder alone (``vision.*`` + ``text.*``) with ``encode_image`` /
   ``encode_text`` like OpenCLIP's models (``AutoModel``).
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -40,12 +48,15 @@ from transformers import (
 
 from train.data.naflex import grid_for, patchify
 from train.model.attention import meta_from_segments, packed_attention
-from train.model.projector import PatchMerger, merged_tokens
+from train.model.projector import PatchMerger, merged_grid, merged_tokens
 from train.model.rope import rope_2d
 from train.model.towers import TextTower, VisionBatch, VisionTower, _init, _run_blocks
 
 IMAGE_TOKEN = "<image>"
+REGION_TOKEN = "<region>"
 PREPROCESSOR_FILE = "preprocessor_config.json"
+# a box on the 0-1000 grid as prompts write it (Qwen2-VL's convention; train.data.regions.box_text)
+BOX_RE = re.compile(r"<box>\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*</box>")
 
 # (start token in the packed T axis, grid rows, grid cols) of each image, in prompt order
 Span = tuple[int, int, int]
@@ -58,8 +69,12 @@ def _ns(d: Any) -> Any:
     return d
 
 
-def vision_tokens(tower: VisionTower, batch: VisionBatch) -> torch.Tensor:
-    """The vision tower up to its final norm (no pooling head): ``x_TD``."""
+def vision_tokens(tower: VisionTower, batch: VisionBatch, layers: Sequence[int] = (-1,)) -> torch.Tensor:
+    """The vision tower's patch tokens (no pooling head): ``x_TD``, or ``(T, D * len(layers))``.
+
+    ``layers`` picks what the projector reads, LLaVA's ``vision_feature_layer`` as a list whose
+    outputs are concatenated: ``-1`` the last block after the final norm; ``k >= 0`` the output of
+    the first ``k`` blocks (``0``: the patch embeddings) under a plain layer norm."""
     x_TD = tower.norm_pre(tower.patch_embed(batch.patches_TP))
     cos, sin = rope_2d(batch.pos_T2, tower.cfg.width // tower.cfg.heads, tower.cfg.rope_theta)
     meta, backend = batch.meta, tower.backend
@@ -67,7 +82,21 @@ def vision_tokens(tower: VisionTower, batch: VisionBatch) -> torch.Tensor:
     def attend(q, k, v):
         return packed_attention(q, k, v, meta, backend)
 
-    return tower.norm(_run_blocks(tower.blocks, x_TD, cos, sin, attend, tower.checkpointing))
+    if tuple(layers) == (-1,):
+        return tower.norm(_run_blocks(tower.blocks, x_TD, cos, sin, attend, tower.checkpointing))
+    depth = len(tower.blocks)
+    want = sorted({depth if k == -1 else k for k in layers})
+    if want[0] < 0 or want[-1] > depth:
+        raise ValueError(f"vision feature layers {list(layers)}: each must be -1 or 0..{depth}")
+    outs = {0: x_TD}
+    for i in range(want[-1]):
+        x_TD = _run_blocks(tower.blocks[i : i + 1], x_TD, cos, sin, attend, tower.checkpointing)
+        outs[i + 1] = x_TD
+    feats = [
+        tower.norm(outs[depth]) if k in (-1, depth) else F.layer_norm(outs[k], outs[k].shape[-1:])
+        for k in layers
+    ]
+    return torch.cat(feats, dim=-1)
 
 
 def pack_padded(
@@ -92,6 +121,26 @@ def pack_padded(
     return VisionBatch(pixel_values_NnP.reshape(N * S, P), pos_T2, img_T, meta, N), spans
 
 
+def boxes_in(text: str) -> list[tuple[float, float, float, float]]:
+    """Every ``<box>(x0,y0),(x1,y1)</box>`` of ``text``, normalized, in order."""
+    return [tuple(int(g) / 1000 for g in m.groups()) for m in BOX_RE.finditer(text)]  # type: ignore[misc]
+
+
+def region_features(
+    projector: PatchMerger, patch_grids: Sequence[torch.Tensor], boxes_R5: torch.Tensor
+) -> torch.Tensor:
+    """``(R, H)``: one LM token per ``[image, x0, y0, x1, y1]`` row, in order: the box RoIAligned
+    on that image's patch grid and projected like a 2x2 block (:meth:`PatchMerger.regions`)."""
+    out: list[torch.Tensor | None] = [None] * boxes_R5.shape[0]
+    images = boxes_R5[:, 0].long()
+    for i in images.unique().tolist():
+        rows = (images == i).nonzero().flatten()
+        feats = projector.regions(patch_grids[i], boxes_R5[rows, 1:])
+        for r, f in zip(rows.tolist(), feats, strict=True):
+            out[r] = f
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------------ the VLM
 
 
@@ -105,6 +154,10 @@ class FineViTVLMConfig(PretrainedConfig):
         lm_config: dict | None = None,
         image_token: str = IMAGE_TOKEN,
         image_token_id: int = 0,
+        vision_feature_layers: Sequence[int] = (-1,),
+        projector_abs_pos: bool = False,
+        region_token: str | None = None,
+        region_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.vision = vision or {}
@@ -112,6 +165,10 @@ class FineViTVLMConfig(PretrainedConfig):
         self.lm_config = lm_config or {}
         self.image_token = image_token
         self.image_token_id = image_token_id
+        self.vision_feature_layers = list(vision_feature_layers)
+        self.projector_abs_pos = projector_abs_pos
+        self.region_token = region_token
+        self.region_token_id = region_token_id
         super().__init__(**kwargs)
 
 
@@ -137,7 +194,12 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
             language_model = AutoModelForCausalLM.from_config(lm_config)
         self.language_model = language_model
         hidden = self.language_model.get_input_embeddings().weight.shape[1]
-        self.projector = PatchMerger(model_cfg.vision.width, hidden)
+        self.feature_layers = list(getattr(config, "vision_feature_layers", None) or [-1])
+        self.projector = PatchMerger(
+            model_cfg.vision.width * len(self.feature_layers),
+            hidden,
+            abs_pos=bool(getattr(config, "projector_abs_pos", False)),
+        )
         self.projector.apply(_init)
         self.post_init()
         self.generation_config = self.language_model.generation_config
@@ -145,11 +207,25 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         _init(module)
 
+    def patch_grids(self, vision: VisionBatch, spans: Sequence[Span]) -> list[torch.Tensor]:
+        """Each image's vision features (the projector's input) as its patch grid ``(gh, gw, C)``."""
+        x_TC = vision_tokens(self.vision, vision, self.feature_layers)
+        return [x_TC[t0 : t0 + gh * gw].reshape(gh, gw, -1) for t0, gh, gw in spans]
+
+    def image_grids(self, vision: VisionBatch, spans: Sequence[Span]) -> list[torch.Tensor]:
+        """Projected features of each image as its merged grid ``(mh, mw, H)``, in ``spans`` order."""
+        out = []
+        for x in self.patch_grids(vision, spans):
+            mh, mw = merged_grid(x.shape[0], x.shape[1])
+            out.append(self.projector(x).reshape(mh, mw, -1))
+        return out
+
     def image_embeds(self, vision: VisionBatch, spans: Sequence[Span]) -> torch.Tensor:
         """Projected features of every image, concatenated in ``spans`` order: ``(sum M, H)``."""
-        x_TC = vision_tokens(self.vision, vision)
-        out = [self.projector(x_TC[t0 : t0 + gh * gw].reshape(gh, gw, -1)) for t0, gh, gw in spans]
-        return torch.cat(out) if out else x_TC.new_zeros(0, self.projector.fc2.out_features)
+        grids = self.image_grids(vision, spans)
+        if not grids:
+            return vision.patches_TP.new_zeros(0, self.projector.fc2.out_features)
+        return torch.cat([g.reshape(-1, g.shape[-1]) for g in grids])
 
     def embed(
         self,
@@ -158,24 +234,45 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         image_grid: torch.Tensor | None = None,
         vision: VisionBatch | None = None,
         spans: Sequence[Span] | None = None,
+        region_boxes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """LM input embeddings with the image tokens replaced by the images' features."""
+        """LM input embeddings with the image tokens replaced by the images' features (and region
+        tokens by their boxes' features)."""
         embeds_BLH = self.language_model.get_input_embeddings()(input_ids)
         if vision is None and pixel_values is not None:
             vision, spans = pack_padded(pixel_values.to(self.vision.patch_embed.weight.dtype), image_grid)
         is_image_BL = input_ids == self.config.image_token_id
         n_slots = int(is_image_BL.sum())
+        rid = getattr(self.config, "region_token_id", None)
+        is_region_BL = input_ids == rid if rid is not None else None
+        n_regions = int(is_region_BL.sum()) if is_region_BL is not None else 0
         if vision is None:
-            if n_slots:
-                raise ValueError(f"{n_slots} image tokens in the prompt but no image given")
+            if n_slots or n_regions:
+                raise ValueError(
+                    f"{n_slots} image and {n_regions} region tokens in the prompt but no image given"
+                )
             return embeds_BLH
-        feats_MH = self.image_embeds(vision, spans).to(embeds_BLH.dtype)
+        patch_grids = self.patch_grids(vision, spans)
+        feats = [self.projector(x) for x in patch_grids]
+        feats_MH = (
+            torch.cat(feats).to(embeds_BLH.dtype) if feats else embeds_BLH.new_zeros(0, embeds_BLH.shape[-1])
+        )
         if feats_MH.shape[0] != n_slots:
             raise ValueError(
                 f"the prompt has {n_slots} image tokens but the images give {feats_MH.shape[0]} features: "
                 "build prompts with the processor"
             )
-        return embeds_BLH.masked_scatter(is_image_BL[..., None], feats_MH)
+        embeds_BLH = embeds_BLH.masked_scatter(is_image_BL[..., None], feats_MH)
+        if n_regions:
+            boxes = region_boxes if region_boxes is not None else torch.zeros(0, 5)
+            if boxes.shape[0] != n_regions:
+                raise ValueError(
+                    f"the prompt has {n_regions} region tokens but {boxes.shape[0]} region boxes were given: "
+                    "build prompts with the processor"
+                )
+            regions_RH = region_features(self.projector, patch_grids, boxes)
+            embeds_BLH = embeds_BLH.masked_scatter(is_region_BL[..., None], regions_RH.to(embeds_BLH.dtype))
+        return embeds_BLH
 
     def forward(
         self,
@@ -186,9 +283,10 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         labels: torch.Tensor | None = None,
         vision: VisionBatch | None = None,
         spans: Sequence[Span] | None = None,
+        region_boxes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        embeds = self.embed(input_ids, pixel_values, image_grid, vision, spans)
+        embeds = self.embed(input_ids, pixel_values, image_grid, vision, spans, region_boxes)
         return self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )
@@ -200,10 +298,11 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid: torch.Tensor | None = None,
+        region_boxes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Like ``GenerationMixin.generate`` of a decoder-only model: prompt ids then new ids."""
-        embeds = self.embed(input_ids, pixel_values, image_grid)
+        embeds = self.embed(input_ids, pixel_values, image_grid, region_boxes=region_boxes)
         new = self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         return torch.cat([input_ids, new.to(input_ids.device)], 1)
 
@@ -217,16 +316,29 @@ class FineViTVLMProcessor:
     ``apply_chat_template`` renders image parts as ``<image>`` and text parts as text, then uses
     the tokenizer's chat template; ``__call__`` expands each ``<image>`` into one image token per
     merged patch of that image and returns ``input_ids``, ``attention_mask``, ``pixel_values``
-    ``(N, Nmax, P)`` and ``image_grid`` ``(N, 2)``.
+    ``(N, Nmax, P)`` and ``image_grid`` ``(N, 2)``. With a ``region_token``, each box of a prompt
+    that has an image gets a region token after it, and ``region_boxes`` ``(R, 5)`` says which
+    image (index into the call's images: the last one before the box) and which box.
     """
 
-    def __init__(self, tokenizer: Any, preprocess: dict[str, Any], image_token: str = IMAGE_TOKEN) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        preprocess: dict[str, Any],
+        image_token: str = IMAGE_TOKEN,
+        region_token: str | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.preprocess = dict(preprocess)
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token")
+        self.region_token = region_token
+        if region_token is not None:
+            rid = tokenizer.convert_tokens_to_ids(region_token)
+            if rid is None or rid == tokenizer.unk_token_id:
+                raise ValueError(f"the tokenizer has no {region_token!r} token")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
 
@@ -240,7 +352,7 @@ class FineViTVLMProcessor:
             pre = json.load(f)
         # the folder's config.json names remote code: pass the caller's trust on to the tokenizer
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code")))
-        return cls(tok, pre["preprocess"], pre.get("image_token", IMAGE_TOKEN))
+        return cls(tok, pre["preprocess"], pre.get("image_token", IMAGE_TOKEN), pre.get("region_token"))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)
@@ -249,6 +361,7 @@ class FineViTVLMProcessor:
             "processor_class": "FineViTVLMProcessor",
             "preprocess": self.preprocess,
             "image_token": self.image_token,
+            "region_token": self.region_token,
             # AutoProcessor.from_pretrained(dir, trust_remote_code=True) finds the class here
             "auto_map": {"AutoProcessor": "modeling_finevit.FineViTVLMProcessor"},
         }
@@ -285,15 +398,29 @@ class FineViTVLMProcessor:
         return patches, grids
 
     def expand(self, text: str, grids: Sequence[tuple[int, int]]) -> str:
-        """Replace the ``<image>`` placeholders of ``text`` by the images' token runs, in order."""
+        """Replace the ``<image>`` placeholders of ``text`` by the images' token runs, in order, and
+        put a region token after each box that follows an image (see :meth:`regions`)."""
         parts = text.split(self.image_token)
         if len(parts) - 1 != len(grids):
             raise ValueError(f"{len(parts) - 1} image placeholders for {len(grids)} images")
         out = [parts[0]]
         for (gh, gw), rest in zip(grids, parts[1:], strict=True):
             out.append(self.image_token * merged_tokens(gh, gw))
+            if self.region_token is not None:
+                rest = BOX_RE.sub(lambda m: m.group(0) + self.region_token, rest)
             out.append(rest)
         return "".join(out)
+
+    def regions(self, text: str, first_image: int = 0) -> list[list[float]]:
+        """``[image, x0, y0, x1, y1]`` for each box of ``text`` that :meth:`expand` gives a region
+        token: ``image`` is ``first_image`` + the index of the last ``<image>`` before the box."""
+        if self.region_token is None:
+            return []
+        out: list[list[float]] = []
+        parts = text.split(self.image_token)
+        for i, rest in enumerate(parts[1:]):
+            out += [[float(first_image + i), *box] for box in boxes_in(rest)]
+        return out
 
     def __call__(
         self,
@@ -305,10 +432,11 @@ class FineViTVLMProcessor:
     ) -> BatchFeature:
         texts = [text] if isinstance(text, str) else list(text or [])
         patches, grids = self.image_inputs(list(images or []))
-        at, expanded = 0, []
+        at, expanded, regions = 0, [], []
         for t in texts:
             k = t.count(self.image_token)
             expanded.append(self.expand(t, grids[at : at + k]))
+            regions += self.regions(t, at)
             at += k
         if at != len(grids):
             raise ValueError(f"{len(grids)} images for {at} image placeholders")
@@ -323,6 +451,8 @@ class FineViTVLMProcessor:
                 pv[i, : x.shape[0]] = x
             data["pixel_values"] = pv
             data["image_grid"] = torch.tensor(grids, dtype=torch.long)
+        if regions:
+            data["region_boxes"] = torch.tensor(regions, dtype=torch.float32)
         return BatchFeature(data)
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:

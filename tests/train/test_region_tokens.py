@@ -1,0 +1,127 @@
+"""Region tokens (Ferret's hybrid region representation): the processor puts a ``<region>`` token
+after each box of a prompt and says which image and box it is; the model fills it with the mean of
+that image's projected tokens in the box."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from train.model.vlm import (
+    IMAGE_TOKEN,
+    REGION_TOKEN,
+    FineViTVLMConfig,
+    FineViTVLMForConditionalGeneration,
+    FineViTVLMProcessor,
+)
+
+PRE = {"patch_size": 8, "max_patches": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoTokenizer
+
+    from tests.eval.conftest import train_tokenizer
+    from train.stage2 import make_tiny_lm
+
+    base = tmp_path_factory.mktemp("regiontok")
+    lm = make_tiny_lm(
+        str(train_tokenizer(base / "tok", n_scenes=60)), str(base / "lm"), hidden=16, layers=1, heads=2
+    )
+    tok = AutoTokenizer.from_pretrained(lm)
+    tok.add_special_tokens({"additional_special_tokens": [REGION_TOKEN]}, replace_extra_special_tokens=False)
+    return tok
+
+
+def prompt(proc: FineViTVLMProcessor, text: str) -> str:
+    return proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    )
+
+
+def test_the_processor_marks_each_box_of_an_image_prompt(tokenizer) -> None:
+    proc = FineViTVLMProcessor(tokenizer, PRE, IMAGE_TOKEN, REGION_TOKEN)
+    rid = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
+    ims = [Image.new("RGB", (64, 64)), Image.new("RGB", (64, 32))]
+    texts = [
+        prompt(proc, "Describe the region <box>(100,200),(500,800)</box>."),
+        prompt(proc, "Compare <box>(0,0),(250,250)</box> and <box>(500,500),(1000,1000)</box>."),
+    ]
+    out = proc(images=ims, text=texts)
+    assert (out["input_ids"] == rid).sum(1).tolist() == [1, 2]
+    torch.testing.assert_close(
+        out["region_boxes"],
+        torch.tensor([[0, 0.1, 0.2, 0.5, 0.8], [1, 0, 0, 0.25, 0.25], [1, 0.5, 0.5, 1, 1]]),
+    )
+    # the token comes right after the box's text
+    ids = out["input_ids"][0].tolist()
+    before = tokenizer.decode(ids[: ids.index(rid)]).replace(" ", "")
+    assert before.endswith("(500,800)</box>")
+    # a box without an image before it, and a processor without region tokens: plain text
+    plain = proc(text=["Where is <box>(1,2),(3,4)</box>?"])
+    assert "region_boxes" not in plain and not (plain["input_ids"] == rid).any()
+    off = FineViTVLMProcessor(tokenizer, PRE)(images=ims[:1], text=texts[:1])
+    assert "region_boxes" not in off and not (off["input_ids"] == rid).any()
+
+
+def test_a_box_is_roialigned_to_a_block_the_projector_maps_like_any_other() -> None:
+    from train.model.projector import PatchMerger, roi_blocks
+
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(6.0), indexing="ij")
+    x = torch.stack([rows, cols, 2 * rows - cols], -1)  # features linear in the position: bilinear is exact
+    # a box on the cells of rows 1-2, cols 2-3 (normalized: y 1/4..3/4, x 2/6..4/6) is those four cells
+    box = torch.tensor([[2 / 6, 1 / 4, 4 / 6, 3 / 4]])
+    torch.testing.assert_close(roi_blocks(x, box)[0], x[1:3, 2:4])
+    # ... and the projector makes of it the merged token of that block (same place, same weights)
+    torch.manual_seed(0)
+    merger = PatchMerger(3, 8, abs_pos=True)
+    rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    x6 = torch.stack([rows, cols, 2 * rows - cols], -1)
+    centre = torch.tensor([[2 / 6, 2 / 6, 4 / 6, 4 / 6]])  # patches 2-3 x 2-3: merged cell (1, 1) of 3x3
+    torch.testing.assert_close(merger.regions(x6, centre)[0], merger(x6)[4])
+    # a box elsewhere gives another token
+    assert not torch.allclose(merger.regions(x6, box)[0], merger(x6)[4])
+
+
+def test_the_model_fills_region_tokens_and_refuses_a_mismatch(tokenizer) -> None:
+    from tests.train.test_stage2_optim import LM
+    from train.config import ModelConfig
+
+    vision = ModelConfig.model_validate(
+        {"vision": {"width": 32, "depth": 1, "heads": 2, "patch_size": 8}}
+    ).model_dump(mode="json")
+    lm = dict(LM, vocab_size=len(tokenizer))
+    cfg = FineViTVLMConfig(
+        vision=vision,
+        preprocess=PRE,
+        lm_config=lm,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        region_token=REGION_TOKEN,
+        region_token_id=tokenizer.convert_tokens_to_ids(REGION_TOKEN),
+    )
+    torch.manual_seed(0)
+    model = FineViTVLMForConditionalGeneration(cfg).eval()
+    proc = FineViTVLMProcessor(tokenizer, PRE, IMAGE_TOKEN, REGION_TOKEN)
+    im = Image.new("RGB", (64, 64), (200, 30, 30))
+    im.paste((20, 20, 200), (0, 0, 32, 32))  # a blue top-left quarter on red
+    out = proc(images=[im], text=[prompt(proc, "Describe the region <box>(0,0),(500,500)</box>.")])
+    with torch.no_grad():
+        emb = model.embed(
+            out["input_ids"], out["pixel_values"], out["image_grid"], region_boxes=out["region_boxes"]
+        )
+        from train.model.vlm import pack_padded
+
+        vb, spans = pack_padded(out["pixel_values"], out["image_grid"])
+        grid = model.image_grids(vb, spans)[0]  # 4x4 merged cells
+    at = out["input_ids"][0].tolist().index(cfg.region_token_id)
+    # the top-left quarter of a 4x4 merged grid is merged cell (0, 0)... of the 8x8 patch grid,
+    # a box of 4x4 patches: RoIAlign to 2x2 bins, not the cell itself -- so compare with the projector
+    with torch.no_grad():
+        patches = model.patch_grids(vb, spans)[0]
+        want = model.projector.regions(patches, torch.tensor([[0.0, 0.0, 0.5, 0.5]]))[0]
+    torch.testing.assert_close(emb[0, at], want)
+    assert not torch.allclose(emb[0, at], grid[0, 0])
+    with pytest.raises(ValueError, match="region boxes"):
+        model.embed(out["input_ids"], out["pixel_values"], out["image_grid"])
