@@ -71,6 +71,9 @@ def ray_head(log: Path, num_cpus: int = 2, tries: int = 3):
     every Ray on the machine) at the end. A start that times out (Ray waits a fixed 30 s for its
     raylet) is tried again, up to ``tries`` times."""
     old = os.environ.get("RAY_ADDRESS")
+    if old:  # a cluster given from outside (CI, or a head another module started): use it
+        yield old
+        return
     proc = None
     try:
         for attempt in range(tries):
