@@ -18,6 +18,10 @@ computed, fp32 sharded parameters, optimizer state and gradient reduction), in a
 its own (one process: ``torchrun --nproc-per-node N bench/gpu_stage1.py`` shards over N). Checked
 first: one step's loss against the unsharded bf16-autocast step from the same weights and batch
 (relative difference < 2e-2), then timed like part 2: the ratio line gains ``fsdp-bf16 / plain``.
+Part 4, stage 2 (``--stage2``, on by default on CUDA): our VLM (the part-2 vision tower at
+``--max-patches``, a random Llama ``--lm-hidden``/``--lm-layers``) on ``collate`` batches of
+synthetic scenes, bf16 autocast: images/s, LM tokens/s and the LM's MFU (the trainer's
+``mfu_lm``: 3 x ``train.stage2.lm_flops_per_token`` per token); line ``gpu stage2: X % LM MFU``.
 """
 
 from __future__ import annotations
@@ -189,6 +193,78 @@ def bench_backend(
     return out
 
 
+def bench_stage2(device: torch.device, a: argparse.Namespace) -> dict[str, list[float]]:
+    """Part 4: one stage-2 training step of our VLM (``bench/stage2_throughput.py``'s build: the
+    vision tower of part 2 at ``--max-patches``, a random Llama of ``--lm-hidden``/``--lm-layers``,
+    ``train.data.regions.collate`` batches of synthetic scenes packed into rows of 4x max_patches),
+    bf16 autocast as the trainer runs it; MFU from ``train.stage2.lm_flops_per_token`` (the LM's
+    matmuls only, 3x forward for forward + backward: the trainer's ``mfu_lm``)."""
+    import math
+    import tempfile
+    from collections import Counter
+
+    from stage2_throughput import build_ours, scene_batch, train_tokenizer
+
+    from train.data.regions import collate
+    from train.stage2 import lm_flops_per_token, lm_loss, make_tiny_lm
+
+    s2 = argparse.Namespace(width=a.width, depth=a.depth, patch=16, max_patches=a.max_patches)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer(Path(tmp) / "tok", 1024)
+        lm_dir = make_tiny_lm(
+            str(tok), str(Path(tmp) / "lm"), "llama", a.lm_hidden, a.lm_layers, a.lm_hidden // 64, 4096
+        )
+        model, proc = build_ours(s2, lm_dir)
+    model.to(device).train()
+    side = 16 * math.isqrt(a.max_patches)
+    samples, images = scene_batch(a.s2_batch, side + side // 4, seed=7)
+    b = collate(samples, images, proc, 4096, 4 * a.max_patches, Counter())
+    vision, ids = b["vision"].to(device), b["input_ids_BL"].to(device)
+    mask, labels = b["mask_BL"].to(device), b["labels_BL"].to(device)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda"
+    )
+    dtype = torch.bfloat16
+    tokens = int(b["real_tokens"])
+    flops = 3 * lm_flops_per_token(model) * tokens
+    peak = peak_tflops(device, dtype)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype):
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                vision=vision,
+                spans=b["spans"],
+                region_boxes=b["region_boxes"],
+            )
+            loss = lm_loss(out.logits, labels, "square")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    sync()
+    out: dict[str, list[float]] = {"images/s": [], "LM tokens/s": [], "LM TFLOP/s": [], "MFU (LM) %": []}
+    for _ in range(a.rounds):
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        sync()
+        dt = (time.perf_counter() - t) / a.steps
+        out["images/s"].append(len(b["spans"]) / dt)
+        out["LM tokens/s"].append(tokens / dt)
+        out["LM TFLOP/s"].append(flops / dt / 1e12)
+        out["MFU (LM) %"].append(100 * flops / dt / 1e12 / peak)
+    return out
+
+
 def init_group(device: torch.device) -> None:
     """A process group for FSDP2: torchrun's, or a one-process one (nccl on CUDA, gloo on CPU)."""
     import torch.distributed as dist
@@ -221,12 +297,22 @@ def main() -> int:
         default="auto",
         help="part 3, FSDP2 bf16 mixed precision (auto: on CUDA or under torchrun)",
     )
+    ap.add_argument(
+        "--stage2",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="part 4, a stage-2 VLM step in bf16 with the LM's MFU (auto: on CUDA)",
+    )
+    ap.add_argument("--lm-hidden", type=int, default=1024, help="part 4: the Llama's width (heads = /64)")
+    ap.add_argument("--lm-layers", type=int, default=12, help="part 4: the Llama's depth")
+    ap.add_argument("--s2-batch", type=int, default=64, help="part 4: samples per step")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if a.quick or device.type != "cuda":
         a.width, a.depth, a.context, a.rows, a.seq_len, a.max_patches = 128, 2, 64, 2, 512, 128
         a.steps, a.rounds = 2, 3
+        a.lm_hidden, a.lm_layers, a.s2_batch = 64, 2, 4
     print(f"device: {name}, torch {torch.__version__}")
     print("== part 1: backend agreement ==")
     ok = check_agreement(device, 2, min(a.seq_len, 1024), 4, 64)
@@ -260,11 +346,23 @@ def main() -> int:
             results[f"fsdp-bf16 {best}"] = bench_backend(best, device, a, fsdp=True)
         except Exception as e:
             print(f"fsdp-bf16 {best}: failed: {type(e).__name__}: {str(e)[:300]}")
+    if a.stage2 == "on" or (a.stage2 == "auto" and device.type == "cuda"):
+        print(
+            f"== part 4: stage-2 VLM step, bf16, vision w{a.width}/d{a.depth} @ {a.max_patches} patches, "
+            f"Llama h{a.lm_hidden}/l{a.lm_layers}, {a.s2_batch} samples =="
+        )
+        try:
+            results["stage2 vlm"] = bench_stage2(device, a)
+            print(
+                f"gpu stage2: {statistics.median(results['stage2 vlm']['MFU (LM) %']):.1f} % LM MFU on {name}"
+            )
+        except Exception as e:
+            print(f"stage2 vlm: failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"{'candidate':<24}{'median':>12}{'min':>12}{'max':>12}  unit")
     for backend, res in results.items():
         for unit, xs in res.items():
             print(f"{backend:<24}{statistics.median(xs):>12.4g}{min(xs):>12.4g}{max(xs):>12.4g}  {unit}")
-    plain = {k: v for k, v in results.items() if not k.startswith("fsdp")}
+    plain = {k: v for k, v in results.items() if not k.startswith(("fsdp", "stage2"))}
     if plain:
         best = max(plain, key=lambda b: statistics.median(results[b]["MFU %"]))
         mfu = statistics.median(results[best]["MFU %"])

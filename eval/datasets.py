@@ -24,6 +24,11 @@ coco-instances     COCO ``instances_*.json`` read with pycocotools (non-crowd bo
 finevit            a FineViT dataset root; captions from ``layer`` (``alt-text``: the shard
                    captions; several layers: several captions per image), boxes from a region layer
 =================  =========================================================================
+
+Every path (the data, ``images``) may be a local path or an ``s3://`` URI, read through the
+project's storage layer (:mod:`engine.store`, configured by ``storage``: endpoint, keys, region;
+boto3's chain for what is unset). On S3 a folder of images is listed once (ListObjectsV2 pages)
+to tell missing images from present ones, and each image is read when it is embedded.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,16 +55,126 @@ class FormatError(ValueError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where one image is: a file ``path``, or ``data`` bytes (from a shard) named ``name``."""
+    """Where one image is: a file ``path`` (local or ``s3://``), or ``data`` bytes (from a shard)."""
 
     name: str
     path: str | None = None
     data: bytes | None = None
+    storage: Any = field(default=None, compare=False, repr=False)  # StorageConfig for s3:// paths
 
     def open(self) -> Image.Image:
-        src = self.path if self.path is not None else io.BytesIO(self.data or b"")
+        if self.path is not None and _is_s3(self.path):
+            src: Any = io.BytesIO(Files(self.storage).read_bytes(self.path))
+        else:
+            src = self.path if self.path is not None else io.BytesIO(self.data or b"")
         with Image.open(src) as im:
             return im.convert("RGB")
+
+
+def _is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _norm(uri: str | Path) -> str:
+    """A local path as ``pathlib`` spells it (no trailing slash); an ``s3://`` URI without one."""
+    uri = str(uri)
+    return uri.rstrip("/") if _is_s3(uri) else str(Path(uri))
+
+
+class Files:
+    """The few file operations the loaders need, on a local path or an ``s3://`` URI alike.
+
+    Local paths go through ``os``; S3 through :func:`engine.store.filesystem_for` (s3fs), with each
+    folder listed at most once (``isfile`` of every image of an annotation file is a set lookup,
+    not a request per image)."""
+
+    def __init__(self, storage: Any = None) -> None:
+        self.storage = storage
+        self._listed: dict[str, dict[str, bool]] = {}  # s3 folder -> {name: is_dir}
+
+    def _fs(self, uri: str) -> tuple[Any, str]:
+        from engine.store import filesystem_for
+
+        return filesystem_for(uri, self.storage)
+
+    # ---- paths ------------------------------------------------------------------------------
+    @staticmethod
+    def join(base: str, rel: str) -> str:
+        if _is_s3(rel) or os.path.isabs(rel):
+            return rel
+        return posixpath.join(base.rstrip("/"), rel) if _is_s3(base) else str(Path(base) / rel)
+
+    @staticmethod
+    def parent(uri: str) -> str:
+        return uri.rstrip("/").rsplit("/", 1)[0] if _is_s3(uri) else str(Path(uri).parent)
+
+    @staticmethod
+    def name(uri: str) -> str:
+        return uri.rstrip("/").rsplit("/", 1)[-1] if _is_s3(uri) else Path(uri).name
+
+    @staticmethod
+    def suffix(uri: str) -> str:
+        return posixpath.splitext(Files.name(uri))[1].lower()
+
+    # ---- listing ----------------------------------------------------------------------------
+    def _entries(self, uri: str) -> dict[str, bool]:
+        """``{name: is_dir}`` directly under an s3 folder ({} if none), listed once."""
+        uri = uri.rstrip("/")
+        if uri not in self._listed:
+            fs, path = self._fs(uri)
+            try:
+                entries = fs.ls(path, detail=True)
+            except FileNotFoundError:
+                entries = []
+            except Exception as e:  # credentials, endpoint, permissions: one line naming the URI
+                from engine.store import StorageError
+
+                raise StorageError(f"cannot list {uri}: {type(e).__name__}: {e}") from None
+            self._listed[uri] = {
+                e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("type") == "directory"
+                for e in entries
+                if e["name"].rstrip("/") != path.rstrip("/")
+            }
+        return self._listed[uri]
+
+    def isdir(self, uri: str) -> bool:
+        if not _is_s3(uri):
+            return os.path.isdir(uri)
+        return bool(self._entries(uri)) or self._entries(self.parent(uri)).get(self.name(uri), False)
+
+    def isfile(self, uri: str) -> bool:
+        if not _is_s3(uri):
+            return os.path.isfile(uri)
+        return self._entries(self.parent(uri)).get(self.name(uri)) is False
+
+    def listdir(self, uri: str) -> list[tuple[str, bool]]:
+        """Sorted ``(name, is_dir)`` under a folder."""
+        if not _is_s3(uri):
+            return sorted((e.name, e.is_dir()) for e in os.scandir(uri))
+        return sorted(self._entries(uri).items())
+
+    # ---- reading ----------------------------------------------------------------------------
+    def read_bytes(self, uri: str) -> bytes:
+        if not _is_s3(uri):
+            return Path(uri).read_bytes()
+        fs, path = self._fs(uri)
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            from engine.store import StorageError
+
+            raise StorageError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
+
+    def read_text(self, uri: str) -> str:
+        try:
+            return self.read_bytes(uri).decode("utf-8")
+        except FileNotFoundError:
+            raise FormatError(f"{uri}: no such file") from None
+
+    def image(self, uri: str, name: str | None = None) -> ImageRef:
+        return ImageRef(name or self.name(uri), path=uri, storage=self.storage if _is_s3(uri) else None)
 
 
 @dataclass
@@ -97,10 +213,10 @@ class BoxSet(_Base):
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _load_json(path: str | Path) -> Any:
+def _load_json(path: str | Path, files: Files | None = None) -> Any:
+    text = (files or Files()).read_text(str(path))
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
 
@@ -113,63 +229,70 @@ def _need(obj: Any, key: str, where: str, kind: type | tuple[type, ...] = object
     return obj[key]
 
 
-def _resolve(base: Path, rel: str) -> str:
-    return str(rel if os.path.isabs(rel) else base / rel)
+def _resolve(base: str | Path, rel: str) -> str:
+    return Files.join(str(base), rel)
 
 
-def _add_image(ds: _Base, path: str) -> bool:
-    if not os.path.isfile(path):
+def _add_image(ds: _Base, path: str, files: Files | None = None) -> bool:
+    files = files or Files()
+    if not files.isfile(path):
         ds._missing(path)
         return False
-    ds.images.append(ImageRef(os.path.basename(path), path=path))
+    ds.images.append(files.image(path))
     return True
 
 
 # ------------------------------------------------------------------------------- classification
 
 
-def load_classification(path: str, fmt: str = "auto", images: str | None = None) -> ClassificationSet:
-    p = Path(path)
+def load_classification(
+    path: str, fmt: str = "auto", images: str | None = None, storage: Any = None
+) -> ClassificationSet:
+    f = Files(storage)
+    path = _norm(path)
     if fmt == "auto":
-        fmt = "imagefolder" if p.is_dir() else ("csv" if p.suffix.lower() in (".csv", ".tsv") else "json")
+        fmt = "imagefolder" if f.isdir(path) else ("csv" if f.suffix(path) in (".csv", ".tsv") else "json")
     if fmt == "imagefolder":
-        if not p.is_dir():
-            raise FormatError(f"{p}: imagefolder format needs a folder of class folders")
-        classes = sorted(d.name for d in p.iterdir() if d.is_dir())
+        if not f.isdir(path):
+            raise FormatError(f"{path}: imagefolder format needs a folder of class folders")
+        classes = [name for name, is_dir in f.listdir(path) if is_dir]
         if not classes:
-            raise FormatError(f"{p}: imagefolder format: no class folders found")
-        ds = ClassificationSet(str(p), [], classnames=[c.replace("_", " ") for c in classes])
+            raise FormatError(f"{path}: imagefolder format: no class folders found")
+        ds = ClassificationSet(path, [], classnames=[c.replace("_", " ") for c in classes])
         for i, c in enumerate(classes):
-            for f in sorted((p / c).iterdir()):
-                if f.suffix.lower() in IMAGE_EXTS:
-                    ds.images.append(ImageRef(f"{c}/{f.name}", path=str(f)))
+            folder = f.join(path, c)
+            for name, is_dir in f.listdir(folder):
+                if not is_dir and f.suffix(name) in IMAGE_EXTS:
+                    ds.images.append(f.image(f.join(folder, name), f"{c}/{name}"))
                     ds.labels.append(i)
         return ds
-    base = Path(images) if images else p.parent
+    base = images or f.parent(path)
     if fmt == "csv":
         import csv
 
-        with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
-            for col in ("image", "label"):
-                if reader.fieldnames is None or col not in reader.fieldnames:
-                    raise FormatError(f"{p}: expected a header with column {col!r} (image,label)")
-            rows = [(r["image"], r["label"]) for r in reader]
+        text = f.read_text(path)
+        reader = csv.DictReader(
+            io.StringIO(text, newline=""), delimiter="\t" if f.suffix(path) == ".tsv" else ","
+        )
+        for col in ("image", "label"):
+            if reader.fieldnames is None or col not in reader.fieldnames:
+                raise FormatError(f"{path}: expected a header with column {col!r} (image,label)")
+        rows = [(r["image"], r["label"]) for r in reader]
     elif fmt == "json":
-        data = _load_json(p)
+        data = _load_json(path, f)
         if not isinstance(data, list):
-            raise FormatError(f"{p}: expected a list of {{'image': ..., 'label': ...}} objects")
+            raise FormatError(f"{path}: expected a list of {{'image': ..., 'label': ...}} objects")
         rows = [
-            (_need(r, "image", f"{p}[{i}]", str), str(_need(r, "label", f"{p}[{i}]")))
+            (_need(r, "image", f"{path}[{i}]", str), str(_need(r, "label", f"{path}[{i}]")))
             for i, r in enumerate(data)
         ]
     else:
         raise FormatError(f"zeroshot: unknown format {fmt!r} (imagefolder, csv, json)")
     classnames = sorted({label for _, label in rows})
     index = {c: i for i, c in enumerate(classnames)}
-    ds = ClassificationSet(str(p), [], classnames=classnames)
+    ds = ClassificationSet(path, [], classnames=classnames)
     for image, label in rows:
-        if _add_image(ds, _resolve(base, image)):
+        if _add_image(ds, _resolve(base, image), f):
             ds.labels.append(index[label])
     return ds
 
@@ -185,23 +308,25 @@ def load_captions(
     layers: list[str] | None = None,
     dci_text: str = "short+extra",
     limit: int | None = None,
+    storage: Any = None,
 ) -> CaptionSet:
     """Retrieval and long-caption retrieval sets: images with one or more captions each."""
-    p = Path(path)
+    f = Files(storage)
+    path = _norm(path)
     if fmt == "auto":
-        fmt = _guess_caption_format(p)
+        fmt = _guess_caption_format(path, f)
     if fmt == "finevit":
-        ds = load_finevit(path, layers or ["alt-text"])
+        ds = load_finevit(path, layers or ["alt-text"], storage)
     elif fmt == "coco-captions":
-        ds = _coco_captions(p, Path(images) if images else p.parent)
+        ds = _coco_captions(path, images or f.parent(path), f)
     elif fmt == "karpathy":
-        ds = _karpathy(p, Path(images) if images else p.parent, split)
+        ds = _karpathy(path, images or f.parent(path), split, f)
     elif fmt == "dci":
-        ds = _dci(p, images, dci_text)
+        ds = _dci(path, images, dci_text, f)
     elif fmt == "urban1k":
-        ds = _urban1k(p)
+        ds = _urban1k(path, f)
     elif fmt == "sharegpt4v":
-        ds = _sharegpt4v(p, Path(images) if images else p.parent)
+        ds = _sharegpt4v(path, images or f.parent(path), f)
     else:
         raise FormatError(
             f"unknown caption format {fmt!r} (coco-captions, karpathy, dci, urban1k, sharegpt4v, finevit)"
@@ -209,18 +334,18 @@ def load_captions(
     if limit:
         ds.images, ds.captions = ds.images[:limit], ds.captions[:limit]
     if not ds.images:
-        raise FormatError(f"{p}: no usable image with a caption ({ds.missing} missing images)")
+        raise FormatError(f"{path}: no usable image with a caption ({ds.missing} missing images)")
     return ds
 
 
-def _guess_caption_format(p: Path) -> str:
-    if p.is_dir():
-        if (p / "dataset.json").is_file():
+def _guess_caption_format(p: str, f: Files) -> str:
+    if f.isdir(p):
+        if f.isfile(f.join(p, "dataset.json")):
             return "finevit"
-        if (p / "image").is_dir() and (p / "caption").is_dir():
+        if f.isdir(f.join(p, "image")) and f.isdir(f.join(p, "caption")):
             return "urban1k"
         return "dci"
-    data = _load_json(p)
+    data = _load_json(p, f)
     if isinstance(data, list):
         return "sharegpt4v"
     if isinstance(data, dict) and "annotations" in data:
@@ -230,8 +355,8 @@ def _guess_caption_format(p: Path) -> str:
     return "dci"
 
 
-def _coco_captions(p: Path, base: Path) -> CaptionSet:
-    data = _load_json(p)
+def _coco_captions(p: str, base: str, f: Files) -> CaptionSet:
+    data = _load_json(p, f)
     imgs = _need(data, "images", str(p), list)
     anns = _need(data, "annotations", str(p), list)
     caps: dict[Any, list[str]] = {}
@@ -242,13 +367,13 @@ def _coco_captions(p: Path, base: Path) -> CaptionSet:
     ds = CaptionSet(str(p), [])
     for i, im in enumerate(imgs):
         iid = _need(im, "id", f"{p} images[{i}]")
-        if iid in caps and _add_image(ds, _resolve(base, _need(im, "file_name", f"{p} images[{i}]", str))):
+        if iid in caps and _add_image(ds, _resolve(base, _need(im, "file_name", f"{p} images[{i}]", str)), f):
             ds.captions.append(caps[iid])
     return ds
 
 
-def _karpathy(p: Path, base: Path, split: str) -> CaptionSet:
-    data = _load_json(p)
+def _karpathy(p: str, base: str, split: str, f: Files) -> CaptionSet:
+    data = _load_json(p, f)
     imgs = _need(data, "images", str(p), list)
     ds = CaptionSet(str(p), [], split=split)
     for i, im in enumerate(imgs):
@@ -257,28 +382,28 @@ def _karpathy(p: Path, base: Path, split: str) -> CaptionSet:
             continue
         rel = _need(im, "filename", where, str)
         if im.get("filepath"):
-            rel = os.path.join(im["filepath"], rel)
+            rel = posixpath.join(im["filepath"], rel)
         sents = [
             _need(s, "raw", f"{where} sentences", str).strip() for s in _need(im, "sentences", where, list)
         ]
-        if _add_image(ds, _resolve(base, rel)):
+        if _add_image(ds, _resolve(base, rel), f):
             ds.captions.append(sents)
     return ds
 
 
-def _dci(p: Path, images: str | None, dci_text: str) -> CaptionSet:
+def _dci(p: str, images: str | None, dci_text: str, f: Files) -> CaptionSet:
     if dci_text not in DCI_TEXTS:
         raise FormatError(f"--dci-text must be one of {DCI_TEXTS}, got {dci_text!r}")
-    if p.is_dir():
-        ann = p / "annotations" if (p / "annotations").is_dir() else p
-        files = sorted(f for f in ann.iterdir() if f.suffix == ".json")
-        img_base = Path(images) if images else (p / "photos" if (p / "photos").is_dir() else ann)
+    if f.isdir(p):
+        ann = f.join(p, "annotations") if f.isdir(f.join(p, "annotations")) else p
+        files = [f.join(ann, n) for n, is_dir in f.listdir(ann) if not is_dir and n.endswith(".json")]
+        img_base = images or (f.join(p, "photos") if f.isdir(f.join(p, "photos")) else ann)
     else:
-        files, img_base = [p], Path(images) if images else p.parent
+        files, img_base = [p], images or f.parent(p)
     ds = CaptionSet(str(p), [], split="dci", notes=[f"DCI text: {dci_text}"])
-    for f in files:
-        d = _load_json(f)
-        where = str(f)
+    for fp in files:
+        d = _load_json(fp, f)
+        where = str(fp)
         image = _need(d, "image", where, str)
         extra = _need(d, "extra_caption", where, str).strip()
         text = (
@@ -286,28 +411,31 @@ def _dci(p: Path, images: str | None, dci_text: str) -> CaptionSet:
             if dci_text == "extra"
             else f"{_need(d, 'short_caption', where, str).strip()} {extra}".strip()
         )
-        if _add_image(ds, _resolve(img_base, image)):
+        if _add_image(ds, _resolve(img_base, image), f):
             ds.captions.append([text])
     return ds
 
 
-def _urban1k(p: Path) -> CaptionSet:
-    if not (p / "image").is_dir() or not (p / "caption").is_dir():
+def _urban1k(p: str, f: Files) -> CaptionSet:
+    if not f.isdir(f.join(p, "image")) or not f.isdir(f.join(p, "caption")):
         raise FormatError(f"{p}: urban1k format expects folders 'image/' and 'caption/'")
     ds = CaptionSet(str(p), [], split="urban1k")
-    for cap in sorted((p / "caption").glob("*.txt")):
-        candidates = [p / "image" / (cap.stem + e) for e in IMAGE_EXTS]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            ds._missing(str(candidates[0]))
+    for name, is_dir in f.listdir(f.join(p, "caption")):
+        if is_dir or not name.endswith(".txt"):
             continue
-        _add_image(ds, str(found))
-        ds.captions.append([cap.read_text(encoding="utf-8").strip()])
+        stem = name[: -len(".txt")]
+        candidates = [f.join(f.join(p, "image"), stem + e) for e in IMAGE_EXTS]
+        found = next((c for c in candidates if f.isfile(c)), None)
+        if found is None:
+            ds._missing(candidates[0])
+            continue
+        _add_image(ds, found, f)
+        ds.captions.append([f.read_text(f.join(f.join(p, "caption"), name)).strip()])
     return ds
 
 
-def _sharegpt4v(p: Path, base: Path) -> CaptionSet:
-    data = _load_json(p)
+def _sharegpt4v(p: str, base: str, f: Files) -> CaptionSet:
+    data = _load_json(p, f)
     if not isinstance(data, list):
         raise FormatError(f"{p}: expected a list of {{'image', 'conversations'}} objects")
     ds = CaptionSet(str(p), [], split="sharegpt4v")
@@ -324,7 +452,7 @@ def _sharegpt4v(p: Path, base: Path) -> CaptionSet:
                     f"{where}: expected field 'conversations' with a {{'from': 'gpt', 'value'}} turn"
                 )
             text = gpt[0]
-        if _add_image(ds, _resolve(base, image)):
+        if _add_image(ds, _resolve(base, image), f):
             ds.captions.append([text.strip()])
     return ds
 
@@ -332,15 +460,18 @@ def _sharegpt4v(p: Path, base: Path) -> CaptionSet:
 # -------------------------------------------------------------------------------------- boxes
 
 
-def load_boxes(path: str, fmt: str = "auto", images: str | None = None, layer: str = "gt-regions") -> BoxSet:
-    p = Path(path)
+def load_boxes(
+    path: str, fmt: str = "auto", images: str | None = None, layer: str = "gt-regions", storage: Any = None
+) -> BoxSet:
+    f = Files(storage)
+    p = _norm(path)
     if fmt == "auto":
-        fmt = "finevit" if p.is_dir() else "coco-instances"
+        fmt = "finevit" if f.isdir(p) else "coco-instances"
     if fmt == "finevit":
-        return _finevit_boxes(path, layer)
+        return _finevit_boxes(p, layer, storage)
     if fmt != "coco-instances":
         raise FormatError(f"boxcls: unknown format {fmt!r} (coco-instances, finevit)")
-    data = _load_json(p)
+    data = _load_json(p, f)
     for key in ("images", "annotations", "categories"):
         _need(data, key, str(p), list)
     for i, a in enumerate(data["annotations"][:1]):
@@ -352,7 +483,7 @@ def load_boxes(path: str, fmt: str = "auto", images: str | None = None, layer: s
     coco.createIndex()
     cat_ids = sorted(coco.getCatIds())
     cat_index = {c: i for i, c in enumerate(cat_ids)}
-    base = Path(images) if images else p.parent
+    base = images or f.parent(p)
     ds = BoxSet(str(p), [], classnames=[coco.loadCats(c)[0]["name"] for c in cat_ids])
     for iid in sorted(coco.getImgIds()):
         info = coco.loadImgs(iid)[0]
@@ -366,7 +497,7 @@ def load_boxes(path: str, fmt: str = "auto", images: str | None = None, layer: s
         ]
         if not anns:
             continue
-        if not _add_image(ds, _resolve(base, info["file_name"])):
+        if not _add_image(ds, _resolve(base, info["file_name"]), f):
             continue
         ds.boxes.append(
             [

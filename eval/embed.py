@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from eval.datasets import ImageRef
 
@@ -30,6 +32,25 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
     )
 
 
+REMOTE_READERS = 16  # images of one batch read at once from S3 (latency-bound GETs)
+
+
+def _open(ref: ImageRef) -> Image.Image | None:
+    try:
+        return ref.open()
+    except Exception:
+        return None
+
+
+def open_images(refs: Sequence[ImageRef]) -> list[Image.Image | None]:
+    """Decoded RGB images (None where a ref cannot be read or decoded), in order; remote refs
+    (``s3://``) are fetched by a small thread pool, local ones in this thread."""
+    if any(r.path is not None and r.path.startswith("s3://") for r in refs):
+        with ThreadPoolExecutor(min(REMOTE_READERS, len(refs))) as pool:
+            return list(pool.map(_open, refs))
+    return [_open(r) for r in refs]
+
+
 def embed_images(
     encoder: Any, refs: Sequence[ImageRef], batch_size: int = 64, progress: bool = False, desc: str = "images"
 ) -> tuple[torch.Tensor, list[bool], list[str]]:
@@ -38,13 +59,12 @@ def embed_images(
     with _bar(len(refs), desc, progress) as bar:
         for i in range(0, len(refs), batch_size):
             batch = []
-            for ref in refs[i : i + batch_size]:
-                try:
-                    batch.append(ref.open())
-                    ok.append(True)
-                except Exception:
-                    ok.append(False)
+            for ref, im in zip(refs[i : i + batch_size], open_images(refs[i : i + batch_size]), strict=True):
+                ok.append(im is not None)
+                if im is None:
                     failed.append(ref.name)
+                else:
+                    batch.append(im)
             if batch:
                 out.append(F.normalize(encoder.encode_image(batch).float(), dim=-1))
             bar.update(len(refs[i : i + batch_size]))

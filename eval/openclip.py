@@ -9,6 +9,21 @@ pure-Python transforms, so images are preprocessed exactly as OpenCLIP does (res
 Model specs: ``openclip:NAME`` (a built-in architecture, e.g. ``ViT-B-32``, with ``weights`` a
 local ``.pt``/``.safetensors`` file, or random init without), or ``openclip:/path/cfg.json`` (an
 OpenCLIP model config: ``embed_dim``, ``vision_cfg``, ``text_cfg``).
+
+Region features (``boxcls``, ViT image towers only), FG-CLIP's COCO box protocol: the image is
+squashed to the model's input size (no crop, so every box stays in view), and
+:meth:`OpenClipEncoder.patch_features` gives the patch tokens as an ``(h, w, C)`` grid; the task
+RoIAligns each box (1x1) and :meth:`OpenClipEncoder.pool_regions` pools the region feature as a
+one-token image through the tower's own head (``ln_post`` where the tower puts it, the attention
+pooler if any, ``proj``), as our encoder pools through its MAP head. ``region_mode``:
+
+- ``fgclip`` (default): FG-CLIP's dense features: the last block runs on each token alone, so its
+  attention is the value path (FG-CLIP's ``forward_without_attn``: MaskCLIP's trick, because a
+  CLIP's last-layer attention spreads global content over every patch token);
+- ``final``: the tokens the tower's head sees (all blocks as trained), like our encoder.
+
+RoIAlign is linear and ``ln_post`` per token comes first, so RoIAlign-then-``proj`` is FG-CLIP's
+``proj``-then-RoIAlign.
 """
 
 from __future__ import annotations
@@ -24,6 +39,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from eval.embed import TaskError
+
+REGION_MODES = ("fgclip", "final")
 
 DEFAULT_DEPS = Path(__file__).resolve().parents[1] / ".bench-deps"
 _STANDINS = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
@@ -49,8 +68,13 @@ class OpenClipEncoder:
 
     has_text = True
 
-    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, name: str) -> None:
+    def __init__(
+        self, model: Any, preprocess: Any, tokenizer: Any, name: str, region_mode: str = "fgclip"
+    ) -> None:
+        if region_mode not in REGION_MODES:
+            raise ValueError(f"OpenCLIP region features must be one of {REGION_MODES}, got {region_mode!r}")
         self.model, self.preprocess, self.tokenizer, self.name = model.eval(), preprocess, tokenizer, name
+        self.region_mode = region_mode
 
     @property
     def device(self) -> torch.device:
@@ -81,6 +105,78 @@ class OpenClipEncoder:
         out = self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float()
         return (F.normalize(out, dim=-1) if normalize else out).cpu()
 
+    # ---- regions (boxcls) ----------------------------------------------------------------------
+    def _vit(self) -> Any:
+        v = self.model.visual
+        if not all(hasattr(v, a) for a in ("_embeds", "transformer", "grid_size", "ln_post")):
+            raise TaskError(
+                f"boxcls on OpenCLIP needs a ViT image tower with a patch grid; {self.name} has "
+                f"{type(v).__name__}"
+            )
+        return v
+
+    @property
+    def region_resolution(self) -> str:
+        h, w = self._vit().image_size
+        return f"{w}x{h} squashed (no crop)"
+
+    @property
+    def region_protocol(self) -> str:
+        h, w = self._vit().image_size
+        feats = (
+            "last block's value path (FG-CLIP dense features)"
+            if self.region_mode == "fgclip"
+            else "final tokens"
+        )
+        return f"image squashed to {w}x{h}; RoIAlign 1x1 over the {feats}, pooled by the tower's head + proj"
+
+    @torch.no_grad()
+    def patch_features(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Per image, the patch tokens of the squashed image as an ``(h, w, C)`` grid (see the module doc)."""
+        if not images:
+            return []
+        v = self._vit()
+        H, W = v.image_size
+        x = torch.stack([self.preprocess(im.resize((W, H), Image.BICUBIC)) for im in images])
+        x = v._embeds(x.to(self.device, next(v.parameters()).dtype))
+        t = v.transformer
+        blocks = list(t.resblocks)
+        if self.region_mode == "fgclip":
+            blocks, last = blocks[:-1], blocks[-1]
+        if not t.batch_first:
+            x = x.transpose(0, 1)
+        for blk in blocks:
+            x = blk(x)
+        if not t.batch_first:
+            x = x.transpose(0, 1)
+        if self.region_mode == "fgclip":
+            # every token a one-token sequence: attention over one key is its value path
+            B, L, D = x.shape
+            x = last(x.reshape(B * L, 1, D) if t.batch_first else x.reshape(1, B * L, D)).reshape(B, L, D)
+        x = x[:, 1:]  # drop the class token (OpenCLIP's one prefix token)
+        if v.attn_pool is None and not v.final_ln_after_pool:
+            x = v.ln_post(x)  # the tower norms every token before it pools: do the same before RoIAlign
+        gh, gw = v.grid_size
+        return [g.reshape(gh, gw, -1).float().cpu() for g in x]
+
+    @torch.no_grad()
+    def pool_regions(self, feats_NC: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Region features (RoIAlign of :meth:`patch_features`) into the joint space, each pooled as a
+        one-token image through the tower's head: the attention pooler (over one token: its value
+        path) or ``ln_post`` where the tower applies it after pooling, then ``proj``."""
+        v = self._vit()
+        if feats_NC.shape[0] == 0:
+            return torch.zeros(0, v.output_dim)
+        x = feats_NC.to(self.device, next(v.parameters()).dtype)
+        if v.attn_pool is not None:
+            x, _ = v._pool(x[:, None, :])
+        elif v.final_ln_after_pool:
+            x = v.ln_post(x)
+        if v.proj is not None:
+            x = x @ v.proj
+        x = x.float()
+        return (F.normalize(x, dim=-1) if normalize else x).cpu()
+
     def text_lengths(self, texts: Sequence[str]) -> list[int]:
         enc = getattr(self.tokenizer, "encode", None)
         if enc is None:
@@ -89,7 +185,11 @@ class OpenClipEncoder:
 
 
 def load_openclip(
-    spec: str, weights: str | None = None, deps: str | None = None, seed: int = 0
+    spec: str,
+    weights: str | None = None,
+    deps: str | None = None,
+    seed: int = 0,
+    region_mode: str = "fgclip",
 ) -> OpenClipEncoder:
     """An :class:`OpenClipEncoder` from ``openclip:NAME`` or ``openclip:/path/config.json``."""
     open_clip = import_open_clip(deps)
@@ -109,4 +209,5 @@ def load_openclip(
     if weights and not Path(weights).is_file():
         raise FileNotFoundError(weights)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights or None)
-    return OpenClipEncoder(model, preprocess, open_clip.get_tokenizer(name), f"openclip:{name}")
+    tokenizer = open_clip.get_tokenizer(name)
+    return OpenClipEncoder(model, preprocess, tokenizer, f"openclip:{name}", region_mode)

@@ -1,19 +1,88 @@
-"""RoIAlign (1x1 output) over one image's patch grid, in plain torch.
+"""RoIAlign (1x1 output) over one image's patch grid: torchvision's op when it imports, else plain torch.
 
-torchvision's ``roi_align`` is not usable here (its wheels do not import beside torch CPU, see
-shared/KNOWN-TRAPS.md), so this is the same computation written out: torchvision's semantics
-with ``aligned=True`` (a box edge at feature coordinate ``x`` is the continuous coordinate
-``x - 0.5``, patch centres sit on integers) and an adaptive sampling ratio
-(``ceil(box size)`` samples per side), bilinear interpolation, samples averaged.
+torchvision's wheels do not import beside torch CPU here (shared/KNOWN-TRAPS.md), so
+:func:`roi_align_1x1` is the same computation written out: torchvision's semantics with
+``aligned=True`` (a box edge at feature coordinate ``x`` is the continuous coordinate ``x - 0.5``,
+patch centres sit on integers) and an adaptive sampling ratio (``ceil(box size)`` samples per
+side), bilinear interpolation, samples averaged. :func:`roi_align` uses
+``torchvision.ops.roi_align`` instead when torchvision imports *with its compiled ops*, and this
+one otherwise: without its ops (the copy OpenCLIP brings from ``.bench-deps``) torchvision falls
+back to a Python version that it ``torch.compile``s on first use, minutes on a loaded CPU. Boxes
+are clipped to the grid first, where both agree (that fallback also undercounts the samples of a
+box larger than the map).
 
 Legend: h, w patch grid, C channels, B boxes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+BACKENDS = ("auto", "torchvision", "torch")
+_TV: list[Callable[..., Any] | None] = []  # cached torchvision.ops.roi_align (or None), once per process
+
+
+def _torchvision_op() -> Callable[..., Any] | None:
+    """``torchvision.ops.roi_align`` if torchvision is already imported or importable, else None."""
+    if not _TV:
+        op = None
+        if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+            try:
+                from torchvision.ops import roi_align as op
+            except Exception:  # a CUDA wheel beside torch CPU fails here in several ways
+                op = None
+        _TV.append(op)
+    return _TV[0]
+
+
+def _torchvision_has_ops() -> bool:
+    try:
+        from torchvision.extension import _has_ops
+
+        return bool(_has_ops())
+    except Exception:
+        return False
+
+
+def roi_backend(backend: str = "auto") -> str:
+    """Which implementation :func:`roi_align` uses: ``torchvision`` (its compiled op) or ``torch`` (ours)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"RoIAlign backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if _torchvision_op() is None:
+        if backend == "torchvision":
+            raise ImportError("RoIAlign backend 'torchvision': torchvision.ops is not importable")
+        return "torch"
+    return "torchvision" if backend == "torchvision" or _torchvision_has_ops() else "torch"
+
+
+def roi_align(feat_HWC: torch.Tensor, boxes_B4: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``(B, C)`` 1x1 RoIAlign of boxes in feature units, clipped to the grid (see the module doc)."""
+    H, W, _ = feat_HWC.shape
+    boxes_B4 = boxes_B4.float().reshape(-1, 4)
+    boxes_B4 = torch.stack(
+        [
+            boxes_B4[:, 0].clamp(0, W),
+            boxes_B4[:, 1].clamp(0, H),
+            boxes_B4[:, 2].clamp(0, W),
+            boxes_B4[:, 3].clamp(0, H),
+        ],
+        dim=1,
+    )
+    if roi_backend(backend) == "torch":
+        return roi_align_1x1(feat_HWC, boxes_B4)
+    op = _torchvision_op()
+    assert op is not None
+    feat_1CHW = feat_HWC.float().permute(2, 0, 1)[None].contiguous()
+    out = op(feat_1CHW, [boxes_B4], output_size=1, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return out[:, :, 0, 0]
 
 
 def _bilinear(feat_HWC: torch.Tensor, y_S: torch.Tensor, x_S: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,15 @@ def load_model(
     max_patches: int | None = None,
     weights: str | None = None,
     device: str = "cpu",
+    region_features: str = "fgclip",
 ) -> Any:
-    """``openclip:...`` -> :class:`eval.openclip.OpenClipEncoder`; else a FineViT checkpoint or export."""
+    """``openclip:...`` -> :class:`eval.openclip.OpenClipEncoder`; else a FineViT checkpoint or export.
+
+    ``region_features`` (OpenCLIP only, boxcls): ``fgclip`` or ``final``, see eval/openclip.py."""
     if spec.startswith("openclip:"):
         from eval.openclip import load_openclip
 
-        return load_openclip(spec, weights).to(device)
+        return load_openclip(spec, weights, region_mode=region_features).to(device)
     from train.model.encoder import load_encoder
 
     return load_encoder(spec, config, overrides, tokenizer, max_patches, device)
@@ -56,8 +59,12 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = False,
     checkpoint_hash: str | None = None,
+    storage: Any = None,
 ) -> TaskResult:
-    """Run ``task`` on ``data``; see eval/datasets.py for formats and ``finevit eval --help``."""
+    """Run ``task`` on ``data``; see eval/datasets.py for formats and ``finevit eval --help``.
+
+    ``data`` and ``images`` may be ``s3://`` URIs, reached with ``storage`` (an
+    :class:`engine.config.StorageConfig`; None: the environment and boto3's chain)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     tname, tlist = load_templates(templates) if task in ("zeroshot", "boxcls") else ("-", [])
@@ -65,10 +72,10 @@ def evaluate(
         from eval.tasks import zeroshot
 
         result = zeroshot.run(
-            encoder, datasets.load_classification(data, fmt, images), tlist, batch_size, progress
+            encoder, datasets.load_classification(data, fmt, images, storage), tlist, batch_size, progress
         )
     elif task in ("retrieval", "long-retrieval"):
-        ds = datasets.load_captions(data, fmt, images, split, layers, dci_text, limit)
+        ds = datasets.load_captions(data, fmt, images, split, layers, dci_text, limit, storage)
         if task == "retrieval":
             from eval.tasks import retrieval
 
@@ -82,7 +89,7 @@ def evaluate(
 
         layer = (layers or ["gt-regions"])[0]
         result = boxcls.run(
-            encoder, datasets.load_boxes(data, fmt, images, layer), tlist, batch_size, progress
+            encoder, datasets.load_boxes(data, fmt, images, layer, storage), tlist, batch_size, progress
         )
     else:
         from engine.synthetic import parse_synthetic_uri
@@ -102,7 +109,7 @@ def evaluate(
         text += f" (mean {lengths['text_tokens_mean']}, max {lengths['text_tokens_max']}, {lengths['texts_truncated']} truncated)"
     result.settings.update(
         {
-            "resolution": _resolution(encoder),
+            "resolution": result.settings.get("resolution") or _resolution(encoder),
             "text": text,
             "templates": f"{tname} ({len(tlist)})" if tlist else "-",
             "checkpoint": checkpoint_hash or encoder_hash(encoder),

@@ -7,7 +7,9 @@
     finevit eval CKPT --task retrieval --data captions_val2017.json --images val2017/
     finevit eval CKPT --task long-retrieval --data dci/ --dci-text extra
     finevit eval CKPT --task boxcls --data instances_val2017.json --images val2017/
+    finevit eval CKPT --task retrieval --data s3://bucket/ds --format finevit --layer gt-global
     finevit eval openclip:ViT-B-32 --weights open_clip_model.safetensors --task zeroshot --data ...
+    finevit eval openclip:ViT-B-16 --weights ... --task boxcls --data instances_val2017.json --images val2017/
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="dataset path, annotation file, FineViT dataset root, or synthetic://scenes?... (finegrained)",
+        help="dataset path, annotation file or FineViT dataset root, local or s3://bucket/prefix (S3: "
+        "--s3-endpoint-url, --set storage.*, else the AWS_* environment); synthetic://scenes?... (finegrained)",
     )
     p.add_argument(
         "--format",
@@ -52,7 +55,9 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
         help="imagefolder, csv, json (zeroshot); coco-captions, karpathy, finevit (retrieval); dci, urban1k, "
         "sharegpt4v, finevit (long-retrieval); coco-instances, finevit (boxcls); default: guessed",
     )
-    p.add_argument("--images", help="image folder for annotation files (default: the file's folder)")
+    p.add_argument(
+        "--images", help="image folder for annotation files, local or s3:// (default: the file's folder)"
+    )
     p.add_argument("--split", default="test", help="Karpathy split (default test)")
     p.add_argument(
         "--layer", action="append", help="FineViT caption layer(s) (alt-text: shard captions) or region layer"
@@ -75,6 +80,12 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
     p.add_argument("--max-patches", type=int, help="patch budget at eval (default: the training budget)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the run config's data.tokenizer)")
     p.add_argument("--weights", help="openclip: local weights file")
+    p.add_argument(
+        "--region-features",
+        default="fgclip",
+        choices=["fgclip", "final"],
+        help="openclip boxcls: FG-CLIP's dense features (last block's value path, default) or the final tokens",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write results.json + results.md into this folder")
@@ -84,6 +95,7 @@ def register(sub: argparse._SubParsersAction, config_args: Any) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from engine.store import StorageError
     from eval.datasets import FormatError
     from eval.embed import TaskError
     from eval.report import markdown, write
@@ -101,6 +113,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except (EncoderError, ValueError) as e:
             return fail(str(e))
     try:
+        storage = _storage(args)
         enc = load_model(
             args.model,
             args.config,
@@ -109,6 +122,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.max_patches,
             args.weights,
             args.device,
+            args.region_features,
         )
         results = []
         for task in args.task:
@@ -126,6 +140,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 args.negatives,
                 args.batch_size,
                 progress=not args.no_progress and sys.stderr.isatty(),
+                storage=storage,
             )
             if r.missing_images or r.unreadable_images:
                 warn(
@@ -133,8 +148,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     f"(e.g. {', '.join(r.missing_examples[:3])})"
                 )
             results.append(r)
-    except (FormatError, EncoderError, TaskError, ImportError, ValueError) as e:
+    except (FormatError, EncoderError, TaskError, ImportError, ValueError, StorageError) as e:
         return fail(str(e))
+    except (OSError, *_boto_errors()) as e:  # storage refused or unreachable (S3 403, no credentials, ...)
+        return fail(f"cannot read {args.data}: {type(e).__name__}: {e}")
     print(markdown(results), end="")
     if args.out:
         jpath, mpath = write(results, args.out)
@@ -142,3 +159,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(json.dumps([r.metrics for r in results]))
     return EXIT_OK
+
+
+def _storage(args: argparse.Namespace) -> Any:
+    """S3 access for ``s3://`` data: ``--s3-endpoint-url`` and the ``--set storage.*`` overrides (the
+    others are the model's), then the environment and boto3's chain."""
+    from engine.config import FineVitConfig, load_config
+
+    sets = [o for o in args.overrides if o.startswith("storage.")]
+    if args.s3_endpoint_url:
+        sets.append(f"storage.endpoint_url={args.s3_endpoint_url}")
+    return load_config(None, sets, FineVitConfig).storage
+
+
+def _boto_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        return (BotoCoreError,)
+    except ImportError:
+        return ()

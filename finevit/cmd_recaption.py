@@ -21,8 +21,17 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
         ),
     )
     p.add_argument("dataset")
-    p.add_argument("--layer", help="layer name (default: recap-global / recap-regions-<mode>)")
-    p.add_argument("--task", choices=["global", "regions"])
+    p.add_argument(
+        "--layer",
+        action="append",
+        help="layer name (default: recap-global / recap-regions-<mode>); with several --task, one per task",
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        choices=["global", "regions"],
+        help="repeat to write several layers from one read of each image (e.g. --task global --task regions)",
+    )
     p.add_argument("--backend", choices=["openai", "vllm", "sglang", "hf"])
     p.add_argument(
         "--endpoint",
@@ -73,6 +82,16 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     p.add_argument(
         "--trust-remote-code", action="store_true", help="hf/vllm: run the model directory's own code"
     )
+    p.add_argument(
+        "--cache-dir",
+        help="where the response cache keeps answers across runs (default <dataset>/cache/recaption; "
+        "local or s3://)",
+    )
+    p.add_argument(
+        "--no-persistent-cache",
+        action="store_true",
+        help="neither reuse nor store answers across runs (duplicates within a run are still sent once)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--dry-run",
@@ -122,15 +141,24 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     from recaption.backends.base import BackendError
     from recaption.config import RecaptionRunConfig
     from recaption.prompts import PromptError
-    from recaption.run import recaption
+    from recaption.run import recaption_layers
 
     shards = [s.strip() for s in args.shards.split(",") if s.strip()] if args.shards else None
     flag = lambda b: "true" if b else None  # noqa: E731
+    tasks, names = args.task or [], args.layer or []
+    layers = None
+    if len(tasks) > 1 or len(names) > 1:
+        if len(names) > 1 and len(names) != len(tasks):
+            return _fail(
+                f"{len(names)} --layer for {len(tasks)} --task: give one --layer per --task (or none)"
+            )
+        layers = [{"task": t, **({"layer": names[i]} if names else {})} for i, t in enumerate(tasks)]
     cfg = build_config(
         args,
         {
-            "recaption.layer": _q(args.layer),
-            "recaption.task": args.task,
+            "recaption.layer": _q(names[0]) if names and layers is None else None,
+            "recaption.task": tasks[0] if tasks and layers is None else None,
+            "recaption.layers": _q(layers),
             "recaption.backend": args.backend,
             "recaption.endpoints": _q(args.endpoints),
             "recaption.model": _q(args.model),
@@ -152,6 +180,8 @@ def cmd_recaption(args: argparse.Namespace) -> int:
             "recaption.clients": args.clients,
             "recaption.retry_failed": flag(args.retry_failed),
             "recaption.progress": "false" if args.no_progress else None,
+            "recaption.cache_dir": _q(args.cache_dir),
+            "recaption.persistent_cache": "false" if args.no_persistent_cache else None,
             "recaption.model_family": args.model_family,
             "recaption.hf.trust_remote_code": flag(args.trust_remote_code),
             "recaption.vllm.trust_remote_code": flag(args.trust_remote_code),
@@ -160,22 +190,26 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         from engine.layout import Dataset
-        from recaption.plan import dry_run
+        from recaption.plan import dry_run, layer_configs
 
         try:
-            plan = dry_run(Dataset(args.dataset, cfg.storage.resolved()), cfg.recaption)
+            ds = Dataset(args.dataset, cfg.storage.resolved())
+            plans = [dry_run(ds, c) for c in layer_configs(cfg.recaption)]
         except PromptError as e:
             return _fail(str(e))
-        print_plan(plan)
+        for plan in plans:
+            print_plan(plan)
         return 0
     try:
-        report = recaption(args.dataset, cfg, on_event=lambda m: print(m, file=sys.stderr))
+        reports = recaption_layers(args.dataset, cfg, on_event=lambda m: print(m, file=sys.stderr))
     except (BackendError, PromptError) as e:
         return _fail(str(e))
-    print_report(report)
-    if report.stopped:
-        print(f"finevit: recaption stopped: {report.stopped}", file=sys.stderr)
-    return 1 if report.shards_failed or report.stopped else 0
+    for report in reports:
+        print_report(report)
+    stopped = next((r.stopped for r in reports if r.stopped), None)
+    if stopped:
+        print(f"finevit: recaption stopped: {stopped}", file=sys.stderr)
+    return 1 if stopped or any(r.shards_failed for r in reports) else 0
 
 
 def print_plan(plan: dict[str, Any]) -> None:

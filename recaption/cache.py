@@ -48,9 +48,10 @@ def fingerprint(task: Task, extra: dict[str, Any] | None = None) -> str:
 
 
 class ResponseCache:
-    def __init__(self, fingerprint: str, max_entries: int = 200_000) -> None:
+    def __init__(self, fingerprint: str, max_entries: int = 200_000, boxes: bool = True) -> None:
         self.fp = fingerprint
         self.max_entries = max_entries
+        self.boxes = boxes  # the sample's proposals are part of the question (proposals tasks)
         self._rows: OrderedDict[str, asyncio.Future] = OrderedDict()
         self._loaded: dict[str, dict[str, Any]] = {}  # from earlier runs (CacheStore)
         self.fresh: dict[str, dict[str, Any]] = {}  # ok answers of this actor not yet stored
@@ -65,7 +66,9 @@ class ResponseCache:
     def key(self, sample: Sample) -> str | None:
         if sample.sha256 is None or sample.image is None:
             return None
-        boxes = json.dumps(sample.proposals, sort_keys=True, default=str) if sample.proposals else ""
+        boxes = ""
+        if self.boxes and sample.proposals:
+            boxes = json.dumps(sample.proposals, sort_keys=True, default=str)
         return hashlib.sha256(f"{self.fp}|{sample.sha256}|{sample.image.size}|{boxes}".encode()).hexdigest()
 
     async def lookup(self, k: str) -> dict[str, Any] | None:

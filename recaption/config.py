@@ -47,6 +47,26 @@ class VLLMConfig(StrictModel):
     trust_remote_code: bool = False
 
 
+class LayerSpec(StrictModel):
+    """One layer of a multi-layer pass (``recaption.layers``): what differs from the top-level
+    settings. Images (size, JPEG quality, model family), the backend and the orchestration are
+    the pass's own: one read and decode of each image serves every layer."""
+
+    task: Literal["global", "regions"]
+    layer: str | None = None
+    prompt: str | None = None
+    region_mode: Literal["grounded", "proposals"] | None = None
+    proposals_layer: str | None = None
+    box_hint: Literal["coords", "draw", "crop"] | None = None
+    bbox_format: BBoxFormat | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    keep_truncated: bool | None = None
+    max_regions: int | None = Field(default=None, ge=1)
+    extra_body: dict | None = None
+
+
 class RecaptionConfig(StrictModel):
     task: Literal["global", "regions"] = "global"
     layer: str | None = None
@@ -122,6 +142,11 @@ class RecaptionConfig(StrictModel):
     )
     breaker_http400: int = Field(
         default=32, ge=1, description="stop the run after this many HTTP 400 in a row with no success"
+    )
+    layers: list[LayerSpec] = Field(
+        default_factory=list,
+        description="several layers from one image pass (e.g. a global caption and grounded regions); "
+        "each entry overrides task/layer/prompt/sampling of the settings above (recaption/plan.py)",
     )
     hf: HFConfig = HFConfig()
     vllm: VLLMConfig = VLLMConfig()

@@ -60,6 +60,36 @@ class RecaptionReport(StageReport):
         self.cache_hits += int(extra.get("cache_hits", 0))
 
 
+def layer_configs(cfg: RecaptionConfig) -> list[RecaptionConfig]:
+    """The layers one image pass writes: ``cfg`` itself, or one config per ``cfg.layers`` entry
+    (its fields over ``cfg``'s). Refuses two entries with one layer name, and a proposals layer
+    that the same pass writes (its boxes would not exist yet when the pass reads them)."""
+    if not cfg.layers:
+        return [cfg]
+    base = cfg.model_dump(exclude_unset=True)
+    base.pop("layers", None)
+    out = [
+        RecaptionConfig.model_validate({**base, **spec.model_dump(exclude_none=True)}) for spec in cfg.layers
+    ]
+    names = [layer_name(c) for c in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LayoutError(
+            f"recaption.layers writes layer {dup[0]!r} twice: give each entry its own layer name"
+        )
+    props = {c.proposals_layer for c in out if c.task == "regions" and c.region_mode == "proposals"}
+    if len(props) > 1:
+        raise LayoutError(
+            f"recaption.layers: proposals tasks of one pass read one proposals layer, got {sorted(props)}"
+        )
+    if props & set(names):
+        raise LayoutError(
+            f"recaption.layers: layer {sorted(props & set(names))[0]!r} is both written and read as "
+            "proposals by this pass: write it first, then caption its boxes in a second run"
+        )
+    return out
+
+
 def resolve_prompt(cfg: RecaptionConfig) -> Prompt:
     default = DEFAULTS["global"] if cfg.task == "global" else DEFAULTS[cfg.region_mode]
     return load_prompt(cfg.prompt or default)
@@ -197,6 +227,23 @@ def plan_tasks(dataset: Dataset, cfg: RecaptionConfig, report: RecaptionReport) 
             continue
         todo.append(ShardTask(s, "shard"))
     return todo
+
+
+def plan_pass(
+    dataset: Dataset, cfgs: list[RecaptionConfig], reports: list[RecaptionReport]
+) -> list[ShardTask]:
+    """One unit per shard for a multi-layer pass: ``payload`` lists ``(layer index, "shard" or
+    "retry")`` for the layers that want the shard (each layer planned by :func:`plan_tasks`), so
+    a shard's images are read once for all of them and a layer that committed it is left alone."""
+    want: dict[str, list[tuple[int, str]]] = {}
+    order: list[str] = []
+    for i, (c, rep) in enumerate(zip(cfgs, reports, strict=True)):
+        for t in plan_tasks(dataset, c, rep):
+            if t.shard not in want:
+                want[t.shard] = []
+                order.append(t.shard)
+            want[t.shard].append((i, t.kind))
+    return [ShardTask(s, "shard", want[s]) for s in sorted(order)]
 
 
 def retry_extra(old: LayerStats, new: dict[str, Any]) -> dict[str, Any]:

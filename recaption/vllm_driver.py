@@ -17,6 +17,17 @@ whole run (engines load once):
    answers (the same layer writer and commit marker as the HTTP path). ``--retry-failed``
    expands only the failed rows of committed shards and merges them in.
 
+Memory (finding 8 here): the pipeline's object-store budget is ``max_bytes_in_flight``
+(Ray Data's streaming executor stops reading shards while that many bytes of request rows
+wait), and output blocks are cut at 1/16 of it (at most 128 MiB, Ray Data's default), so a
+shard's base64 images never pile up in one block (:func:`data_context`).
+
+Response cache across runs (as on the HTTP path, recaption/cache.py): the driver loads the
+fingerprint's stored answers and hands the expansion their keys only (``ray.put``, 64 bytes
+each); a sample whose key is there emits no request but a marker the committer fills from
+the stored row (counted as ``cache_hits``). At commit the shard's ok answers are stored
+before its marker is written.
+
 Structured output goes in the sampling params (``structured_outputs: {"json": schema}``,
 vLLM >= 0.12). Ray Data LLM gives no finish reason: an answer that used all ``max_tokens``
 counts as ``length``. ``vllm`` and a GPU are needed to run it: everything is imported lazily;
@@ -36,6 +47,7 @@ from typing import Any
 from engine.shards import ShardTask
 from engine.stats import LayerStats, Reason, RowStatus
 from recaption.backends.base import CaptionRequest, CaptionResult, fill_images
+from recaption.cache import CacheStore, ResponseCache, fingerprint
 from recaption.config import RecaptionConfig
 from recaption.plan import (
     RecaptionReport,
@@ -166,6 +178,33 @@ def postprocess(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def data_context(cfg: RecaptionConfig):
+    """Bound the bytes this pipeline holds: Ray Data's object-store limit is
+    ``max_bytes_in_flight`` and blocks are cut at 1/16 of it (1 MiB to 128 MiB)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=cfg.max_bytes_in_flight)
+    ctx.target_max_block_size = max(2**20, min(128 * 2**20, cfg.max_bytes_in_flight // 16))
+    return ctx
+
+
+def response_cache(dataset, cfg: RecaptionConfig, storage) -> tuple[ResponseCache, CacheStore | None]:
+    """The run's response cache (its fingerprint as on the HTTP path) and, with
+    ``persistent_cache``, its store of answers across runs."""
+    from engine.store import Store
+
+    task = make_task(cfg, cfg.model or "?")
+    cache = ResponseCache(
+        fingerprint(task, {"family": cfg.model_family}), boxes=isinstance(task, ProposalTask)
+    )
+    if not cfg.persistent_cache:
+        return cache, None
+    where = cfg.cache_dir or dataset.store.uri("cache/recaption")
+    return cache, CacheStore(Store(where, storage).child(cache.fp[:32]))
+
+
 class Ledger:
     """A small Ray actor: what each shard's expansion emitted (a request count and the rows of
     samples that get no request). The driver takes the entries as they come."""
@@ -198,12 +237,23 @@ def expand(
     storage,
     cfg: RecaptionConfig,
     on_expanded: Callable[[str, int, list[dict[str, Any]]], None] | None = None,
+    cached: Any = None,
 ) -> Iterator[dict[str, Any]]:
-    """The request rows of one shard, one by one (run inside Ray Data); then the ledger entry."""
+    """The request rows of one shard, one by one (run inside Ray Data); then the ledger entry.
+    ``cached``: the response-cache keys answered by earlier runs (a set, or a Ray object ref of
+    one): such a sample emits no request, only a ``{"key", "__cache_key__"}`` marker for the
+    committer (not for a retry: it asks again)."""
     from engine.layout import Dataset
 
+    if cached is not None and not isinstance(cached, set | frozenset):
+        import ray
+
+        cached = ray.get(cached)
     ds = Dataset(root, storage)
     task = make_task(cfg, cfg.model or "?")
+    cache = ResponseCache(
+        fingerprint(task, {"family": cfg.model_family}), boxes=isinstance(task, ProposalTask)
+    )
     only = set(item["only_keys"]) if item.get("only_keys") else None
     n, premade = 0, []
     for smp in shard_samples(ds, item["shard"], cfg, isinstance(task, ProposalTask), only):
@@ -211,7 +261,12 @@ def expand(
         if row is not None:
             premade.append(row)
             continue
+        k = cache.key(smp)
+        if k is not None and cached and only is None and k in cached:
+            premade.append({"key": smp.key, "__cache_key__": k})
+            continue
         meta = task.meta(smp)
+        meta["cache_key"] = k
         reqs = task.requests(smp)
         meta["req_keys"] = [q.key for q in reqs]
         for q in reqs:
@@ -237,18 +292,24 @@ def run_vllm(dataset, run_cfg, report: RecaptionReport, lease, progress: bool = 
     if not items:
         return
     init_ray(run_cfg.ray)
+    data_context(cfg)
+    storage = run_cfg.storage.resolved()
+    cache, store = response_cache(dataset, cfg, storage)
+    stored = store.load() if store is not None else {}
     ledger = ray.remote(num_cpus=0)(Ledger).remote()
     processor = build_processor(processor_config(cfg), postprocess=postprocess)
     src = ray.data.from_items(items).flat_map(
         expand,
         fn_kwargs={
             "root": dataset.root,
-            "storage": run_cfg.storage.resolved(),
+            "storage": storage,
             "cfg": cfg,
             "on_expanded": tell(ledger),
+            "cached": ray.put(frozenset(stored)) if stored else None,
         },
     )
     committer = Committer(dataset, cfg, report, lease.run_id, {i["shard"]: i for i in items}, say)
+    committer.cached, committer.store = stored, store
     last_poll = 0.0
     for row in processor(src).iter_rows():
         committer.answer(row)
@@ -300,6 +361,8 @@ class Committer:
         self.expected: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self.started = time.time()
         self.committed: set[str] = set()
+        self.cached: dict[str, dict[str, Any]] = {}  # answers of earlier runs (response cache)
+        self.store: CacheStore | None = None  # where this run's ok answers are kept
 
     def answer(self, row: dict[str, Any]) -> None:
         shard = row["shard"]
@@ -326,7 +389,15 @@ class Committer:
         results = self.results.pop(shard, {})
         metas = self.metas.pop(shard, {})
         metrics = Metrics()
-        by_key = {r["key"]: r for r in premade}
+        by_key: dict[str, dict[str, Any]] = {}
+        for r in premade:
+            ck = r.get("__cache_key__")
+            if ck is not None:  # answered by an earlier run
+                metrics.cache_hits += 1
+                by_key[r["key"]] = {**self.cached[ck], "key": r["key"]}
+            else:
+                by_key[r["key"]] = r
+        fresh: dict[str, dict[str, Any]] = {}
         for key, meta in metas.items():
             judge = self.task.judge(meta)
             outs = []
@@ -334,7 +405,9 @@ class Committer:
                 r = results.get(rk) or CaptionResult(rk, error="no answer from the engine")
                 metrics.add(r)
                 outs.append(judge_one(r, judge))
-            by_key[key] = self.task.finish(meta, outs, metrics)
+            by_key[key] = row = self.task.finish(meta, outs, metrics)
+            if meta.get("cache_key") and row["status"] == RowStatus.OK:
+                fresh[meta["cache_key"]] = row
         extra = {
             "model": self.cfg.model,
             "backend": "vllm",
@@ -352,6 +425,8 @@ class Committer:
             extra = retry_extra(self.layer.read_stats(shard), extra)
         else:
             rows = [by_key[k] for k in shard_keys(self.dataset, shard)]
+        if self.store is not None:  # answers first: a kill in between costs nothing
+            self.store.save(f"{self.run_id}-{shard}", fresh)
         with self.layer.store.staging(f"{self.run_id}-{shard}") as staging:
             if retry:
                 self.layer.store.rm(self.layer.stats(shard))

@@ -26,7 +26,7 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0 NO_ALB
 if [[ $SCALE == ci ]]; then
     # the captioner gets enough steps to write whole sentences (else the filter rightly drops every
     # recaption and stage 1 on recaptions has nothing to train on)
-    N_TRAIN=128 N_HUMAN=64 N_EVAL=32 SIZE=96 SPS=64
+    N_TRAIN=64 N_HUMAN=64 N_EVAL=32 SIZE=96 SPS=32
     S1_STEPS=20 CAP_S1_STEPS=10 CAP_S2_STEPS=150 S2_STEPS=10 FG_N=8
 else
     N_TRAIN=2048 N_HUMAN=512 N_EVAL=128 SIZE=128 SPS=256
@@ -83,8 +83,11 @@ step captioner-export $BIN export "$D/runs/captioner-stage2" "$D/models/captione
 
 # ---------------------------------------------------------------- 3. recaption through the HTTP path
 recaption() {
+    # the served name carries the weights' hash: the response cache is keyed by model name, so a
+    # retrained captioner must not be answered from an older one's cache
+    local name="captioner-$(sha256sum "$D/models/captioner/model.safetensors" | cut -c1-12)"
     $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" \
-        --served-model-name captioner --trust-remote-code >"$D/logs/serve-captioner.log" 2>&1 &
+        --served-model-name "$name" --trust-remote-code >"$D/logs/serve-captioner.log" 2>&1 &
     local pid=$!
     trap "kill $pid 2>/dev/null || true" RETURN
     for _ in $(seq 120); do
@@ -94,10 +97,10 @@ recaption() {
     done
     # the prompts the captioner was trained with (a tiny model follows no other wording)
     $BIN recaption "$CORPUS" --task global --layer recap-global --backend openai \
-        --endpoint "http://127.0.0.1:$PORT" --model captioner --prompt configs/prompts/stage2-global.txt \
+        --endpoint "http://127.0.0.1:$PORT" --model "$name" --prompt configs/prompts/stage2-global.txt \
         "${RECAP_ARGS[@]}" --no-progress
     $BIN recaption "$CORPUS" --task regions --layer recap-regions --backend openai \
-        --endpoint "http://127.0.0.1:$PORT" --model captioner --region-mode proposals \
+        --endpoint "http://127.0.0.1:$PORT" --model "$name" --region-mode proposals \
         --proposals-layer gt-regions --prompt configs/prompts/stage2-region.txt "${RECAP_ARGS[@]}" --no-progress
 }
 step recaption recaption

@@ -158,18 +158,25 @@ def plot_curves(data: dict[str, list[tuple[int, float]]], path: str) -> str | No
     return path
 
 
-def plot_bars(summary: dict[str, Any], path: str) -> str | None:
+def bar_values(summary: dict[str, Any]) -> list[tuple[str, float]]:
+    """``(label, fine-grained R@1)`` of each encoder that was evaluated, in the table's order."""
     fg = summary["finegrained_r1"]
-    if all(v is None for v in fg.values()):
+    labels = {"alt_text": "alt-text", "recaption": "recaptions", "stage2": "+ stage 2"}
+    return [(label, fg[k]) for k, label in labels.items() if fg.get(k) is not None]
+
+
+def plot_bars(summary: dict[str, Any], path: str) -> str | None:
+    values = bar_values(summary)
+    if not values:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [k for k in ENCODERS if fg.get(k) is not None]
     fig, ax = plt.subplots(figsize=(5.6, 3.0), dpi=100)
-    bars = ax.bar(names, [fg[k] for k in names], color=["#999999", "#3b6ea8", "#d9822b"][: len(names)])
+    colours = {"alt-text": "#999999", "recaptions": "#3b6ea8", "+ stage 2": "#d9822b"}
+    bars = ax.bar([n for n, _ in values], [v for _, v in values], color=[colours[n] for n, _ in values])
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     if summary.get("chance_r1") is not None:
         ax.axhline(summary["chance_r1"], ls="--", lw=1, color="#c33", label="chance")

@@ -37,6 +37,7 @@ from train.config import CheckpointConfig, LogConfig, LoopConfig, ModelConfig, O
 from train.data.regions import TASKS, Stage2Loader
 from train.distributed import init_from_env, is_dist
 from train.metrics import Logger, peak_tflops
+from train.model.attention import pick_backend
 from train.model.vlm import (
     IMAGE_TOKEN,
     REGION_TOKEN,
@@ -383,6 +384,14 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     inherit_normalization(cfg)
     model, processor = build(cfg)
     model.to(device)
+    dtype = (
+        torch.bfloat16
+        if (cfg.loop.dtype == "bfloat16" or (cfg.loop.dtype == "auto" and device.type == "cuda"))
+        else None
+    )
+    # packed rows of images: per-image attention (stage 1's ladder), not the dense block mask the
+    # model is built with for single images (17 % of a CPU step, bench/stage2_throughput.py)
+    model.vision.backend = pick_backend(cfg.model.attention, device, dtype or torch.float32)
     seed_all(cfg.loop.seed + rank)
     net: torch.nn.Module = model
     if world > 1:
@@ -417,11 +426,6 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     last, step = ckpt.resume(ckpt_dir, cfg.checkpoint.resume, net, optim, sched, loader.load_state_dict)
     if last and rank == 0:
         on_event(f"resumed from {last} at step {step}")
-    dtype = (
-        torch.bfloat16
-        if (cfg.loop.dtype == "bfloat16" or (cfg.loop.dtype == "auto" and device.type == "cuda"))
-        else None
-    )
     peak = peak_tflops(device, dtype or torch.float32)
     logger = Logger(
         cfg.log.dir, cfg.log.tensorboard, cfg.log.progress, cfg.loop.steps, enabled=rank == 0, start=step
@@ -430,7 +434,8 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         on_event(
-            f"stage2: {n_params / 1e6:.2f}M params (LM {type(model.language_model).__name__}), world={world}, "
+            f"stage2: {n_params / 1e6:.2f}M params (LM {type(model.language_model).__name__}), "
+            f"vision attention={model.vision.backend}, world={world}, "
             f"device={device}, max_len={max_len}, peak={peak:.3g} TFLOP/s"
         )
     bad_in_a_row = 0

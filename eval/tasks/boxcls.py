@@ -10,21 +10,28 @@ from typing import Any
 import torch
 
 from eval.datasets import BoxSet
-from eval.embed import TaskError, embed_texts, require_text
+from eval.embed import TaskError, embed_texts, open_images, require_text
 from eval.metrics import class_embeddings, classification_metrics
 from eval.report import TaskResult
-from eval.roi import normalized_to_grid, roi_align_1x1
+from eval.roi import normalized_to_grid, roi_align, roi_backend
+
+FINEVIT_PROTOCOL = (
+    "native resolution; RoIAlign 1x1 over the final patch tokens, pooled by the MAP head + proj"
+)
 
 
 def region_embeddings(
-    encoder: Any, images: list, boxes: list[list[tuple[float, float, float, float]]]
+    encoder: Any,
+    images: list,
+    boxes: list[list[tuple[float, float, float, float]]],
+    roi: str = "auto",
 ) -> list[torch.Tensor]:
     """Per image, ``(B, E)`` unit-norm region embeddings of its normalized boxes."""
     grids = encoder.patch_features(images)
     out = []
     for grid_HWC, bxs in zip(grids, boxes, strict=True):
         H, W, _ = grid_HWC.shape
-        feats = roi_align_1x1(grid_HWC, normalized_to_grid(torch.tensor(bxs, dtype=torch.float32), H, W))
+        feats = roi_align(grid_HWC, normalized_to_grid(torch.tensor(bxs, dtype=torch.float32), H, W), roi)
         out.append(encoder.pool_regions(feats))
     return out
 
@@ -50,12 +57,12 @@ def run(
         range(0, len(ds.images), batch_size), desc="boxcls images", disable=not progress, leave=False
     ):
         ims, bxs, lbs = [], [], []
-        for j in range(i, min(i + batch_size, len(ds.images))):
-            try:
-                ims.append(ds.images[j].open())
-            except Exception:
+        js = range(i, min(i + batch_size, len(ds.images)))
+        for j, im in zip(js, open_images([ds.images[j] for j in js]), strict=True):
+            if im is None:
                 failed.append(ds.images[j].name)
                 continue
+            ims.append(im)
             bxs.append(ds.boxes[j])
             lbs.extend(ds.labels[j])
         if ims:
@@ -65,15 +72,20 @@ def run(
     target_B = torch.tensor(targets, dtype=torch.long)
     metrics: dict[str, Any] = classification_metrics(reg_BE @ classes_CE.T, target_B) if targets else {}
     metrics["classes"] = len(ds.classnames)
+    region_res = getattr(encoder, "region_resolution", None)  # OpenCLIP: squashed, not centre-cropped
     return TaskResult(
         "boxcls",
         ds.source,
         ds.split,
         len(targets),
         metrics,
+        settings={"resolution": region_res} if region_res else {},
         missing_images=ds.missing,
         missing_examples=ds.missing_examples,
         unreadable_images=len(failed),
-        notes=["n counts boxes; region = RoIAlign 1x1 over the patch grid, pooled by the MAP head"],
+        notes=[
+            "n counts boxes; region: " + getattr(encoder, "region_protocol", FINEVIT_PROTOCOL),
+            f"RoIAlign: {roi_backend()}",
+        ],
         seconds=time.perf_counter() - t0,
     )

@@ -135,3 +135,47 @@ def test_cli_unreachable_endpoint_exits_2(scenes):
         timeout=120,
     )
     assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _run_cli(root, srv, *extra) -> str:
+    cmd = [*CLI, "recaption", str(root), "--endpoint", srv.url, "--no-progress", "--shards", "00001", *extra]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return " ".join(re.sub(r"[\u2500-\u257f]", " ", r.stdout).split())  # the table's words
+
+
+def _files(d) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()} if d.exists() else set()
+
+
+def test_cli_cache_dir_and_no_persistent_cache(scenes, fault_server, tmp_path):
+    """``--cache-dir DIR`` keeps the answers in DIR (not under the dataset) and a later run on
+    another layer reuses them (0 requests); ``--no-persistent-cache`` neither reads nor writes it."""
+    srv = fault_server()
+    cache = tmp_path / "answers"
+    _run_cli(scenes, srv, "--layer", "c1", "--cache-dir", str(cache))
+    sent = sum(srv.seen.values())
+    stored = _files(cache)
+    assert sent == 8 and stored and all(f.endswith(".json.gz") for f in stored), stored
+    assert not (scenes / "cache").exists()  # not the default place
+    out = _run_cli(scenes, srv, "--layer", "c2", "--cache-dir", str(cache))
+    assert sum(srv.seen.values()) == sent and "cache hits 8" in out, out
+    _run_cli(scenes, srv, "--layer", "c3", "--cache-dir", str(cache), "--no-persistent-cache")
+    assert sum(srv.seen.values()) == 2 * sent  # not read ...
+    assert _files(cache) == stored and not (scenes / "cache").exists()  # ... nor written
+
+
+def test_cli_several_layers_in_one_pass(scenes, fault_server):
+    """``--task global --task regions`` writes two layers from one pass, each with its own
+    layer.json, commits and stats, and prints a summary per layer."""
+    srv = fault_server(keep_bodies=True)
+    out = _run_cli(scenes, srv, "--task", "global", "--task", "regions", "--layer", "g", "--layer", "r")
+    ds = Dataset(str(scenes))
+    for name, kind in (("g", "caption"), ("r", "regions")):
+        layer = ds.layer(name)
+        assert layer.committed() == ["00001"] and layer.info()["kind"] == kind
+        st = layer.read_stats("00001")
+        assert (st.count, st.ok, st.extra["requests"]) == (8, 8, 8), st
+        assert f"layer {name} shards 1 written" in out, out
+    assert len(srv.bodies) == 16 and sum("response_format" in b for b in srv.bodies) == 8

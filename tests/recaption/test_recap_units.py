@@ -196,6 +196,9 @@ def test_cli_flags_build_the_config(monkeypatch):
             "--keep-truncated",
             "--model",
             "org/model:v1",
+            "--cache-dir",
+            "s3://b/answers",
+            "--no-persistent-cache",
         ]
     )
     assert args.func is cr.cmd_recaption
@@ -208,7 +211,7 @@ def test_cli_flags_build_the_config(monkeypatch):
         seen["root"], seen["cfg"] = root, cfg
         raise Stop
 
-    monkeypatch.setattr(run_mod, "recaption", fake)
+    monkeypatch.setattr(run_mod, "recaption_layers", fake)
     with pytest.raises(Stop):
         cr.cmd_recaption(args)
     r = seen["cfg"].recaption
@@ -223,6 +226,7 @@ def test_cli_flags_build_the_config(monkeypatch):
         True,
         "org/model:v1",
     )
+    assert (r.cache_dir, r.persistent_cache) == ("s3://b/answers", False)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from recaption.backends.base import CaptionRequest, SamplingParams
 from recaption.config import RecaptionConfig, RecaptionRunConfig, VLLMConfig
 from recaption.regions import grounded_schema
 from recaption.vllm_driver import (
+    data_context,
     engine_kwargs,
     expand,
     postprocess,
@@ -244,16 +245,27 @@ def test_expand_counts_what_it_emits(scenes):
         check_vllm_messages(r["messages"])
 
 
-def _stand_in(fail_flag):
+def _stand_in(fail_flag, log=None, seen=None):
     """A processor with the interface of ray.data.llm.build_processor's result. It refuses (with
     AssertionError, failing the job) any row vLLM would refuse, and answers the others; while
-    ``fail_flag`` exists, the first sample's request comes back as an engine error row."""
+    ``fail_flag`` exists, the first sample's request comes back as an engine error row. ``log``:
+    a file that gets one line per request answered; ``seen``: a dict that gets the Ray Data
+    limits in force when the processor is built (on the driver)."""
 
     def build(config, postprocess=None, **_):
         assert config.should_continue_on_error is True
+        if seen is not None:
+            from ray.data import DataContext
+
+            ctx = DataContext.get_current()
+            seen["object_store_memory"] = ctx.execution_options.resource_limits.object_store_memory
+            seen["block"] = ctx.target_max_block_size
 
         def answer(row):
             check_vllm_messages(row["messages"])
+            if log is not None:
+                with open(log, "a") as f:
+                    f.write(row["req_key"] + "\n")
             if fail_flag.exists() and row["key"].endswith("00"):
                 return {**row, "__inference_error__": "CUDA error: simulated"}
             return postprocess(
@@ -338,3 +350,55 @@ def test_vllm_proposals_wait_for_their_layer(scenes, monkeypatch, tmp_path):
     rep = recaption(str(scenes), cfg, progress=False)
     assert rep.shards_waiting == ["00002"] and rep.shards_written == 2, rep
     assert sorted(Dataset(str(scenes)).layer("vp").committed()) == ["00000", "00001"]
+
+
+def test_data_context_bounds_the_bytes():
+    """Finding 8 on the vLLM driver: Ray Data's object-store budget is max_bytes_in_flight and
+    blocks are cut at 1/16 of it (so one shard's images do not pile up in a 128 MiB block)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = (ctx.execution_options.resource_limits, ctx.target_max_block_size)
+    try:
+        data_context(RecaptionConfig(max_bytes_in_flight="64MiB"))
+        assert ctx.execution_options.resource_limits.object_store_memory == 64 * 2**20
+        assert ctx.target_max_block_size == 4 * 2**20
+        data_context(RecaptionConfig(max_bytes_in_flight="4MiB"))
+        assert ctx.target_max_block_size == 2**20  # never below 1 MiB
+    finally:
+        ctx.execution_options.resource_limits, ctx.target_max_block_size = old
+
+
+@pytest.mark.slow
+def test_vllm_driver_response_cache_and_budget(scenes, tmp_path, monkeypatch):
+    """The vLLM driver keeps ok answers across runs (a new layer with the same settings sends
+    0 requests, its rows equal the first layer's, hits counted), --no-persistent-cache sends
+    again, and the pipeline runs under the byte budget."""
+    import ray.data.llm
+
+    from engine.layers import read_layer
+    from recaption.run import recaption
+
+    log, seen = tmp_path / "answered.txt", {}
+    monkeypatch.setattr(ray.data.llm, "build_processor", _stand_in(tmp_path / "never", log, seen))
+
+    def run(layer: str, **kw):
+        rc = RecaptionConfig(
+            backend="vllm", model="m", layer=layer, image_max_side=64, max_bytes_in_flight="32MiB", **kw
+        )
+        return recaption(str(scenes), RecaptionRunConfig(recaption=rc), progress=False)
+
+    def answered() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    first = run("v1")
+    assert answered() == N_IMAGES - 1 and first.cache_hits == 0
+    assert seen == {"object_store_memory": 32 * 2**20, "block": 2 * 2**20}
+    assert (scenes / "cache" / "recaption").exists()
+    second = run("v2")
+    assert answered() == N_IMAGES - 1, "the second layer sent requests"
+    assert second.cache_hits == N_IMAGES - 1 and second.ok == first.ok == N_IMAGES - 1
+    strip = lambda t: sorted((r["key"], r["caption"], r["status"]) for r in t.to_pylist())  # noqa: E731
+    assert strip(read_layer(str(scenes), "v2")) == strip(read_layer(str(scenes), "v1"))
+    run("v3", persistent_cache=False)
+    assert answered() == 2 * (N_IMAGES - 1)
