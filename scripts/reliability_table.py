@@ -7,13 +7,17 @@
 
 ``--update`` replaces what lies between the ``<!-- figures:begin -->`` and
 ``<!-- figures:end -->`` lines of the file, so the table in RELIABILITY.md is the output of a
-run, never typed by hand.
+run, never typed by hand. With ``--keep``, rows of the file's current table whose scenario the
+JSON lacks are kept (a partial run, ``-k``, adds its rows to the published ones):
+
+    python scripts/reliability_table.py /tmp/chaos.json --update RELIABILITY.md --keep
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -39,6 +43,33 @@ def _cell(v: object) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+NUMBERS = ("trials", "faults", "ok", "failed", "lost", "duplicated", "unaccounted")
+RECORDED = re.compile(r"^Recorded (\S+) … (\S+) \(UTC\)")
+
+
+def published_rows(doc: str) -> list[dict]:
+    """The rows of the table between the markers of ``doc`` (the inverse of :func:`table`)."""
+    if BEGIN not in doc or END not in doc:
+        return []
+    block = doc.split(BEGIN, 1)[1].split(END, 1)[0]
+    recorded = [m.groups() for m in map(RECORDED.match, block.splitlines()) if m]
+    rows = []
+    for line in block.splitlines():
+        if not line.startswith("| ") or line.startswith("| scenario |"):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        if len(cells) != len(COLUMNS):
+            continue
+        row: dict = {"scenario": cells[0], **{k: int(v) for k, v in zip(NUMBERS, cells[1:8], strict=True)}}
+        row["wall_s"] = float(cells[8])
+        row["clean_wall_s"] = None if cells[9] == "—" else float(cells[9])
+        row["note"] = cells[10]
+        if recorded:  # one stamp per table: the span of the earlier run
+            row["recorded_span"] = recorded[0]
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in sorted(rows, key=lambda r: r["scenario"]):
@@ -57,9 +88,10 @@ def table(rows: list[dict]) -> str:
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     recorded = sorted(r["recorded"] for r in rows if r.get("recorded"))
+    recorded += sorted(t for r in rows for t in r.get("recorded_span", ()))
     if recorded:
         lines.append("")
-        lines.append(f"Recorded {recorded[0]} … {recorded[-1]} (UTC).")
+        lines.append(f"Recorded {min(recorded)} … {max(recorded)} (UTC).")
     totals = {k: sum(int(r[k]) for r in rows) for k in ("faults", "lost", "duplicated", "unaccounted")}
     lines.append(
         f"Totals over {len(rows)} scenarios: {totals['faults']} faults injected, "
@@ -81,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("figures", help="the JSON file the chaos suite wrote ($FINEVIT_CHAOS_FIGURES)")
     p.add_argument("--update", metavar="MD", help="replace the figures block of this markdown file")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="with --update: keep the file's rows of scenarios the JSON lacks",
+    )
     args = p.parse_args(argv)
     rows = json.loads(Path(args.figures).read_text())["rows"]
+    if args.keep and args.update:
+        have = {r["scenario"] for r in rows}
+        rows += [r for r in published_rows(Path(args.update).read_text()) if r["scenario"] not in have]
     if not rows:
         print(f"{args.figures}: no rows", file=sys.stderr)
         return 2
