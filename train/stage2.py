@@ -555,7 +555,10 @@ def load_stage2(path: str) -> tuple[FineViTVLMForConditionalGeneration, FineViTV
     )
     if cfg_path is None:
         raise ConfigError(f"no stage2_config.json beside {step_dir}: not a stage-2 checkpoint")
-    cfg = Stage2Config.model_validate_json(cfg_path.read_text())
+    raw = json.loads(cfg_path.read_text())
+    # runs from before the projector section was trained without its additions: build them so
+    raw.setdefault("projector", {"feature_layers": [-1], "abs_pos": False, "region_tokens": False})
+    cfg = Stage2Config.model_validate(raw)
     model, processor = build(cfg)
     state = {"model": model.state_dict()}
     import warnings
