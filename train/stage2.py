@@ -96,7 +96,7 @@ class ProjectorConfig(StrictModel):
     region_tokens: bool = Field(
         default=True,
         description="Ferret's region representation: a <region> token after each box of a prompt, "
-        "filled with the mean of the image tokens in the box (train/model/vlm.py)",
+        "filled with the box RoIAligned on the patch grid and projected like a 2x2 block (train/model/vlm.py)",
     )
     abs_pos: bool = Field(
         default=True,

@@ -10,8 +10,9 @@
   + tokenizer; ``AutoProcessor`` loads it from an exported folder.
 * Region tokens (Ferret's hybrid region representation, when the model has a ``region_token``):
   the processor puts a ``<region>`` token after every ``<box>(x0,y0),(x1,y1)</box>`` of a prompt
-  and returns the boxes as ``region_boxes``; the model fills each such token with the mean of
-  its image's projected tokens whose cells lie in the box. The box text says where; the region
+  and returns the boxes as ``region_boxes``; the model fills each such token with the box
+  RoIAligned on its image's patch grid to a 2x2 block, projected like any block of the grid
+  (:meth:`PatchMerger.regions`). The box text says where; the region
   token carries what is there, so "describe this box" does not hinge on the LM learning to turn
   coordinates into an attention query. Prompts stay plain text: an OpenAI-style request with a
   box in its text gets the same tokens as training did.
