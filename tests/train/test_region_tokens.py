@@ -1,6 +1,6 @@
 """Region tokens (Ferret's hybrid region representation): the processor puts a ``<region>`` token
-after each box of a prompt and says which image and box it is; the model fills it with the mean of
-that image's projected tokens in the box."""
+after each box of a prompt and says which image and box it is; the model fills it with the box
+RoIAligned on that image's patch grid and projected like a 2x2 block."""
 
 from __future__ import annotations
 
