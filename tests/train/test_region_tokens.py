@@ -114,7 +114,7 @@ def test_the_model_fills_region_tokens_and_refuses_a_mismatch(tokenizer) -> None
         from train.model.vlm import pack_padded
 
         vb, spans = pack_padded(out["pixel_values"], out["image_grid"])
-        grid = model.image_grids(vb, spans)[0]  # 4x4 merged cells
+        top_left = model.image_embeds(vb, spans)[0]  # merged cell (0, 0) of the 4x4 merged grid
     at = out["input_ids"][0].tolist().index(cfg.region_token_id)
     # the top-left quarter of a 4x4 merged grid is merged cell (0, 0)... of the 8x8 patch grid,
     # a box of 4x4 patches: RoIAlign to 2x2 bins, not the cell itself -- so compare with the projector
@@ -122,6 +122,6 @@ def test_the_model_fills_region_tokens_and_refuses_a_mismatch(tokenizer) -> None
         patches = model.patch_grids(vb, spans)[0]
         want = model.projector.regions(patches, torch.tensor([[0.0, 0.0, 0.5, 0.5]]))[0]
     torch.testing.assert_close(emb[0, at], want)
-    assert not torch.allclose(emb[0, at], grid[0, 0])
+    assert not torch.allclose(emb[0, at], top_left)
     with pytest.raises(ValueError, match="region boxes"):
         model.embed(out["input_ids"], out["pixel_values"], out["image_grid"])

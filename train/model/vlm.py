@@ -49,7 +49,7 @@ from transformers import (
 
 from train.data.naflex import grid_for, patchify
 from train.model.attention import meta_from_segments, packed_attention
-from train.model.projector import PatchMerger, merged_grid, merged_tokens
+from train.model.projector import PatchMerger, merged_tokens
 from train.model.rope import rope_2d
 from train.model.towers import TextTower, VisionBatch, VisionTower, _init, _run_blocks
 
@@ -213,20 +213,14 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         x_TC = vision_tokens(self.vision, vision, self.feature_layers)
         return [x_TC[t0 : t0 + gh * gw].reshape(gh, gw, -1) for t0, gh, gw in spans]
 
-    def image_grids(self, vision: VisionBatch, spans: Sequence[Span]) -> list[torch.Tensor]:
-        """Projected features of each image as its merged grid ``(mh, mw, H)``, in ``spans`` order."""
-        out = []
-        for x in self.patch_grids(vision, spans):
-            mh, mw = merged_grid(x.shape[0], x.shape[1])
-            out.append(self.projector(x).reshape(mh, mw, -1))
-        return out
-
     def image_embeds(self, vision: VisionBatch, spans: Sequence[Span]) -> torch.Tensor:
         """Projected features of every image, concatenated in ``spans`` order: ``(sum M, H)``."""
-        grids = self.image_grids(vision, spans)
-        if not grids:
-            return vision.patches_TP.new_zeros(0, self.projector.fc2.out_features)
-        return torch.cat([g.reshape(-1, g.shape[-1]) for g in grids])
+        return self._project(self.patch_grids(vision, spans))
+
+    def _project(self, patch_grids: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not patch_grids:
+            return self.projector.fc2.weight.new_zeros(0, self.projector.fc2.out_features)
+        return torch.cat([self.projector(x) for x in patch_grids])
 
     def embed(
         self,
@@ -253,11 +247,8 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
                     f"{n_slots} image and {n_regions} region tokens in the prompt but no image given"
                 )
             return embeds_BLH
-        patch_grids = self.patch_grids(vision, spans)
-        feats = [self.projector(x) for x in patch_grids]
-        feats_MH = (
-            torch.cat(feats).to(embeds_BLH.dtype) if feats else embeds_BLH.new_zeros(0, embeds_BLH.shape[-1])
-        )
+        patch_grids = self.patch_grids(vision, spans)  # once: the image tokens and the region tokens
+        feats_MH = self._project(patch_grids).to(embeds_BLH.dtype)
         if feats_MH.shape[0] != n_slots:
             raise ValueError(
                 f"the prompt has {n_slots} image tokens but the images give {feats_MH.shape[0]} features: "
