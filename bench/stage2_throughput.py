@@ -67,31 +67,15 @@ MEAN = STD = (0.5, 0.5, 0.5)
 
 
 def train_tokenizer(out: Path, vocab: int) -> Path:
-    """A byte-level BPE on synthetic captions (as tests/eval/conftest.py's ``train_tokenizer``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """The project's byte-level BPE on synthetic captions (dense, alt-text and region captions)."""
     from engine.synthetic import alt_text
-    from train.tokenizer import SPECIALS
+    from train.tokenizer import train_tokenizer_on
 
     texts = []
     for i in range(300):
         s = make_scene(99, i, 64)
         texts += [dense_caption(s), alt_text(s)] + [r["caption"] for r in region_annotations(s)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(str(out))
+    train_tokenizer_on(texts, vocab, str(out))
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -33,17 +33,22 @@ def train_tokenizer(
     dataset: str, layers: list[str], vocab_size: int, out: str, storage: StorageConfig | None = None
 ) -> int:
     """Train on the captions of ``layers`` (``alt-text``: the shards' own captions); returns the vocab size."""
+    return train_tokenizer_on(_captions(Dataset(dataset, storage), layers), vocab_size, out)
+
+
+def train_tokenizer_on(texts: Iterable[str], vocab_size: int, out: str) -> int:
+    """The project's byte-level BPE (specials, ``<s> ... </s>`` template) on ``texts``, saved as a
+    ``PreTrainedTokenizerFast`` folder; returns the vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    ds = Dataset(dataset, storage)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(_captions(ds, layers), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>",
         special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],

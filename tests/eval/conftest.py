@@ -18,31 +18,15 @@ TINY_MODEL = {
 
 
 def train_tokenizer(out: Path, n_scenes: int = 300, vocab: int = 320) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from engine.synthetic import alt_text, dense_caption, make_scene
-    from train.tokenizer import SPECIALS
+    from train.tokenizer import train_tokenizer_on
 
     texts = []
     for i in range(n_scenes):
         s = make_scene(99, i, 64)
         texts += [dense_caption(s), alt_text(s)]
     texts += [f"a photo of a {w}." for w in ("cat", "dog", "car", "red", "blue", "circle", "square")]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(str(out))
+    train_tokenizer_on(texts, vocab, str(out))
     return out
 
 
