@@ -29,7 +29,7 @@ import uuid
 from typing import Any
 
 from engine.layout import LayoutError
-from engine.store import Store
+from engine.store import StorageError, Store
 
 LEASE = "_lease.json"
 
@@ -120,7 +120,9 @@ class Lease:
         except Exception as e:
             if "NoSuchKey" in f"{type(e).__name__} {e}" or "404" in str(e):
                 return None, None
-            raise
+            if self.store.is_local:
+                raise
+            raise StorageError(f"cannot read the lease {self.store.uri(LEASE)}: {e}") from e
 
     def _sync_read(self, body: Any) -> bytes:
         from fsspec.asyn import sync
@@ -161,7 +163,8 @@ class Lease:
         except Exception as e:
             if _precondition(e):
                 return False
-            raise
+            # throttled past the client's retries, refused, denied: one line from the CLI
+            raise StorageError(f"cannot write the lease {self.store.uri(LEASE)}: {e}") from e
         self._etag = out.get("ETag")
         self.store.fs.invalidate_cache()
         return True

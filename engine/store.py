@@ -135,14 +135,31 @@ class Store:
         return f"{self._base}/{rel}" if rel else self._base
 
     # ---- reading -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self, what: str, rel: str) -> Iterator[None]:
+        """An S3 call that failed for good (throttled past its retries, refused, denied) becomes
+        a :class:`StorageError` naming the URI: the CLI prints one line, not a traceback.
+        ``FileNotFoundError`` passes (callers test for it); local errors pass unchanged."""
+        try:
+            yield
+        except (FileNotFoundError, StorageError):
+            raise
+        except Exception as e:
+            if self.is_local:
+                raise
+            raise StorageError(f"cannot {what} {self.uri(rel)}: {e}") from e
+
     def exists(self, rel: str = "") -> bool:
-        return bool(self.fs.exists(self.path(rel)))
+        with self._errors("check", rel):
+            return bool(self.fs.exists(self.path(rel)))
 
     def isdir(self, rel: str = "") -> bool:
-        return bool(self.fs.isdir(self.path(rel)))
+        with self._errors("check", rel):
+            return bool(self.fs.isdir(self.path(rel)))
 
     def open(self, rel: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
-        return self.fs.open(self.path(rel), mode, **kwargs)
+        with self._errors("open", rel):
+            return self.fs.open(self.path(rel), mode, **kwargs)
 
     def read_bytes(self, rel: str) -> bytes:
         try:
@@ -158,7 +175,8 @@ class Store:
     def listdir(self, rel: str = "") -> list[str]:
         """Sorted names directly under ``rel`` (no hidden names); [] if it does not exist."""
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            with self._errors("list", rel):
+                entries = self.fs.ls(self.path(rel), detail=False)
         except FileNotFoundError:
             return []
         names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
@@ -168,7 +186,9 @@ class Store:
         """Sorted paths relative to the root matching ``pattern`` (hidden names excluded)."""
         base = self._base
         out = []
-        for p in self.fs.glob(self.path(pattern)):
+        with self._errors("list", pattern):
+            found = self.fs.glob(self.path(pattern))
+        for p in found:
             p = p.rstrip("/")
             rel = p[len(base) :].lstrip("/")
             if not any(part.startswith(".") for part in rel.split("/")):
@@ -196,10 +216,11 @@ class Store:
         if prefix:
             prefix = prefix.rstrip("/") + "/"
         base_prefix = self._base.partition("/")[2]
-        for key in _iter_s3_keys(self.storage, bucket, prefix):
-            if any(part.startswith(".") for part in key.split("/")):
-                continue
-            yield key[len(base_prefix) :].lstrip("/") if base_prefix else key
+        with self._errors("list", rel):  # pages are fetched as the caller iterates
+            for key in _iter_s3_keys(self.storage, bucket, prefix):
+                if any(part.startswith(".") for part in key.split("/")):
+                    continue
+                yield key[len(base_prefix) :].lstrip("/") if base_prefix else key
 
     # ---- writing -------------------------------------------------------------------------
     def makedirs(self, rel: str = "") -> None:
@@ -248,7 +269,7 @@ class Store:
         os.unlink(local_path)
 
     def rm(self, rel: str, recursive: bool = False) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), self._errors("remove", rel):
             self.fs.rm(self.path(rel), recursive=recursive)
         if not self.is_local:
             self.fs.invalidate_cache()

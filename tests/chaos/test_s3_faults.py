@@ -4,6 +4,10 @@
   first shard is committed the server stops listening (connections refused) for 3 s and then
   serves again with its data (moto's state lives in this process). The run either retries
   through it or fails the shards it could not write (exit 1, each named); a rerun completes.
+* **Throttling past the retries.** The proxy answers every request from the n-th on with
+  SlowDown, with botocore's own retries off (``AWS_MAX_ATTEMPTS=1``; s3fs still tries 5 times):
+  S3 throttling a prefix for longer than the client waits. The run must stop with one line
+  naming the URI (no traceback) and a rerun against a healthy S3 complete, exactly once.
 * **Throttling.** A small proxy in front of moto answers a seeded quarter of the requests with
   S3's ``503 SlowDown`` (never more than twice in a row for one method + path), the way S3
   throttles a hot prefix; the client must retry and the run complete with no failure.
@@ -28,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos._chaos import read_committed, start, tally
+from tests.chaos._chaos import read_committed, run, start, tally
 from tests.chaos._faults import ray_head, run_cli
 from tests.conftest import free_port
 
@@ -104,7 +108,14 @@ def moto() -> Iterator[Moto]:
 class SlowDownProxy:
     """HTTP proxy to ``upstream`` answering a seeded fraction of requests with 503 SlowDown."""
 
-    def __init__(self, upstream_port: int, fraction: float, seed: int, max_in_row: int = 2) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        fraction: float,
+        seed: int,
+        max_in_row: int = 2,
+        from_request: int | None = None,
+    ) -> None:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.in_row: Counter = Counter()
@@ -122,7 +133,11 @@ class SlowDownProxy:
                 body = self.rfile.read(n) if n else b""
                 what = f"{self.command} {self.path.split('?')[0]}"
                 with proxy.lock:
-                    throttle = proxy.in_row[what] < max_in_row and proxy.rng.random() < fraction
+                    n = sum(proxy.served.values())
+                    if from_request is not None:  # a throttle that outlasts every retry
+                        throttle = n >= from_request
+                    else:
+                        throttle = proxy.in_row[what] < max_in_row and proxy.rng.random() < fraction
                     proxy.in_row[what] = proxy.in_row[what] + 1 if throttle else 0
                     proxy.served["503" if throttle else "ok"] += 1
                 if throttle:
@@ -283,4 +298,49 @@ def test_s3_slowdown_is_retried(moto, reference, tmp_path, monkeypatch, chaos_fi
         clean_wall_s=reference[1],
         note=f"{N} samples; {proxy.served['503']} of {sum(proxy.served.values())} requests answered "
         "503 SlowDown (seeded, at most 2 in a row per request), each retried by the client; clean run: local disk",
+    )
+
+
+# request 0 is the dataset lease's PUT; request 5 the check for a source layer's layer.json
+THROTTLE_FROM = (0, 5)
+
+
+def test_s3_throttled_past_retries_fails_in_one_line_then_rerun(
+    moto, reference, tmp_path, monkeypatch, chaos_figures
+) -> None:
+    for k, v in KEYS.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"throttled-{uuid.uuid4().hex[:8]}"
+    client = moto.client()
+    client.create_bucket(Bucket=bucket)
+    t0, throttled = time.time(), 0
+    for n in THROTTLE_FROM:
+        proxy = SlowDownProxy(moto.port, fraction=0.0, seed=0, from_request=n)
+        try:
+            log = tmp_path / f"throttled-{n}.log"
+            rc, text, _ = run(_ingest_args(proxy.url, bucket), log, 300, extra_env={"AWS_MAX_ATTEMPTS": "1"})
+        finally:
+            proxy.close()
+        throttled += proxy.served["503"]
+        assert proxy.served["503"] > 0, proxy.served
+        last = text.strip().splitlines()[-1]
+        assert rc in (1, 2) and "Traceback" not in text, text[-3000:]
+        assert last.startswith("finevit: error: ") and f"s3://{bucket}/ds" in last, last
+    rc, log, _ = run_cli(_ingest_args(moto.url, bucket), tmp_path / "rerun.log")
+    assert rc == 0, log[-3000:]
+    ok, failed, lost, dup, unacc = _check(client, bucket, tmp_path, reference)
+    chaos_figures.add(
+        scenario="S3 503 SlowDown past the client's retries, then rerun (ingest to moto)",
+        trials=len(THROTTLE_FROM),
+        faults=throttled,
+        ok=ok,
+        failed=failed,
+        lost=lost,
+        duplicated=dup,
+        unaccounted=unacc,
+        wall_s=time.time() - t0,
+        clean_wall_s=reference[1],
+        note=f"{N} samples; every request from the {THROTTLE_FROM}-th on answered 503 SlowDown, botocore "
+        "retries off (s3fs's 5 tries left): each run stopped with one line naming the URI (exit 2), "
+        "the rerun on a healthy S3 completed; clean run: local disk",
     )
