@@ -31,6 +31,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,17 @@ FIGURE_FIELDS = (
     "wall_s",
     "clean_wall_s",
 )
+
+
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Ray head for a module's CLI runs (each connects in about a second instead of starting
+    a node of its own; tests/chaos/_faults.py's ``ray_head``). A module that kills its runs' Ray
+    with them (test_kill9.py) does not use it."""
+    from tests.chaos._faults import ray_head
+
+    with ray_head(tmp_path_factory.mktemp("ray") / "head.log") as address:
+        yield address
 
 
 def figures_path() -> Path:

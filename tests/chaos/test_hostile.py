@@ -20,7 +20,7 @@ import tarfile
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,17 +28,10 @@ from PIL import Image
 
 from engine.sources.webdataset import CAPTION_MEMBER_LIMIT, iter_tar_samples, sample_from_members
 from tests.chaos._chaos import Rows, read_committed, tally
-from tests.chaos._faults import HostileServer, LazyTar, Route, ray_head, run_cli
+from tests.chaos._faults import HostileServer, LazyTar, Route, run_cli
 from tests.engine.bad_inputs import BOMB, EMPTY, NOT_IMAGE, TRUNCATED, make_inputs
 
 BOUND_S = 180  # a whole ingest of the table, Ray start-up included, on a loaded 2-core machine
-
-
-@pytest.fixture(scope="module")
-def ray_address(tmp_path_factory) -> Iterator[str]:
-    """One Ray head for this module's CLI runs (each connects instead of starting a node)."""
-    with ray_head(tmp_path_factory.mktemp("ray") / "head.log") as address:
-        yield address
 
 
 _ZOO = make_inputs()
