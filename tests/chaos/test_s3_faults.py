@@ -26,14 +26,14 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.chaos._chaos import read_committed, run, start, tally
-from tests.chaos._faults import ray_head, run_cli
+from tests.chaos._faults import run_cli
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.timeout(900)]
@@ -46,12 +46,6 @@ SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
-
-
-@pytest.fixture(scope="module")
-def ray_address(tmp_path_factory) -> Iterator[str]:
-    with ray_head(tmp_path_factory.mktemp("ray") / "head.log") as address:
-        yield address
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +100,8 @@ def moto() -> Iterator[Moto]:
 
 
 class SlowDownProxy:
-    """HTTP proxy to ``upstream`` answering a seeded fraction of requests with 503 SlowDown."""
+    """HTTP proxy to ``upstream`` answering a seeded fraction of requests with 503 SlowDown, or,
+    given ``always(n, "METHOD /path")``, every request it picks (the n-th of the run)."""
 
     def __init__(
         self,
@@ -114,7 +109,7 @@ class SlowDownProxy:
         fraction: float,
         seed: int,
         max_in_row: int = 2,
-        from_request: int | None = None,
+        always: Callable[[int, str], bool] | None = None,
     ) -> None:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -134,8 +129,8 @@ class SlowDownProxy:
                 what = f"{self.command} {self.path.split('?')[0]}"
                 with proxy.lock:
                     n = sum(proxy.served.values())
-                    if from_request is not None:  # a throttle that outlasts every retry
-                        throttle = n >= from_request
+                    if always is not None:  # a throttle that outlasts every retry
+                        throttle = always(n, what)
                     else:
                         throttle = proxy.in_row[what] < max_in_row and proxy.rng.random() < fraction
                     proxy.in_row[what] = proxy.in_row[what] + 1 if throttle else 0
@@ -303,6 +298,7 @@ def test_s3_slowdown_is_retried(moto, reference, tmp_path, monkeypatch, chaos_fi
 
 # request 0 is the dataset lease's PUT; request 5 the check for a source layer's layer.json
 THROTTLE_FROM = (0, 5)
+FIRST_TAR = re.compile(r"^PUT /[^/]+/ds/shards/00000\.tar$")
 
 
 def test_s3_throttled_past_retries_fails_in_one_line_then_rerun(
@@ -315,7 +311,7 @@ def test_s3_throttled_past_retries_fails_in_one_line_then_rerun(
     client.create_bucket(Bucket=bucket)
     t0, throttled = time.time(), 0
     for n in THROTTLE_FROM:
-        proxy = SlowDownProxy(moto.port, fraction=0.0, seed=0, from_request=n)
+        proxy = SlowDownProxy(moto.port, fraction=0.0, seed=0, always=lambda i, _what, n=n: i >= n)
         try:
             log = tmp_path / f"throttled-{n}.log"
             rc, text, _ = run(_ingest_args(proxy.url, bucket), log, 300, extra_env={"AWS_MAX_ATTEMPTS": "1"})
@@ -326,12 +322,28 @@ def test_s3_throttled_past_retries_fails_in_one_line_then_rerun(
         last = text.strip().splitlines()[-1]
         assert rc in (1, 2) and "Traceback" not in text, text[-3000:]
         assert last.startswith("finevit: error: ") and f"s3://{bucket}/ds" in last, last
+    # in a worker: the first shard's tar cannot be written (every try of every task attempt);
+    # that shard must fail, named, with nothing of it committed, and the others commit
+    proxy = SlowDownProxy(
+        moto.port, fraction=0.0, seed=0, always=lambda _i, what: bool(FIRST_TAR.match(what))
+    )
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # each task attempt gives up in about 2 s
+    try:
+        rc, text, _ = run_cli(_ingest_args(proxy.url, bucket), tmp_path / "tar.log")
+    finally:
+        proxy.close()
+        monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    throttled += proxy.served["503"]
+    # (Ray logs each failed task attempt's traceback as it retries it: the run's own end is one line)
+    assert rc == 1, text[-3000:]
+    assert f"shard 00000 failed: cannot upload to s3://{bucket}/ds/shards/00000.tar" in text, text[-3000:]
+    assert _n_markers(client, bucket) == N // SPS - 1, text[-3000:]
     rc, log, _ = run_cli(_ingest_args(moto.url, bucket), tmp_path / "rerun.log")
     assert rc == 0, log[-3000:]
     ok, failed, lost, dup, unacc = _check(client, bucket, tmp_path, reference)
     chaos_figures.add(
         scenario="S3 503 SlowDown past the client's retries, then rerun (ingest to moto)",
-        trials=len(THROTTLE_FROM),
+        trials=len(THROTTLE_FROM) + 1,
         faults=throttled,
         ok=ok,
         failed=failed,
@@ -341,6 +353,7 @@ def test_s3_throttled_past_retries_fails_in_one_line_then_rerun(
         wall_s=time.time() - t0,
         clean_wall_s=reference[1],
         note=f"{N} samples; every request from the {THROTTLE_FROM}-th on answered 503 SlowDown, botocore "
-        "retries off (s3fs's 5 tries left): each run stopped with one line naming the URI (exit 2), "
-        "the rerun on a healthy S3 completed; clean run: local disk",
+        "retries off (s3fs's 5 tries left): each run stopped with one line naming the URI (exit 2); "
+        "then every PUT of the first shard's tar throttled: that shard failed, named (exit 1), the "
+        f"{N // SPS - 1} others committed; the rerun on a healthy S3 completed; clean run: local disk",
     )
