@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from tests.chaos._chaos import (
     Proc,
+    copy_dataset,
     n_markers,
     read_committed,
     run,
@@ -203,11 +203,6 @@ def master(tmp_path_factory) -> Path:
     return root
 
 
-def _copy(master: Path, dst: Path) -> Path:
-    shutil.copytree(master, dst)
-    return dst
-
-
 def _shard_keys(root: Path) -> set[str]:
     return set(read_committed(root / "shards", ["key"]).keys)
 
@@ -243,12 +238,12 @@ def test_recaption_kill9_exactly_once(master, tmp_path, chaos_figures) -> None:
         return lambda: sum(srv.modes.values()) > n0
 
     try:
-        clean = _copy(master, tmp_path / "clean")
+        clean = copy_dataset(master, tmp_path / "clean")
         rc, log, clean_s = run(_recap_args(clean, srv.url), tmp_path / "clean.log")
         assert rc == 0, log
         ref = read_committed(clean / "layers" / "recap")
 
-        root = _copy(master, tmp_path / "ds")
+        root = copy_dataset(master, tmp_path / "ds")
         layer = root / "layers" / "recap"
         n_shards = N_DS // SPS_DS
         moments, wall, log = _kill_chain(
@@ -296,12 +291,12 @@ def _filter_args(root: Path) -> list[str]:
 
 
 def test_filter_kill9_exactly_once(master, tmp_path, chaos_figures) -> None:
-    clean = _copy(master, tmp_path / "clean")
+    clean = copy_dataset(master, tmp_path / "clean")
     rc, log, clean_s = run(_filter_args(clean), tmp_path / "clean.log")
     assert rc == 0, log
     ref = read_committed(clean / "layers" / "flt")
 
-    root = _copy(master, tmp_path / "ds")
+    root = copy_dataset(master, tmp_path / "ds")
     layers = root / "layers"
     n_shards = N_DS // SPS_DS
     sig = layers / "phash-64"
@@ -446,4 +441,157 @@ def test_stage1_kill9_resumes_the_same_losses(master, tokenizer, tmp_path, chaos
         clean_wall_s=clean_s,
         note=f"units: steps ({STEPS}, checkpoint every 2; {redone} steps redone after resume, "
         "same loss bit for bit); kills at " + "; ".join(moments),
+    )
+
+
+# ---------------------------------------------------------------- stage-2 training
+
+STEPS2 = 8
+
+
+@pytest.fixture(scope="module")
+def stage2_setup(master: Path, tokenizer: Path, tmp_path_factory) -> dict[str, Path]:
+    """A random stage-1 checkpoint, a tiny random LM on the same tokenizer, and a 8-step recipe
+    (tests/train/test_stage2.py's, checkpointing every 2 steps)."""
+    import yaml
+
+    from tests.eval.conftest import save_stage1_checkpoint
+    from tests.train.test_stage2 import recipe
+    from train.stage2 import make_tiny_lm
+
+    base = tmp_path_factory.mktemp("chaos-stage2")
+    stage1 = save_stage1_checkpoint(base / "stage1", tokenizer).run
+    lm = Path(make_tiny_lm(str(tokenizer), str(base / "lm"), hidden=32, layers=1, heads=2))
+    config = base / "stage2.yaml"
+    config.write_text(
+        yaml.safe_dump(recipe(loop={"steps": STEPS2, "seed": 0, "threads": 1}, checkpoint={"every": 2}))
+    )
+    return {"stage1": stage1, "lm": lm, "config": config}
+
+
+def _stage2_args(s: dict[str, Path], root: Path, log_dir: Path) -> list[str]:
+    args = ["train", "stage2", "--config", str(s["config"]), "--init", str(s["stage1"])]
+    return [*args, "--lm", str(s["lm"]), "--dataset", str(root), "--log-dir", str(log_dir)]
+
+
+def _losses_by_step(log_dir: Path) -> tuple[dict[int, list[float]], int]:
+    """Every logged loss per step (a step redone after a resume is logged again); torn rows."""
+    got: dict[int, list[float]] = {}
+    rows = _metric_rows(log_dir)
+    for r in rows:
+        if "loss" in r:
+            got.setdefault(r["step"], []).append(r["loss"])
+    return got, sum("torn" in r for r in rows)
+
+
+def test_stage2_kill9_resumes_the_same_losses(master, stage2_setup, tmp_path, chaos_figures) -> None:
+    clean = tmp_path / "clean"
+    rc, log, clean_s = run(_stage2_args(stage2_setup, master, clean), tmp_path / "clean.log")
+    assert rc == 0, log[-3000:]
+    want = {s: v[0] for s, v in _losses_by_step(clean)[0].items()}
+    assert sorted(want) == list(range(1, STEPS2 + 1))
+
+    run_dir = tmp_path / "run"
+
+    def progress() -> int:
+        return max((r.get("step", 0) for r in _metric_rows(run_dir)), default=0)
+
+    moments, wall, log = _kill_chain(
+        random.Random(SEED + 4),
+        _stage2_args(stage2_setup, master, run_dir),
+        tmp_path,
+        progress,
+        STEPS2,
+        timeout=900,  # torch + transformers imports alone took minutes at load 16 on 2 cores
+    )
+    assert "resumed from" in log, log[-3000:]
+    got, torn = _losses_by_step(run_dir)
+    assert not torn, "a torn metrics row"
+    # stage 2 claims exact resume (tests/train/test_stage2.py): every step, the clean run's loss bit for bit
+    assert sorted(got) == sorted(want)
+    mismatched = {s: (v, want[s]) for s, v in got.items() if any(x != want[s] for x in v)}
+    assert not mismatched, mismatched
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "done").exists())
+    assert ckpts[-1] == f"step_{STEPS2:08d}"
+    redone = sum(len(v) - 1 for v in got.values())
+    chaos_figures.add(
+        scenario="kill -9: stage-2 training",
+        trials=1,
+        faults=_faults(moments),
+        ok=len(got),
+        failed=0,
+        lost=len(set(want) - set(got)),
+        duplicated=0,
+        unaccounted=len(mismatched),
+        wall_s=wall,
+        clean_wall_s=clean_s,
+        note=f"units: steps ({STEPS2}, checkpoint every 2; {redone} steps redone after resume, "
+        "same loss bit for bit); kills at " + "; ".join(moments),
+    )
+
+
+# ---------------------------------------------------------------- eval
+
+EVAL_DATA = "synthetic://scenes?n=16&seed=1000&size=128"
+
+
+def _eval_args(model: Path, out: Path) -> list[str]:
+    return ["eval", str(model), "--task", "finegrained", "--data", EVAL_DATA, "--out", str(out)]
+
+
+def _results(out: Path) -> list[dict] | None:
+    """results.json without its timings; None when there is none. A torn file fails the test."""
+    f = out / "results.json"
+    if not f.exists():
+        return None
+    rows = json.loads(f.read_text())
+    for r in rows:
+        r.pop("seconds", None)
+    return rows
+
+
+def test_eval_kill9_then_rerun_gives_the_same_results(stage2_setup, tmp_path, chaos_figures) -> None:
+    model = stage2_setup["stage1"]
+    rc, log, clean_s = run(_eval_args(model, tmp_path / "clean"), tmp_path / "clean.log")
+    assert rc == 0, log[-3000:]
+    want = _results(tmp_path / "clean")
+    assert want and want[0]["n"] == 16, want
+
+    out, rng, moments, wall = tmp_path / "out", random.Random(SEED + 5), [], 0.0
+    for i in range(2):  # kills at seeded moments within a clean run's length
+        proc = start(_eval_args(model, out), tmp_path / f"kill{i}.log")
+        at = round(rng.uniform(0.3, 0.95) * clean_s, 2)
+        while proc.alive() and time.time() - proc.started < at:
+            time.sleep(0.01)
+        if not proc.alive():
+            rc, log, secs = proc.wait(1)
+            assert rc == 0, log[-3000:]
+            wall += secs
+            moments.append(f"{at}s: missed (the run ended first)")
+        else:
+            wall += proc.kill()
+            moments.append(f"{at}s")
+        # a killed run leaves no results, or whole ones: never a torn or partial results.json
+        assert _results(out) in (None, want)
+    assert _faults(moments) >= 1, moments
+    rc, log, secs = run(_eval_args(model, out), tmp_path / "final.log")
+    assert rc == 0, log[-3000:]
+    got = _results(out)
+    assert got == want
+    assert (out / "results.md").read_text() == (tmp_path / "clean" / "results.md").read_text().replace(
+        str(tmp_path / "clean"), str(out)
+    )
+    chaos_figures.add(
+        scenario="kill -9: eval (finegrained)",
+        trials=1,
+        faults=_faults(moments),
+        ok=want[0]["n"],
+        failed=0,
+        lost=0,
+        duplicated=0,
+        unaccounted=0 if got == want else 1,
+        wall_s=wall + secs,
+        clean_wall_s=clean_s,
+        note=f"units: scenes of the task ({want[0]['n']}); rerun's results.json equal to the clean run's "
+        "(timings aside); kills at " + "; ".join(moments),
     )
