@@ -550,8 +550,17 @@ def _results(out: Path) -> list[dict] | None:
     return rows
 
 
-def test_eval_kill9_then_rerun_gives_the_same_results(stage2_setup, tmp_path, chaos_figures) -> None:
-    model = stage2_setup["stage1"]
+@pytest.fixture(scope="module")
+def eval_model(tmp_path_factory) -> Path:
+    """A random tiny stage-1 checkpoint with its own small tokenizer (no dataset, no Ray)."""
+    from tests.eval.conftest import save_stage1_checkpoint, train_tokenizer
+
+    base = tmp_path_factory.mktemp("chaos-eval")
+    return save_stage1_checkpoint(base / "run", train_tokenizer(base / "tok")).run
+
+
+def test_eval_kill9_then_rerun_gives_the_same_results(eval_model, tmp_path, chaos_figures) -> None:
+    model = eval_model
     rc, log, clean_s = run(_eval_args(model, tmp_path / "clean"), tmp_path / "clean.log")
     assert rc == 0, log[-3000:]
     want = _results(tmp_path / "clean")
