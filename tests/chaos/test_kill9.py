@@ -485,6 +485,12 @@ def _losses_by_step(log_dir: Path) -> tuple[dict[int, list[float]], int]:
     return got, sum("torn" in r for r in rows)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect found here, not fixed yet: stage 2 cannot resume from a checkpoint taken in the "
+    "'projector' phase (frozen parameters have no optimizer state; DCP load: 'Missing key in checkpoint "
+    "state_dict: optim.state.vision.patch_embed.weight.step')",
+)
 def test_stage2_kill9_resumes_the_same_losses(master, stage2_setup, tmp_path, chaos_figures) -> None:
     clean = tmp_path / "clean"
     rc, log, clean_s = run(_stage2_args(stage2_setup, master, clean), tmp_path / "clean.log")
@@ -494,7 +500,9 @@ def test_stage2_kill9_resumes_the_same_losses(master, stage2_setup, tmp_path, ch
 
     run_dir = tmp_path / "run"
 
-    def progress() -> int:  # the last whole checkpoint: the kill lands after one, mid-run
+    # the kill lands after the first whole checkpoint (step 2, the end of the recipe's 'projector'
+    # phase), before the second: the resume crosses the phase change that unfreezes the encoder
+    def progress() -> int:  # the last whole checkpoint
         done = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "done").exists()]
         return max(done, default=0)
 
@@ -505,6 +513,7 @@ def test_stage2_kill9_resumes_the_same_losses(master, stage2_setup, tmp_path, ch
         progress,
         STEPS2,
         kills=1,
+        margin=STEPS2 - 2,
         wait_s=900,
         timeout=900,  # torch + transformers imports alone took minutes at load 16 on 2 cores
     )
