@@ -12,6 +12,13 @@ frozen; ``lm`` the projector + LM with the vision tower frozen (LLaVA's second s
 everything. All parameters stay in the optimizer (frozen ones get no gradient, so AdamW leaves
 them alone), which keeps the optimizer state and checkpoints one shape.
 
+LoRA (``lm.lora.r > 0``, through ``peft``): the LM's linear layers named in
+``lm.lora.target_modules`` get adapters and the LM's own weights never train; phases ``lm`` and
+``all`` train the adapters where they would train the LM (``all``: adapters + projector + vision
+tower at its multiplier). Checkpoints hold the adapters beside the frozen base (one DCP state, so
+resume is as exact as without); :func:`load_stage2` merges them (``merge_and_unload``), so the
+exported VLM is a plain LM of the base architecture that loads with transformers alone.
+
 Learning rates per part: ``optim.lr`` times ``optim.vision_lr_mult`` / ``projector_lr_mult`` /
 ``lm_lr_mult``. The vision tower's default is 0.1: at the LM's rate a trained encoder collapses
 within a few hundred steps (every patch token the same vector), and the LM then has nothing to
@@ -74,10 +81,26 @@ class InitConfig(StrictModel):
     checkpoint: str = Field(default="", description="a stage-1 step folder, checkpoints folder or log dir")
 
 
+class LoRAConfig(StrictModel):
+    r: int = Field(
+        default=0,
+        ge=0,
+        description="LoRA rank on the LM (peft); 0: no LoRA, phases lm/all train the LM itself",
+    )
+    alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (peft's lora_alpha)")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="LM linear layers that get adapters, by module name (Llama/Qwen2 names by default)",
+    )
+
+
 class LMConfig(StrictModel):
     path: str = Field(
         default="", description="a local causal-LM directory (AutoModelForCausalLM + tokenizer)"
     )
+    lora: LoRAConfig = LoRAConfig()
 
 
 class Phase(StrictModel):
@@ -269,8 +292,46 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)
     model.language_model.load_state_dict(lm_sd)  # whatever post_init touched: the LM's own weights
     model.vision.load_state_dict(vision_sd)
+    if cfg.lm.lora.r:
+        add_lora(model, cfg.lm.lora)
     region = REGION_TOKEN if cfg.projector.region_tokens else None
     return model, FineViTVLMProcessor(tok, preprocess, IMAGE_TOKEN, region)
+
+
+def add_lora(model: FineViTVLMForConditionalGeneration, lora: LoRAConfig) -> None:
+    """Wrap the VLM's LM in peft LoRA adapters (in place): B starts at zero, so the model's output is
+    unchanged until the adapters train; the base weights are frozen for good."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("lm.lora.r > 0 needs peft: pip install peft (a dependency of finevit)") from None
+    lm = model.language_model
+    names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        raise ConfigError(
+            f"lm.lora.target_modules {missing}: no linear layer of that name in the LM "
+            f"({type(lm).__name__}: {sorted(names)})"
+        )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+    )
+    model.language_model = get_peft_model(lm, config)
+
+
+def has_lora(model: FineViTVLMForConditionalGeneration) -> bool:
+    return any("lora_" in n for n, _ in model.language_model.named_parameters())
+
+
+def merge_lora(model: FineViTVLMForConditionalGeneration) -> FineViTVLMForConditionalGeneration:
+    """Fold the LoRA adapters into the LM's weights (``merge_and_unload``): a plain LM again."""
+    if has_lora(model):
+        model.language_model = model.language_model.merge_and_unload()
+    return model
 
 
 def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
@@ -278,7 +339,9 @@ def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
     enc = train in ("encoder", "all")
     for name, p in model.vision.named_parameters():
         p.requires_grad_(enc and not name.startswith(("head.", "proj.")))
-    model.language_model.requires_grad_(train in ("lm", "all"))
+    lm_on, lora = train in ("lm", "all"), has_lora(model)
+    for name, p in model.language_model.named_parameters():
+        p.requires_grad_(lm_on and (not lora or "lora_" in name))
 
 
 def param_groups(model: FineViTVLMForConditionalGeneration, o: Stage2Optim) -> list[dict[str, Any]]:
@@ -423,6 +486,8 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     )
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
     result = Stage2Result()
+    if cfg.checkpoint.resume:
+        match_optimizer_state(model, ckpt.latest(ckpt_dir))
     last, step = ckpt.resume(ckpt_dir, cfg.checkpoint.resume, net, optim, sched, loader.load_state_dict)
     if last and rank == 0:
         on_event(f"resumed from {last} at step {step}")
@@ -526,6 +591,21 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     return result
 
 
+def match_optimizer_state(model: torch.nn.Module, step_dir: str | None) -> None:
+    """Before resuming from ``step_dir``: trainable exactly the parameters that have optimizer state
+    there. DCP's loader first makes state for every trainable parameter and then wants each one in
+    the checkpoint, so a run stopped in an early phase (projector only) could not resume with all
+    parameters trainable. The loop sets the resumed step's phase right after."""
+    if not step_dir:
+        return
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    have = {k[len("optim.state.") :].rsplit(".", 1)[0] for k in meta if k.startswith("optim.state.")}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in have)
+
+
 def _save(
     root: str, step: int, net: Any, optim: Any, sched: Any, loader: Stage2Loader, cfg: Stage2Config
 ) -> str:
@@ -538,8 +618,11 @@ def _save(
     return path
 
 
-def load_stage2(path: str) -> tuple[FineViTVLMForConditionalGeneration, FineViTVLMProcessor, Stage2Config]:
-    """Rebuild a trained stage-2 model from a checkpoint (step folder, checkpoints folder or log dir)."""
+def load_stage2(
+    path: str, merge: bool = True
+) -> tuple[FineViTVLMForConditionalGeneration, FineViTVLMProcessor, Stage2Config]:
+    """Rebuild a trained stage-2 model from a checkpoint (step folder, checkpoints folder or log dir).
+    LoRA adapters are merged into the LM unless ``merge`` is False (then the model is as trained)."""
     import torch.distributed.checkpoint as dcp
 
     from train.model.encoder import resolve_checkpoint
@@ -567,6 +650,8 @@ def load_stage2(path: str) -> tuple[FineViTVLMForConditionalGeneration, FineViTV
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(step_dir))
     model.load_state_dict(state["model"])
+    if merge:
+        merge_lora(model)
     return model.eval(), processor, cfg
 
 
