@@ -72,6 +72,12 @@ class Stage2Data(StrictModel):
     seq_len: int = Field(default=1024, ge=1, description="vision tokens per packed row")
     batch: int = Field(default=8, ge=1, description="samples (image + prompt + target) per step per rank")
     max_len: int = Field(default=0, ge=0, description="LM tokens per sample; 0: the LM's context")
+    pack: bool = Field(
+        default=False,
+        description="several samples per LM row of max_len tokens (first fit), each attending only to "
+        "itself (positions restart per sample: transformers' block-causal mask, or varlen with "
+        "flash-attention); off: one sample per row, padded to the longest",
+    )
     seed: int = 0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -367,9 +373,15 @@ def param_groups(model: FineViTVLMForConditionalGeneration, o: Stage2Optim) -> l
     return groups
 
 
-def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, reduction: str) -> torch.Tensor:
+def lm_loss(
+    logits_BLV: torch.Tensor,
+    labels_BL: torch.Tensor,
+    reduction: str,
+    sample_BL: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Next-token cross-entropy on the target tokens (labels != -100), averaged as ``reduction``
-    says (see :class:`Stage2Loss`)."""
+    says (see :class:`Stage2Loss`). A sample is a row, or with ``sample_BL`` (packed rows: each
+    token's sample, -1 on padding) the tokens of one sample id."""
     logits, labels = logits_BLV[:, :-1].float(), labels_BL[:, 1:]
     mask = labels != -100
     ce_BL = (
@@ -378,17 +390,41 @@ def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, reduction: str) -
         ).view_as(labels)
         * mask
     )
-    n_B = mask.sum(1)
     if reduction == "token":
-        return ce_BL.sum() / n_B.sum().clamp(min=1)
+        return ce_BL.sum() / mask.sum().clamp(min=1)
+    if sample_BL is None:
+        n_B, sum_B = mask.sum(1), ce_BL.sum(1)
+    else:  # B indexes samples from here on
+        owner = torch.where(mask, sample_BL[:, 1:], 0).reshape(-1)
+        n = int(sample_BL.max()) + 1
+        n_B = torch.zeros(n, dtype=torch.long, device=owner.device).index_add_(
+            0, owner, mask.reshape(-1).long()
+        )
+        sum_B = ce_BL.new_zeros(n).index_add_(0, owner, ce_BL.reshape(-1))
     has = n_B > 0
     w_B = torch.where(
         has, 1.0 / (n_B.clamp(min=1) if reduction == "sample" else n_B.clamp(min=1).sqrt()), 0.0
     )
     # square: weights normalized over the batch's tokens so the scale matches 'token'
-    per_B = ce_BL.sum(1) * w_B
+    per_B = sum_B * w_B
     norm = has.sum() if reduction == "sample" else (n_B * w_B).sum()
     return per_B.sum() / norm.clamp(min=1)
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The VLM's keyword arguments for a loader batch. Packed rows pass position ids that restart
+    with each sample and no 2D mask: transformers then builds the block-causal mask (or runs
+    varlen flash-attention), so a sample never sees its row neighbours."""
+    packed = batch.get("position_ids_BL") is not None
+    return {
+        "input_ids": batch["input_ids_BL"].to(device),
+        "attention_mask": None if packed else batch["mask_BL"].to(device),
+        "position_ids": batch["position_ids_BL"].to(device) if packed else None,
+        "vision": batch["vision"].to(device),
+        "spans": batch["spans"],
+        "region_boxes": batch["region_boxes"],
+        "use_cache": False,
+    }
 
 
 def phase_at(cfg: Stage2Config, step: int) -> str:
@@ -483,6 +519,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
         d.seed,
         rank,
         world,
+        d.pack,
     )
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
     result = Stage2Result()
@@ -517,14 +554,9 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
         batch = loader.next()
         amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with amp:
-            out = net(
-                input_ids=batch["input_ids_BL"].to(device),
-                attention_mask=batch["mask_BL"].to(device),
-                vision=batch["vision"].to(device),
-                spans=batch["spans"],
-                region_boxes=batch["region_boxes"],
-            )
-            loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction)
+            out = net(**model_inputs(batch, device))
+            sample_BL = batch["sample_BL"].to(device) if d.pack else None
+            loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction, sample_BL)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(
