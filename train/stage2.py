@@ -4,7 +4,8 @@
 checked against ``model``), the projector, the LM from a local directory (``lm.path``), the
 schedule's phases (which parts train), AdamW + warmup/cosine, the loader
 (:mod:`train.data.regions`), DCP checkpoints with exact resume, DDP, NaN guard, logs with
-tokens/s and MFU. The CLI only builds the config.
+tokens/s and MFU. The CLI only builds the config. Under torchrun: DDP, or FSDP2 with
+``loop.parallel=fsdp`` (per vision block and per LM decoder layer).
 
 Schedule: ``schedule`` is a list of phases ``{until: STEP, train: projector|encoder|lm|all}``:
 ``projector`` trains the projector only; ``encoder`` the vision tower + projector with the LM
@@ -411,6 +412,48 @@ def lm_loss(
     return per_B.sum() / norm.clamp(min=1)
 
 
+def parallelize(
+    model: FineViTVLMForConditionalGeneration,
+    mode: str,
+    world: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """``loop.parallel`` as in stage 1: DDP (``auto`` with several ranks), or FSDP2 per vision block
+    and per LM decoder layer (the LM's ``_no_split_modules``), then the rest as the root group;
+    under FSDP2 with a bf16 ``dtype`` parameters are gathered and computed in bf16 while the
+    sharded parameters, optimizer state and gradient reduction stay fp32."""
+    if mode == "auto":
+        mode = "ddp" if world > 1 else "none"
+    if mode == "none" or world == 1:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # frozen phases and the unused pooling head
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw: dict[str, Any] = {}
+    if dtype is not None:  # inputs not cast: the vision tower's RoPE cos/sin must stay fp32 (stage 1)
+        kw["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+    lm = model.language_model
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under LoRA: the LM inside peft
+    layer_types = set(getattr(base, "_no_split_modules", None) or [])
+    for blk in model.vision.blocks:
+        fully_shard(blk, **kw)
+    for m in lm.modules():
+        if type(m).__name__ in layer_types:
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
 def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The VLM's keyword arguments for a loader batch. Packed rows pass position ids that restart
     with each sample and no 2D mask: transformers then builds the block-causal mask (or runs
@@ -457,6 +500,7 @@ class Stage2Result:
     seconds: float = 0.0
     rank: int = 0
     tokens_per_s: float = 0.0
+    model: Any = None  # the trained VLM (this rank's module: DDP's replica, FSDP2's shards)
 
 
 def _lr_lambda(cfg: Stage2Config):
@@ -492,15 +536,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     # model is built with for single images (17 % of a CPU step, bench/stage2_throughput.py)
     model.vision.backend = pick_backend(cfg.model.attention, device, dtype or torch.float32)
     seed_all(cfg.loop.seed + rank)
-    net: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,  # frozen phases and the unused pooling head
-        )
+    net = parallelize(model, cfg.loop.parallel, world, device, dtype)
     o = cfg.optim
     optim = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
@@ -562,13 +598,15 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
         norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip or float("inf")
         )
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the ranks' shards
+            norm = norm.full_tensor()
         value = loss.detach().float()
         if is_dist():
             import torch.distributed as dist
 
             both = torch.stack([value, norm.float()])
             dist.all_reduce(both)
-            value, norm = both[0] / world, both[1]
+            value, norm = both[0] / world, both[1] / world  # the same norm on every rank
         step += 1
         if not (torch.isfinite(value) and torch.isfinite(norm)):
             bad_in_a_row += 1
@@ -617,6 +655,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     result.seconds = time.perf_counter() - t_start
     result.tokens_per_s = all_tokens / max(result.seconds, 1e-9)
     result.rank = rank
+    result.model = model
     if rank == 0:
         on_event(f"stage2 done: {step} steps, data: {result.stats}, checkpoint: {result.checkpoint}")
     logger.close()
