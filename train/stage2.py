@@ -108,6 +108,11 @@ class LMConfig(StrictModel):
         default="", description="a local causal-LM directory (AutoModelForCausalLM + tokenizer)"
     )
     lora: LoRAConfig = LoRAConfig()
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        default="auto",
+        description="the LM's attention (transformers' attn_implementation); auto: flash_attention_2 "
+        "when flash-attn is installed and CUDA is there (packed rows then run varlen), else sdpa",
+    )
 
 
 class Phase(StrictModel):
@@ -192,7 +197,18 @@ def check_fits(cfg: Stage2Config) -> None:
 # ------------------------------------------------------------------------------ building
 
 
-def load_lm(path: str) -> tuple[Any, Any]:
+def lm_attention(choice: str = "auto") -> str:
+    """The LM's ``attn_implementation``: ``auto`` is the top of the ladder this machine has."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_lm(path: str, attention: str = "auto") -> tuple[Any, Any]:
     """``(causal LM, tokenizer)`` from a local directory; clear errors for what is missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,7 +226,9 @@ def load_lm(path: str) -> tuple[Any, Any]:
     if tok.eos_token_id is None:
         raise ConfigError(f"lm.path: the tokenizer in {path} has no EOS token")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=lm_attention(attention)
+        )
     except Exception as e:
         raise ConfigError(f"lm.path: cannot load a causal LM from {path}: {type(e).__name__}: {e}") from None
     return lm, tok
@@ -269,7 +287,7 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
 
     step_dir = str(resolve_checkpoint(cfg.init.checkpoint))
     vision_sd = stage1_vision_state(step_dir, cfg.model)
-    lm, tok = load_lm(cfg.lm.path)
+    lm, tok = load_lm(cfg.lm.path, cfg.lm.attention)
     wanted = [IMAGE_TOKEN] + ([REGION_TOKEN] if cfg.projector.region_tokens else [])
     missing = [t for t in wanted if t not in tok.get_vocab()]
     if missing:
@@ -535,6 +553,11 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     # packed rows of images: per-image attention (stage 1's ladder), not the dense block mask the
     # model is built with for single images (17 % of a CPU step, bench/stage2_throughput.py)
     model.vision.backend = pick_backend(cfg.model.attention, device, dtype or torch.float32)
+    if cfg.loop.activation_checkpointing:  # recompute each vision block and LM layer in backward
+        model.vision.checkpointing = True
+        model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     seed_all(cfg.loop.seed + rank)
     net = parallelize(model, cfg.loop.parallel, world, device, dtype)
     o = cfg.optim
@@ -572,7 +595,8 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         on_event(
-            f"stage2: {n_params / 1e6:.2f}M params (LM {type(model.language_model).__name__}), "
+            f"stage2: {n_params / 1e6:.2f}M params (LM {type(model.language_model).__name__}, "
+            f"attention {model.language_model.config._attn_implementation}), "
             f"vision attention={model.vision.backend}, world={world}, "
             f"device={device}, max_len={max_len}, peak={peak:.3g} TFLOP/s"
         )
