@@ -420,11 +420,6 @@ def recaption_layers(
     dataset.manifest  # noqa: B018 - a clear error now if there is no dataset
     for c in cfgs:
         resolve_prompt(c)  # a clear error now if a prompt is unknown
-    if cfg.backend == "vllm" and len(cfgs) > 1:
-        raise BackendError(
-            "several layers per pass (recaption.layers) run on the openai, sglang and hf backends; "
-            "the vllm driver writes one layer per run"
-        )
     show = cfg.progress if progress is None else progress
     layers = [dataset.layer(r.layer) for r in reports]
     # the backend answers before anything is written (not even a lease)
@@ -438,7 +433,7 @@ def recaption_layers(
         if cfg.backend == "vllm":
             from recaption.vllm_driver import run_vllm
 
-            run_vllm(dataset, run_cfg, reports[0], leases[0], progress=show, say=say)
+            run_vllm(dataset, run_cfg, reports, leases, progress=show, say=say)
         else:
             for c, layer in zip(cfgs, layers, strict=True):
                 check_or_write_info(layer, layer_info(c, model))
