@@ -32,8 +32,13 @@ def duplicate_groups(dataset: Dataset, shards: list[str], storage: Any = None) -
     if not shards:
         return []
     files = ", ".join(quote_str(dataset.shards.uri(f"{s}.parquet")) for s in shards)
+
     con = connect(storage, s3=not dataset.store.is_local)
     try:
+        if "sha256" not in {
+            c[0] for c in con.execute(f"DESCRIBE SELECT * FROM read_parquet([{files}])").fetchall()
+        }:
+            return []  # an index written without hashes (img2dataset's compute_hash off): no plan
         rows = con.execute(
             "SELECT list([regexp_extract(filename, '([^/]+)\\.parquet$', 1), key] ORDER BY key) "
             f"FROM read_parquet([{files}], filename = true) "

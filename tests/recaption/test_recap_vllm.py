@@ -450,17 +450,31 @@ def test_vllm_driver_sends_each_duplicate_image_once(scenes, tmp_path, monkeypat
     _duplicate(scenes, "000002", "000005")  # within shard 00000
     _duplicate(scenes, "000003", "000024")  # across shards
     _duplicate(scenes, "000003", "000017")  # three times
-    log = tmp_path / "answered.txt"
-    monkeypatch.setattr(ray.data.llm, "build_processor", _stand_in(tmp_path / "never", log))
+    _duplicate(scenes, "000000", "000026")  # its answer fails (engine error) in the first run
+    log, flag = tmp_path / "answered.txt", tmp_path / "fail"
+    flag.write_text("1")
+    monkeypatch.setattr(ray.data.llm, "build_processor", _stand_in(flag, log))
     rc = RecaptionConfig(backend="vllm", model="m", layer="vd", image_max_side=64, persistent_cache=False)
     rep = recaption(str(scenes), RecaptionRunConfig(recaption=rc), progress=False)
     sent = log.read_text().splitlines()
-    assert len(sent) == len(set(sent)) == N_IMAGES - 1 - 3, "a duplicate image was sent again"
-    assert rep.requests == N_IMAGES - 4 and rep.cache_hits == 3 and rep.ok == N_IMAGES - 1
+    assert len(sent) == len(set(sent)) == N_IMAGES - 1 - 4, "a duplicate image was sent again"
+    assert rep.requests == N_IMAGES - 5 and rep.cache_hits == 4 and rep.ok == N_IMAGES - 3
     rows = {r["key"]: r for r in read_layer(str(scenes), "vd").to_pylist()}
     assert rows["000005"]["caption"] == rows["000002"]["caption"] == "A caption of 000002."
     for k in ("000024", "000017"):
         assert rows[k]["caption"] == "A caption of 000003." and rows[k]["status"] == "ok"
+    assert rows["000026"]["error"] == rows["000000"]["error"] == "engine error: CUDA error: simulated"
+    # --retry-failed: the failed pair is asked once again and both rows end ok
+    flag.unlink()
+    again = recaption(
+        str(scenes),
+        RecaptionRunConfig(recaption=rc.model_copy(update={"retry_failed": True})),
+        progress=False,
+    )
+    assert (again.requests, again.cache_hits, again.shards_retried) == (1, 1, 2)
+    assert log.read_text().splitlines()[len(sent) :] == ["000000"]
+    rows = {r["key"]: r for r in read_layer(str(scenes), "vd").to_pylist()}
+    assert rows["000026"]["caption"] == rows["000000"]["caption"] == "A caption of 000000."
 
 
 def test_plan_duplicates_per_question():
