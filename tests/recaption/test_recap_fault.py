@@ -65,7 +65,7 @@ async def _run_all(backend: OpenAIBackend, n: int):
 
 def test_transient_faults_succeed_on_retry(fault_server):
     srv = fault_server(plan=TRANSIENT, slow_s=3.0, retry_after=0.2)
-    results = asyncio.run(_run_all(_backend([srv.url], max_in_flight=8, timeout=1.0), 80))
+    results = asyncio.run(_run_all(_backend([srv.url], max_in_flight=8, timeout=2.0), 80))
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(r.text.startswith("A large red") for r in results)
     for mode in TRANSIENT:  # every fault was injected at least once ...
