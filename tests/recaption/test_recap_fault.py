@@ -437,6 +437,27 @@ def test_response_cache_answers_duplicate_images(scenes, fault_server):
     assert rows[b]["status"] == "ok" and rows[b]["caption"] == rows[a]["caption"]
 
 
+def test_duplicates_across_client_actors_are_sent_once(scenes, fault_server):
+    """With several client actors (each with its own cache), an image that shards on different
+    actors hold is sent once: the actors meet in the run's cache hub (the duplicates found
+    from the shards' sha256 before the run)."""
+    from recaption.config import RecaptionRunConfig
+    from recaption.run import recaption
+    from tests.recaption.recap_helpers import duplicate_image
+
+    duplicate_image(scenes, "000003", "000014")  # shards 00000 and 00001: two actors
+    duplicate_image(scenes, "000003", "000025")
+    srv = fault_server(service_s=0.05)
+    cfg = _cfg(srv, layer="hub", clients=2, persistent_cache=False, progress=False)
+    rep = recaption(str(scenes), RecaptionRunConfig(recaption=cfg), progress=False)
+    assert max(srv.seen.values()) == 1, "an image was sent twice"
+    assert sum(srv.seen.values()) == rep.requests == 21 and rep.cache_hits == 2 and rep.ok == 23
+    rows = {
+        r["key"]: r for s in ("00000", "00001", "00002") for r in _rows(Dataset(str(scenes)).layer("hub"), s)
+    }
+    assert rows["000014"]["caption"] == rows["000025"]["caption"] == rows["000003"]["caption"]
+
+
 def test_byte_budget_bounds_what_waits_and_flies(scenes, fault_server):
     """Finding 8: the bytes of samples waiting for the backend and of requests in flight are
     bounded by ``max_bytes_in_flight`` (shared by the shards of an actor), not only by a count:

@@ -28,7 +28,7 @@ from recaption.vllm_driver import (
     result_from_row,
     sampling_params,
 )
-from tests.recaption.recap_helpers import N_IMAGES
+from tests.recaption.recap_helpers import N_IMAGES, duplicate_image
 
 # ---- vLLM's chat content-part contract ------------------------------------------------------
 # From vllm-project/vllm, vllm/entrypoints/chat_utils.py at commit
@@ -409,34 +409,6 @@ def test_vllm_driver_response_cache_and_budget(scenes, tmp_path, monkeypatch):
 # ---- duplicate images in one run, several layers in one pass ---------------------------------
 
 
-def _duplicate(ds, src: str, dst: str) -> None:
-    """Make sample ``dst`` the same image as ``src``: its tar member gets ``src``'s bytes and
-    its index row ``src``'s sha256 (of the original bytes, as ingest writes it for two equal
-    images)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with tarfile.open(ds / "shards" / f"{src[:5]}.tar") as t:
-        data = next(t.extractfile(m).read() for m in t.getmembers() if m.name.startswith(src + "."))
-    p = ds / "shards" / f"{dst[:5]}.tar"
-    out = p.with_suffix(".new")
-    with tarfile.open(p) as a, tarfile.open(out, "w") as b:
-        for m in a.getmembers():
-            body = a.extractfile(m).read() if m.isfile() else None
-            if m.name.startswith(dst + ".") and m.name.endswith((".jpg", ".png", ".webp")):
-                body, m.size = data, len(data)
-            b.addfile(m, io.BytesIO(body) if body is not None else None)
-    shutil.move(out, p)
-    sha = {r["key"]: r["sha256"] for r in pq.read_table(ds / "shards" / f"{src[:5]}.parquet").to_pylist()}
-    q = ds / "shards" / f"{dst[:5]}.parquet"
-    t = pq.read_table(q)
-    rows = t.to_pylist()
-    for r in rows:
-        if r["key"] == dst:
-            r["sha256"] = sha[src]
-    pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), q)
-
-
 @pytest.mark.slow
 def test_vllm_driver_sends_each_duplicate_image_once(scenes, tmp_path, monkeypatch):
     """Duplicate images within one run (one pair in a shard, one across shards, one image three
@@ -447,10 +419,10 @@ def test_vllm_driver_sends_each_duplicate_image_once(scenes, tmp_path, monkeypat
     from engine.layers import read_layer
     from recaption.run import recaption
 
-    _duplicate(scenes, "000002", "000005")  # within shard 00000
-    _duplicate(scenes, "000003", "000024")  # across shards
-    _duplicate(scenes, "000003", "000017")  # three times
-    _duplicate(scenes, "000000", "000026")  # its answer fails (engine error) in the first run
+    duplicate_image(scenes, "000002", "000005")  # within shard 00000
+    duplicate_image(scenes, "000003", "000024")  # across shards
+    duplicate_image(scenes, "000003", "000017")  # three times
+    duplicate_image(scenes, "000000", "000026")  # its answer fails (engine error) in the first run
     log, flag = tmp_path / "answered.txt", tmp_path / "fail"
     flag.write_text("1")
     monkeypatch.setattr(ray.data.llm, "build_processor", _stand_in(flag, log))
