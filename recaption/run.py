@@ -591,6 +591,8 @@ def _run_on_ray(
             with contextlib.suppress(Exception):  # closing is best effort (killed by the breaker)
                 ray.get(w.close.remote(), timeout=30)
             ray.kill(w)
+        if hub is not None:
+            ray.kill(hub)
     for r, lease in zip(reports, leases, strict=True):
         if lease.lost and not r.stopped:
             r.stopped = f"lost the lease of layer {r.layer!r} (another run took it over)"
