@@ -32,6 +32,14 @@ RECORD = REPO / "infra" / "gpu-pins.json"
 # extras that pin torch through their wheels (flash-attn is a source distribution that builds
 # against whatever torch is installed, so it pins nothing)
 PINNED_EXTRAS = ("vllm", "sglang")
+# indexes beyond PyPI an extra needs, and why (found by `pip install --dry-run -c torch-pin
+# '.[EXTRA]'` against PyPI: the sglang resolve stops at this sdist; the vllm one completes)
+EXTRA_INDEXES = {
+    "sglang": {
+        "url": "https://pypi.nvidia.com",
+        "why": "sglang 0.5.20/0.5.21 pin cuda-tile==1.6.0rc5, on PyPI only a wheel stub that installs from there",
+    }
+}
 
 
 def _name(req: str) -> str:
@@ -95,6 +103,8 @@ def check() -> dict[str, Any]:
     for extra, req in pins["extras"].items():
         meta = wheel_metadata(req)
         record["extras"][extra] = {"requirement": req, "file": meta["file"], "torch": torch_requirement(meta)}
+        if extra in EXTRA_INDEXES:
+            record["extras"][extra]["extra_index"] = EXTRA_INDEXES[extra]
     return record
 
 
