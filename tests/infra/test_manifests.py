@@ -272,3 +272,68 @@ def test_gpu_pins_record_matches_pypi() -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout) == _record()
+
+
+def test_manifest_recipes_exist() -> None:
+    """A `--config` in a manifest is a recipe of this repo, or the user's on the shared volume."""
+    for name, argv in _commands():
+        for flag, value in zip(argv, argv[1:], strict=False):
+            if flag == "--config":
+                assert value.startswith("/shared/") or (REPO / value).is_file(), f"{name}: {value}"
+
+
+def _scaling_out_snippets() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    return [s for s in re.findall(r"`([^`]+)`", section.replace("\n", " "))]
+
+
+def test_readme_scaling_out_walks_through_commands_that_exist() -> None:
+    """Every command of README "Scaling out" exists: ours parse with our parsers (no abbreviated
+    flags), the files `ray up` / `kubectl apply -f` name exist, `make` targets exist."""
+    from finevit.cli import build_parser
+    from train.launch_ray import build_parser as launch_parser
+
+    make = (REPO / "Makefile").read_text()
+    checked = 0
+    for snippet in _scaling_out_snippets():
+        for cmd in snippet.split(" && "):
+            argv = shlex.split(cmd.replace("|", " "))
+            if not argv:
+                continue
+            if argv[0] == "ray" and "--" in argv:  # ray job submit ... -- finevit ...
+                argv = argv[argv.index("--") + 1 :]
+            if argv[0] == "torchrun":
+                argv = argv[argv.index("-m") + 1 :]
+            if argv[0] == "finevit" and len(argv) > 2:  # `finevit plan` alone is a mention
+                _strict(build_parser()).parse_args(argv[1:])
+            elif argv[:3] == ["python", "-m", "train.launch_ray"]:
+                _strict(launch_parser()).parse_args(argv[3:])
+            elif argv[:2] == ["ray", "up"] or argv[:2] == ["kubectl", "apply"]:
+                files = [a for a in argv if a.startswith("infra/")]
+                assert files and all((REPO / f).is_file() for f in files), cmd
+            elif argv[0] == "make":
+                assert all(re.search(rf"^{t}:", make, re.M) for t in argv[1:]), cmd
+            elif argv[0] == "python" and argv[1].endswith(".py"):
+                assert (REPO / argv[1]).is_file(), cmd
+            else:
+                continue
+            checked += 1
+    assert checked >= 12, f"only {checked} commands found in README 'Scaling out'"
+
+
+def test_image_builds_pass_the_indexes_their_extras_need() -> None:
+    """sglang's pins reach outside PyPI (infra/gpu-pins.json): its image build must add that index,
+    and no other build gets one."""
+    make = (REPO / "Makefile").read_text()
+    builds = re.findall(r"docker build -f infra/Dockerfile (.*)$", make, re.M)
+    assert builds
+    for line in builds:
+        (extras,) = re.findall(r"--build-arg EXTRAS=(\S+)", line)
+        want = {
+            e["extra_index"]["url"]
+            for name, e in _record()["extras"].items()
+            if name in extras.split(",") and "extra_index" in e
+        }
+        got = set(re.findall(r"--build-arg EXTRA_INDEX_URL=(\S+)", line))
+        assert got == want, f"{extras}: builds with {got or 'PyPI only'}, needs {want or 'PyPI only'}"
