@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 
 # the suite cross-checks against OpenCLIP and CLIP_benchmark, so it installs them (.bench-deps/, --no-deps)
 test: bench-deps
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow"

@@ -93,8 +93,26 @@ def _attr_pairs(text: str) -> set[tuple[str, str]]:
     return set(_ATTR_RE.findall(text.lower()))
 
 
+_NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_COUNT_RE = re.compile(rf"\b({'|'.join(_NUMBERS)}|single)\s+(?:\w+\s+)?(?:shape|object)s?\b", re.I)
+
+
+def object_count(text: str) -> int | None:
+    """The number of objects a scene caption states ("Four shapes ...", "contains one object"), or None.
+
+    Count is what stage 1 learns from dense captions at the demo's budget (its fine-grained gain
+    comes almost all from count), so the recaptions' count accuracy is the captioner figure that
+    bounds the demo's first claim."""
+    m = _COUNT_RE.search(text)
+    if m is None:
+        return None
+    word = m.group(1).lower()
+    return 1 if word == "single" else _NUMBERS.index(word) + 1
+
+
 def recaption_stats(corpus: str, layer: str, gt_layer: str = "gt-global") -> dict[str, Any]:
-    """Rows ok/failed of ``layer`` and how well its captions name the GT (colour, shape) pairs."""
+    """Rows ok/failed of ``layer`` and how well its captions match the GT: the (colour, shape) pairs
+    they name and the object count they state."""
     from engine.audit.views import open_audit
 
     audit = open_audit(corpus)
@@ -113,6 +131,8 @@ def recaption_stats(corpus: str, layer: str, gt_layer: str = "gt-global") -> dic
                 "WHERE r.status = 'ok' ORDER BY key"
             ).fetchall()
             tp = fp = fn = alt_tp = alt_fn = 0
+            counts = [(object_count(cap or ""), object_count(gt or "")) for cap, gt, _ in rows]
+            counted = [(got, want) for got, want in counts if want is not None]
             for cap, gt, alt in rows:
                 got, want, alt_got = _attr_pairs(cap or ""), _attr_pairs(gt or ""), _attr_pairs(alt or "")
                 tp, fp, fn = tp + len(got & want), fp + len(got - want), fn + len(want - got)
@@ -122,9 +142,30 @@ def recaption_stats(corpus: str, layer: str, gt_layer: str = "gt-global") -> dic
                 "pair_recall": round(100 * tp / max(tp + fn, 1), 1),
                 "pair_precision": round(100 * tp / max(tp + fp, 1), 1),
                 "alt_text_pair_recall": round(100 * alt_tp / max(alt_tp + alt_fn, 1), 1),
+                "count_accuracy": round(100 * sum(g == w for g, w in counted) / max(len(counted), 1), 1),
                 "examples": [{"alt_text": a, "recaption": c, "ground_truth": g} for c, g, a in rows[:3] if c],
             }
         return out
+    finally:
+        audit.close()
+
+
+def filter_stats(corpus: str, layer: str) -> dict[str, Any]:
+    """How many rows the filter layer kept, and its most frequent drop reasons."""
+    from engine.audit.views import open_audit
+
+    audit = open_audit(corpus)
+    try:
+        names = {lv.name: lv for lv in audit.layers}
+        if layer not in names:
+            return {}
+        view = names[layer].view
+        kept, total = audit.con.execute(f"SELECT count(*) FILTER (keep), count(*) FROM {view}").fetchone()
+        reasons = audit.con.execute(
+            f"SELECT r, count(*) AS n FROM (SELECT unnest(reasons) AS r FROM {view}) "
+            "GROUP BY r ORDER BY n DESC, r LIMIT 5"
+        ).fetchall()
+        return {"kept": int(kept), "total": int(total), "reasons": {r: int(n) for r, n in reasons}}
     finally:
         audit.close()
 
@@ -232,6 +273,11 @@ def _img(path: str | None) -> str:
     return f'<img alt="{html.escape(os.path.basename(path))}" src="data:image/png;base64,{data}">'
 
 
+def _filter_line(f: dict[str, Any]) -> str:
+    why = ", ".join(f"{r} {n}" for r, n in f.get("reasons", {}).items())
+    return f"Filter kept {f['kept']} of {f['total']} recaptions" + (f" (dropped: {why})." if why else ".")
+
+
 def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots: list[str]) -> None:
     ok = checks(s)
     rq = s["recaption"].get("quality", {})
@@ -253,8 +299,10 @@ def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots:
         md += [
             f"Colour+shape pairs of the ground truth named: recaptions {rq['pair_recall']}% "
             f"(precision {rq['pair_precision']}%), alt-text {rq['alt_text_pair_recall']}% "
-            f"({rq['images']} images).",
+            f"({rq['images']} images). Object count stated right: {rq.get('count_accuracy')}%.",
         ]
+    if s["recaption"].get("filter"):
+        md += ["", _filter_line(s["recaption"]["filter"])]
         for ex in rq.get("examples", []):
             md += [
                 "",
@@ -290,8 +338,11 @@ def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots:
     if rq:
         body.append(
             f"<p>Colour+shape pairs of the ground truth named: recaptions {rq['pair_recall']}% "
-            f"(precision {rq['pair_precision']}%), alt-text {rq['alt_text_pair_recall']}%.</p>"
+            f"(precision {rq['pair_precision']}%), alt-text {rq['alt_text_pair_recall']}%. "
+            f"Object count stated right: {rq.get('count_accuracy')}%.</p>"
         )
+    if s["recaption"].get("filter"):
+        body.append(f"<p>{html.escape(_filter_line(s['recaption']['filter']))}</p>")
         body.append("<table><tr><th>alt-text</th><th>recaption</th><th>ground truth</th></tr>")
         for ex in rq.get("examples", []):
             body.append("<tr>" + "".join(f"<td>{html.escape(str(ex[k]))}</td>" for k in ex) + "</tr>")
@@ -339,6 +390,8 @@ def build_summary(d: str, corpus: str) -> dict[str, Any]:
     rec = recaption_stats(corpus, "recap-global") if os.path.exists(corpus) or "://" in corpus else {}
     rec.setdefault("ok", 0)
     rec.setdefault("failed", 0)
+    if os.path.exists(corpus) or "://" in corpus:
+        rec["filter"] = filter_stats(corpus, "recap-filter")
     secs = steps.get("recaption")
     rec["images_per_s"] = round((rec["ok"] + rec["failed"]) / secs, 2) if secs else None
     chance = None

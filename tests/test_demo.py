@@ -55,6 +55,17 @@ def test_attribute_pairs_match_the_synthetic_vocabulary() -> None:
     assert demo_report._attr_pairs("abstract art") == set()
 
 
+def test_object_count_reads_every_ground_truth_template() -> None:
+    from engine.synthetic import dense_caption, make_scene
+
+    scenes = [make_scene(0, i, 128) for i in range(200)]
+    assert [demo_report.object_count(dense_caption(s)) for s in scenes] == [len(s.objects) for s in scenes]
+    assert demo_report.object_count("The image shows one object on a plain pale green background.") == 1
+    assert demo_report.object_count("This picture contains five objects (a circle, a ring)") == 5
+    assert demo_report.object_count("Two of the objects are gray.") is None  # a part, not the total
+    assert demo_report.object_count("geometric pattern wallpaper") is None
+
+
 def test_the_demo_prompts_are_the_ones_its_captioner_learns() -> None:
     """The demo serves its stage-2 captioner the prompts stage 2 trained it on: a tiny captioner
     does not generalize to another wording, nor to another box notation."""
