@@ -121,6 +121,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.images != int(args.images):
         return fail(f"--images must be a whole number, got {args.images}")
+    if args.bench_results and not os.path.isfile(args.bench_results):
+        return fail(f"--bench-results: no such file: {args.bench_results}")
     try:
         values, sources, missing = figures(args)
     except CapacityError as e:

@@ -102,6 +102,8 @@ def test_plan_reads_the_rates_bench_recorded_and_says_from_where(tmp_path: Path,
     argv = ["plan", "--images", "1e6", "--epochs", "2", "--bench-results", str(results)]
     assert main([*argv, "--bench-device", "B200"]) == 2
     assert "--train-img-s" in (err := capsys.readouterr().err) and "records none" in err and "B200" in err
+    assert main([*argv[:-1], str(tmp_path / "nowhere.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
     results.write_text(results.read_text() + "{not json\n")
     assert main(argv) == 2
     assert f"{results}:4" in capsys.readouterr().err
