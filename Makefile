@@ -79,14 +79,15 @@ bench-quick: bench-deps
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done
 
 # Container images for a cluster (infra/Dockerfile, CUDA base): the project with its GPU extras.
-# vLLM and SGLang pin different torch builds, hence two images. IMAGE_REPO=... to push elsewhere.
+# vLLM and SGLang need different flashinfer builds, hence two images (both on pyproject's torch:
+# infra/check_pins.py); SGLang also needs NVIDIA's index (infra/gpu-pins.json). IMAGE_REPO=... to push elsewhere.
 IMAGE_REPO ?= ghcr.io/finevit
 IMAGE_TAG ?= latest
 image:
 	DOCKER_BUILDKIT=1 docker build -f infra/Dockerfile --build-arg EXTRAS=vllm,gpu -t $(IMAGE_REPO)/finevit:$(IMAGE_TAG) .
 
 image-sglang:
-	DOCKER_BUILDKIT=1 docker build -f infra/Dockerfile --build-arg EXTRAS=sglang -t $(IMAGE_REPO)/finevit-sglang:$(IMAGE_TAG) .
+	DOCKER_BUILDKIT=1 docker build -f infra/Dockerfile --build-arg EXTRAS=sglang --build-arg EXTRA_INDEX_URL=https://pypi.nvidia.com -t $(IMAGE_REPO)/finevit-sglang:$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

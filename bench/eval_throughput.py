@@ -3,7 +3,8 @@
 Both run zero-shot classification (10 classes x 7 templates) and image-text retrieval (one
 caption per image) over the same JPEGs (640x480, photo-like) with the same OpenCLIP model (a
 ViT w192/d6/p16 at 224 px with a w192/d6 text tower, random weights, fp32): ours through
-``eval.run.evaluate`` on :class:`eval.openclip.OpenClipEncoder`, theirs through
+``eval.run.evaluate`` on :class:`eval.openclip.OpenClipEncoder` (two loader threads decode and
+prepare the next batches while the model runs, ``eval.embed.prefetch_images``), theirs through
 ``clip_benchmark.metrics.zeroshot_classification.evaluate`` / ``zeroshot_retrieval.evaluate``
 with a torch DataLoader (batch 64) as its CLI builds one, ``amp=False`` (its default autocast is
 bf16 on CPU; we embed fp32), with 0 and 2 loader workers (its CLI default is 4; this machine

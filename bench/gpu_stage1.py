@@ -376,7 +376,32 @@ def main() -> int:
                 else ""
             )
         )
+        if device.type == "cuda" and not a.quick and int(os.environ.get("RANK", "0")) == 0:
+            record_train_rate(statistics.median(results[best]["images/s"]), name, best, a)
     return 0
+
+
+def record_train_rate(
+    img_s: float, device_name: str, backend: str, a: argparse.Namespace, path: Path | None = None
+) -> None:
+    """One GPU's stage-1 images/s into bench/results.jsonl, where `finevit plan` reads it."""
+    import datetime
+
+    from engine.capacity import BenchFigure, record_bench_figure
+
+    path = path or Path(__file__).resolve().parent / "results.jsonl"
+    fig = BenchFigure(
+        figure="train_img_s",
+        value=round(img_s, 2),
+        bench="gpu_stage1.py",
+        device=device_name,
+        date=datetime.date.today().isoformat(),
+        command=" ".join(["python", "bench/gpu_stage1.py", *sys.argv[1:]]),
+        note=f"vision w{a.width}/d{a.depth}, text ctx {a.context}, {a.rows}x{a.seq_len} tokens, "
+        f"<= {a.max_patches} patches/image, {backend}, bf16",
+    )
+    record_bench_figure(str(path), fig)
+    print(f"recorded train_img_s = {fig.value} images/s per GPU in {path}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ own work, so the ratio holds on a loaded machine; the ratio line uses it). Rates
 (= samples/s) and LM tokens/s (every non-padding LM position, image
 tokens included: what the trainer logs as ``tokens_per_s``).
 
-    python bench/stage2_throughput.py [--quick] [--batch 8] [--rounds 5] [--steps 2]
+    python bench/stage2_throughput.py [--quick] [--batch 8] [--rounds 5] [--steps 2] [--lm-pack-len 512]
+
+A fourth candidate of ours packs the LM rows too (``data.pack``: several samples per row of
+``--lm-pack-len`` tokens, positions restarting per sample); its line compares it with the
+unpacked LM rows at the same vision packing.
 
 Prints a table (candidate, median, min, max, unit) and the ratio line: ours (trainer packing)
 vs LLaVA at the same vision patches, in images/s.
@@ -61,7 +65,7 @@ from train.model.vlm import (
     FineViTVLMForConditionalGeneration,
     FineViTVLMProcessor,
 )
-from train.stage2 import lm_loss, load_lm, make_tiny_lm
+from train.stage2 import lm_loss, load_lm, make_tiny_lm, model_inputs
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -197,15 +201,11 @@ def llava_inputs(b: dict[str, Any], images: list[Image.Image], side: int, image_
 def ours_step(model, b: dict[str, Any]):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
+    packed = b["position_ids_BL"] is not None
+
     def step() -> float:
-        out = model(
-            input_ids=b["input_ids_BL"],
-            attention_mask=b["mask_BL"],
-            vision=b["vision"],
-            spans=b["spans"],
-            region_boxes=b["region_boxes"],
-        )
-        loss = lm_loss(out.logits, b["labels_BL"], "square")
+        out = model(**model_inputs(b, torch.device("cpu")))
+        loss = lm_loss(out.logits, b["labels_BL"], "square", b["sample_BL"] if packed else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -242,6 +242,9 @@ def main() -> int:
     ap.add_argument("--lm-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--lm-pack-len", type=int, default=512, help="LM row length of the data.pack candidate (max_len)"
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2, help="steps per timed round")
     a = ap.parse_args()
@@ -274,6 +277,14 @@ def main() -> int:
     model4 = copy.deepcopy(model)
     cands["ours (packed 4x max_patches)"] = ours_step(model4, b4)
     tokens["ours (packed 4x max_patches)"] = int(b4["mask_BL"].sum())
+    # data.pack: the LM rows packed too (several samples per row of lm_pack_len tokens)
+    bp = collate(samples, images, proc, a.lm_pack_len, 4 * a.max_patches, Counter(), pack=True)
+    cands["ours (+ LM rows packed)"] = ours_step(copy.deepcopy(model), bp)
+    tokens["ours (+ LM rows packed)"] = int(bp["mask_BL"].sum())
+    padded = {
+        "ours (packed 4x max_patches)": b4["padded_tokens"],
+        "ours (+ LM rows packed)": bp["padded_tokens"],
+    }
     for px_side, label in ((side, f"llava @{side}px (same patches)"), (side // 2, f"llava @{side // 2}px")):
         n_img = (px_side // a.patch) ** 2
         llava = build_llava(model, a, px_side, image_id)
@@ -317,7 +328,13 @@ def main() -> int:
             f"{name:<{w}}{statistics.median(xs) * k:>10.0f}{min(xs) * k:>10.0f}{max(xs) * k:>10.0f}  LM tokens/s"
         )
     med = {k: statistics.median(v) for k, v in cpu_rates.items()}
-    names = list(cands)
+    names = [k for k in cands if k != "ours (+ LM rows packed)"]  # the LLaVA comparison as before
+    lp, lu = "ours (+ LM rows packed)", "ours (packed 4x max_patches)"
+    print(
+        f"data.pack: LM rows packed {med[lp] / med[lu]:.2f}x unpacked in images/cpu-s ({med[lp]:.2f} / "
+        f"{med[lu]:.2f}); LM positions computed {padded[lp]} vs {padded[lu]} for {tokens[lu]} real tokens "
+        f"({bp['input_ids_BL'].shape[0]} rows of <= {a.lm_pack_len} vs {b4['input_ids_BL'].shape[0]} rows)"
+    )
     print(
         f"cpu stage2 throughput (CPU time): ours (packed) {med[names[1]] / med[names[2]]:.2f}x llava at the "
         f"same vision patches, {med[names[1]] / med[names[3]]:.2f}x llava at the same LM image tokens "

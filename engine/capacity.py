@@ -150,3 +150,73 @@ def human_hours(h: float) -> str:
     if h < 48:
         return f"{h:.3g} h"
     return f"{h / 24:.3g} days"
+
+
+# ------------------------------------------------------------------ measured figures from bench/
+
+# The CapacityInputs fields a benchmark can measure, and what each means (the unit it is in).
+BENCH_FIGURES = {
+    "caption_tok_s": "generated tokens/s per GPU, global captions",
+    "region_tok_s": "generated tokens/s per GPU, region captions",
+    "train_img_s": "stage-1 images/s per GPU",
+    "image_bytes": "stored bytes per image in the shards",
+}
+
+
+@dataclass
+class BenchFigure:
+    """One measured figure, as a benchmark recorded it (one JSON line of ``bench/results.jsonl``)."""
+
+    figure: str  # a key of BENCH_FIGURES
+    value: float
+    bench: str  # the script, e.g. "gpu_stage1.py"
+    device: str  # the GPU's name (torch.cuda.get_device_name) or "cpu"
+    date: str  # ISO date of the run
+    command: str  # how to rerun it
+    note: str = ""  # what was measured (model size, backend, ...)
+
+    def source(self, path: str) -> str:
+        """Where the figure came from, in one line."""
+        note = f", {self.note}" if self.note else ""
+        return f"{path}: {self.bench} on {self.device}, {self.date}{note} (`{self.command}`)"
+
+
+def record_bench_figure(path: str, fig: BenchFigure) -> None:
+    """Append one figure to a results file (benchmarks call this; ``finevit plan`` reads it)."""
+    if fig.figure not in BENCH_FIGURES:
+        raise CapacityError(f"figure must be one of {sorted(BENCH_FIGURES)}, got {fig.figure!r}")
+    import json
+    from dataclasses import asdict
+
+    with open(path, "a") as f:
+        f.write(json.dumps(asdict(fig)) + "\n")
+
+
+def read_bench_figures(path: str, device: str = "") -> dict[str, BenchFigure]:
+    """The latest figure of each kind in a results file (later lines win), from runs whose device
+    name contains ``device`` (case-insensitive; "" takes any GPU). CPU runs never count: plan is
+    about GPUs. A missing file reads as no figures; a malformed line is an error naming it."""
+    import json
+    import os
+
+    out: dict[str, BenchFigure] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                fig = BenchFigure(**json.loads(line))
+                value = float(fig.value)
+            except (ValueError, TypeError) as e:
+                raise CapacityError(f"{path}:{n}: not a bench figure ({e})") from None
+            if fig.figure not in BENCH_FIGURES or value <= 0:
+                raise CapacityError(
+                    f"{path}:{n}: figure {fig.figure!r} = {fig.value!r} is not a known figure > 0"
+                )
+            if fig.device.lower() == "cpu" or device.lower() not in fig.device.lower():
+                continue
+            fig.value = value
+            out[fig.figure] = fig
+    return out

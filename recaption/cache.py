@@ -126,3 +126,42 @@ class CacheStore:
         if rows:
             data = json.dumps(rows, separators=(",", ":"), default=str).encode()
             self.store.write_bytes(f"{name}.json.gz", gzip.compress(data, 6))
+
+
+class CacheHub:
+    """The response cache shared by several client actors (a small async Ray actor), for the
+    samples whose image another shard of the run also holds (recaption/dedupe.py finds them
+    before the run): the first actor to :meth:`claim` a key asks; the others wait for its
+    :meth:`put` and reuse an ok row. A failed answer, or none within ``wait_s`` (its actor
+    died), lets the next one ask for itself. Holds the rows of duplicated images only."""
+
+    def __init__(self, wait_s: float = 600.0) -> None:
+        self.wait_s = wait_s
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.flight: dict[str, asyncio.Future] = {}
+
+    async def claim(self, k: str) -> dict[str, Any] | None:
+        """An ok row for ``k`` (waiting for one in flight), or None: the caller asks, then puts."""
+        while True:
+            if k in self.rows:
+                return self.rows[k]
+            fut = self.flight.get(k)
+            if fut is None:
+                self.flight[k] = asyncio.get_running_loop().create_future()
+                return None
+            try:
+                row = await asyncio.wait_for(asyncio.shield(fut), self.wait_s)
+            except TimeoutError:
+                row = None
+            if row is not None:
+                return row
+            if self.flight.get(k) is fut:
+                del self.flight[k]
+
+    def put(self, k: str, row: dict[str, Any]) -> None:
+        ok = row.get("status") == "ok"
+        if ok:
+            self.rows[k] = row
+        fut = self.flight.pop(k, None)
+        if fut is not None and not fut.done():
+            fut.set_result(row if ok else None)

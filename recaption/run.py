@@ -17,6 +17,11 @@ layer, one shard unit per shard listing the layers that want it (:func:`recaptio
 :func:`process_pass` reads and prepares each image once and hands it to every layer's task;
 each layer's shard is committed on its own, with its own stats.
 
+Duplicate images across client actors (``clients`` > 1): the driver finds the keys whose image
+several shards of the run hold (recaption/dedupe.py, from the shards' sha256) and starts a
+:class:`recaption.cache.CacheHub` actor; those samples are claimed there, so each is sent once
+whichever actor holds it (within one actor the response cache does it).
+
 Circuit breaker: when the backend raises :class:`CircuitOpen` (no endpoint for
 ``breaker_outage_s``, or ``breaker_http400`` refusals in a row), the shard is not committed,
 the driver stops the workers (shards in flight are not committed either) and reports why; a
@@ -38,7 +43,7 @@ from engine.shards import Progress, ShardTask, run_shard_tasks
 from engine.stats import LayerStats, Reason, RowStatus
 from recaption.backends.base import Backend, BackendError, CircuitOpen
 from recaption.budget import ByteBudget
-from recaption.cache import CacheStore, ResponseCache, fingerprint
+from recaption.cache import CacheHub, CacheStore, ResponseCache, fingerprint
 from recaption.config import RecaptionConfig, RecaptionRunConfig
 from recaption.plan import (
     RecaptionReport,
@@ -79,9 +84,13 @@ async def process_pass(
     jobs: list[Job],
     backend: Backend,
     budget: ByteBudget | None = None,
+    hub: Any = None,
+    shared: set[str] | frozenset[str] = frozenset(),
 ) -> list[tuple[list[dict[str, Any]], Metrics]]:
     """Each job's layer rows of one shard (in the shard's order) and what they took, from one
     read and one decode of each image: a sample is handed to every job that wants it at once.
+    ``hub`` (a :class:`recaption.cache.CacheHub` actor) answers the samples in ``shared`` (keys
+    whose image other shards of the run hold too) across client actors.
 
     Images are read and prepared in a thread, ``PREP_CHUNK`` at a time; at most ``window``
     prepared samples wait for the backend, and, with ``budget`` (shared by the actor's shards),
@@ -99,22 +108,30 @@ async def process_pass(
     async def one(j: int, sample: Sample) -> None:
         task, cache = jobs[j].task, jobs[j].cache
         k = cache.key(sample) if cache is not None else None
+        asked = claimed = False  # this sample asks: local waiters (and the hub's) wait for it
+        row = None
         try:
             hit = await cache.lookup(k) if k is not None else None
+            asked = k is not None and hit is None
+            if hit is None and k is not None and hub is not None and sample.key in shared:
+                hit = await hub.claim.remote(k)  # another actor's shard holds this image too
+                claimed = hit is None
             if hit is not None:
                 metrics[j].cache_hits += 1
                 row = {**hit, "key": sample.key}
             else:
                 row = await task.run(backend, sample, metrics[j])
-                if k is not None:
-                    cache.put(k, row)
         except CircuitOpen as e:
-            if k is not None:
-                cache.put(k, task.failed_row(sample.key, str(e)))
             tripped.append(e)
+            row = task.failed_row(sample.key, str(e))
             return
         except Exception as e:
             row = task.failed_row(sample.key, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            if asked and row is not None:
+                cache.put(k, row)
+            if claimed and row is not None:
+                hub.put.remote(k, row)
         outs[j][sample.key] = row
 
     async def run_sample(sample: Sample, which: list[int], cost: int) -> None:
@@ -233,8 +250,10 @@ class ShardWorker:
         cfg: RecaptionConfig,
         model: str,
         run_id: str | list[str] = "run",
+        hub: Any = None,
     ) -> None:
         self.dataset = Dataset(root, storage)
+        self.hub = hub  # the CacheHub actor shared by the run's client actors (several clients)
         self.cfg = cfg
         self.model = model
         cfgs = layer_configs(cfg)
@@ -286,11 +305,14 @@ class ShardWorker:
                 out.layer.store.rm(out.layer.stats(shard))  # uncommitted while being replaced
             return write_layer_shard(out.layer, shard, rows, out.task.schema, staging, started, extra)
 
-    async def run_pass(self, shard: str, wants: list[tuple[int, str]]) -> list[dict[str, Any] | None]:
+    async def run_pass(
+        self, shard: str, wants: list[tuple[int, str]], shared: list[str] | None = None
+    ) -> list[dict[str, Any] | None]:
         """Caption ``shard`` for the layers in ``wants`` (``(layer index, "shard" or "retry")``)
         from one read of its images, and commit each layer's shard (its own rows, stats and
         marker). Per entry: ``{"stats": its marker, "usage": this round's requests and
-        tokens}``, or None for a retry with no failed row to redo."""
+        tokens}``, or None for a retry with no failed row to redo. ``shared``: the keys whose
+        image other shards of the run hold too (asked through the hub, when there is one)."""
         started = time.time()
         loop = asyncio.get_running_loop()
         results: list[dict[str, Any] | None] = [None] * len(wants)
@@ -313,7 +335,14 @@ class ShardWorker:
             return results
         backend = await self.backend()
         done = await process_pass(
-            self.dataset, shard, self.cfg, [j for _, _, j in jobs], backend, self.budget
+            self.dataset,
+            shard,
+            self.cfg,
+            [j for _, _, j in jobs],
+            backend,
+            self.budget,
+            self.hub,
+            frozenset(shared or ()),
         )
         seconds = time.time() - started
         for (pos, i, job), (rows, metrics) in zip(jobs, done, strict=True):
@@ -420,11 +449,6 @@ def recaption_layers(
     dataset.manifest  # noqa: B018 - a clear error now if there is no dataset
     for c in cfgs:
         resolve_prompt(c)  # a clear error now if a prompt is unknown
-    if cfg.backend == "vllm" and len(cfgs) > 1:
-        raise BackendError(
-            "several layers per pass (recaption.layers) run on the openai, sglang and hf backends; "
-            "the vllm driver writes one layer per run"
-        )
     show = cfg.progress if progress is None else progress
     layers = [dataset.layer(r.layer) for r in reports]
     # the backend answers before anything is written (not even a lease)
@@ -438,7 +462,7 @@ def recaption_layers(
         if cfg.backend == "vllm":
             from recaption.vllm_driver import run_vllm
 
-            run_vllm(dataset, run_cfg, reports[0], leases[0], progress=show, say=say)
+            run_vllm(dataset, run_cfg, reports, leases, progress=show, say=say)
         else:
             for c, layer in zip(cfgs, layers, strict=True):
                 check_or_write_info(layer, layer_info(c, model))
@@ -479,10 +503,15 @@ def _run_on_ray(
     if cfg.backend == "hf":
         gpus = cfg.hf.num_gpus if cfg.hf.num_gpus is not None else _default_gpus(cfg)
     n_clients = min(cfg.clients, len(todo))
+    hub, shared = None, {}
+    if n_clients > 1:  # each actor has its own cache: images that several shards hold meet in a hub
+        shared = shared_keys(dataset, [t.shard for t in todo], storage)
+        if shared:
+            hub = ray.remote(num_cpus=0)(CacheHub).remote(cfg.timeout * (cfg.retries + 2))
     Worker = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(ShardWorker)
     workers = [
         Worker.options(max_concurrency=max(8, cfg.shards_in_flight * 4)).remote(
-            dataset.root, storage, cfg, model, [lease.run_id for lease in leases]
+            dataset.root, storage, cfg, model, [lease.run_id for lease in leases], hub
         )
         for _ in range(n_clients)
     ]
@@ -507,7 +536,7 @@ def _run_on_ray(
         w = min(range(n_clients), key=load.__getitem__)
         load[w] += 1
         where[t.shard] = w
-        return workers[w].run_pass.remote(t.shard, t.payload)
+        return workers[w].run_pass.remote(t.shard, t.payload, shared.get(t.shard))
 
     def on_done(t: ShardTask, outs: list[dict[str, Any] | None]) -> None:
         w = where.pop(t.shard)
@@ -562,11 +591,25 @@ def _run_on_ray(
             with contextlib.suppress(Exception):  # closing is best effort (killed by the breaker)
                 ray.get(w.close.remote(), timeout=30)
             ray.kill(w)
+        if hub is not None:
+            ray.kill(hub)
     for r, lease in zip(reports, leases, strict=True):
         if lease.lost and not r.stopped:
             r.stopped = f"lost the lease of layer {r.layer!r} (another run took it over)"
         elif any(x.lost for x in leases) and not r.stopped:
             r.stopped = "lost the lease of another layer of this pass (another run took it over)"
+
+
+def shared_keys(dataset: Dataset, shards: list[str], storage: StorageConfig) -> dict[str, list[str]]:
+    """Per shard, the keys of its samples whose image another of ``shards`` holds too."""
+    from recaption.dedupe import duplicate_groups
+
+    out: dict[str, list[str]] = {}
+    for group in duplicate_groups(dataset, shards, storage):
+        if len({s for s, _ in group}) > 1:
+            for s, k in group:
+                out.setdefault(s, []).append(k)
+    return out
 
 
 def _default_gpus(cfg: RecaptionConfig) -> float:

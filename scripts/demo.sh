@@ -25,8 +25,10 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0 NO_ALB
 # Sizes. full: the demo's claim (quiet 2-core budget: ~15 min). ci: every step, seconds each.
 if [[ $SCALE == ci ]]; then
     # the captioner gets enough steps to write whole sentences (else the filter rightly drops every
-    # recaption and stage 1 on recaptions has nothing to train on)
-    N_TRAIN=64 N_HUMAN=64 N_EVAL=32 SIZE=96 SPS=32
+    # recaption and stage 1 on recaptions has nothing to train on); 128 px as in the full demo: at
+    # 96 px the filter's min_side (64) drops the wide scenes, and with them the one caption it keeps
+    # of each near-duplicate cluster
+    N_TRAIN=64 N_HUMAN=64 N_EVAL=32 SIZE=128 SPS=32
     S1_STEPS=20 CAP_S1_STEPS=10 CAP_S2_STEPS=150 S2_STEPS=10 FG_N=8
 else
     N_TRAIN=2048 N_HUMAN=512 N_EVAL=128 SIZE=128 SPS=256

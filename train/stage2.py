@@ -4,13 +4,21 @@
 checked against ``model``), the projector, the LM from a local directory (``lm.path``), the
 schedule's phases (which parts train), AdamW + warmup/cosine, the loader
 (:mod:`train.data.regions`), DCP checkpoints with exact resume, DDP, NaN guard, logs with
-tokens/s and MFU. The CLI only builds the config.
+tokens/s and MFU. The CLI only builds the config. Under torchrun: DDP, or FSDP2 with
+``loop.parallel=fsdp`` (per vision block and per LM decoder layer).
 
 Schedule: ``schedule`` is a list of phases ``{until: STEP, train: projector|encoder|lm|all}``:
 ``projector`` trains the projector only; ``encoder`` the vision tower + projector with the LM
 frozen; ``lm`` the projector + LM with the vision tower frozen (LLaVA's second stage); ``all``
 everything. All parameters stay in the optimizer (frozen ones get no gradient, so AdamW leaves
 them alone), which keeps the optimizer state and checkpoints one shape.
+
+LoRA (``lm.lora.r > 0``, through ``peft``): the LM's linear layers named in
+``lm.lora.target_modules`` get adapters and the LM's own weights never train; phases ``lm`` and
+``all`` train the adapters where they would train the LM (``all``: adapters + projector + vision
+tower at its multiplier). Checkpoints hold the adapters beside the frozen base (one DCP state, so
+resume is as exact as without); :func:`load_stage2` merges them (``merge_and_unload``), so the
+exported VLM is a plain LM of the base architecture that loads with transformers alone.
 
 Learning rates per part: ``optim.lr`` times ``optim.vision_lr_mult`` / ``projector_lr_mult`` /
 ``lm_lr_mult``. The vision tower's default is 0.1: at the LM's rate a trained encoder collapses
@@ -65,6 +73,12 @@ class Stage2Data(StrictModel):
     seq_len: int = Field(default=1024, ge=1, description="vision tokens per packed row")
     batch: int = Field(default=8, ge=1, description="samples (image + prompt + target) per step per rank")
     max_len: int = Field(default=0, ge=0, description="LM tokens per sample; 0: the LM's context")
+    pack: bool = Field(
+        default=False,
+        description="several samples per LM row of max_len tokens (first fit), each attending only to "
+        "itself (positions restart per sample: transformers' block-causal mask, or varlen with "
+        "flash-attention); off: one sample per row, padded to the longest",
+    )
     seed: int = 0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -74,9 +88,30 @@ class InitConfig(StrictModel):
     checkpoint: str = Field(default="", description="a stage-1 step folder, checkpoints folder or log dir")
 
 
+class LoRAConfig(StrictModel):
+    r: int = Field(
+        default=0,
+        ge=0,
+        description="LoRA rank on the LM (peft); 0: no LoRA, phases lm/all train the LM itself",
+    )
+    alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (peft's lora_alpha)")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="LM linear layers that get adapters, by module name (Llama/Qwen2 names by default)",
+    )
+
+
 class LMConfig(StrictModel):
     path: str = Field(
         default="", description="a local causal-LM directory (AutoModelForCausalLM + tokenizer)"
+    )
+    lora: LoRAConfig = LoRAConfig()
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        default="auto",
+        description="the LM's attention (transformers' attn_implementation); auto: flash_attention_2 "
+        "when flash-attn is installed and CUDA is there (packed rows then run varlen), else sdpa",
     )
 
 
@@ -162,7 +197,18 @@ def check_fits(cfg: Stage2Config) -> None:
 # ------------------------------------------------------------------------------ building
 
 
-def load_lm(path: str) -> tuple[Any, Any]:
+def lm_attention(choice: str = "auto") -> str:
+    """The LM's ``attn_implementation``: ``auto`` is the top of the ladder this machine has."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_lm(path: str, attention: str = "auto") -> tuple[Any, Any]:
     """``(causal LM, tokenizer)`` from a local directory; clear errors for what is missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,7 +226,9 @@ def load_lm(path: str) -> tuple[Any, Any]:
     if tok.eos_token_id is None:
         raise ConfigError(f"lm.path: the tokenizer in {path} has no EOS token")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=lm_attention(attention)
+        )
     except Exception as e:
         raise ConfigError(f"lm.path: cannot load a causal LM from {path}: {type(e).__name__}: {e}") from None
     return lm, tok
@@ -239,7 +287,7 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
 
     step_dir = str(resolve_checkpoint(cfg.init.checkpoint))
     vision_sd = stage1_vision_state(step_dir, cfg.model)
-    lm, tok = load_lm(cfg.lm.path)
+    lm, tok = load_lm(cfg.lm.path, cfg.lm.attention)
     wanted = [IMAGE_TOKEN] + ([REGION_TOKEN] if cfg.projector.region_tokens else [])
     missing = [t for t in wanted if t not in tok.get_vocab()]
     if missing:
@@ -269,8 +317,46 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)
     model.language_model.load_state_dict(lm_sd)  # whatever post_init touched: the LM's own weights
     model.vision.load_state_dict(vision_sd)
+    if cfg.lm.lora.r:
+        add_lora(model, cfg.lm.lora)
     region = REGION_TOKEN if cfg.projector.region_tokens else None
     return model, FineViTVLMProcessor(tok, preprocess, IMAGE_TOKEN, region)
+
+
+def add_lora(model: FineViTVLMForConditionalGeneration, lora: LoRAConfig) -> None:
+    """Wrap the VLM's LM in peft LoRA adapters (in place): B starts at zero, so the model's output is
+    unchanged until the adapters train; the base weights are frozen for good."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("lm.lora.r > 0 needs peft: pip install peft (a dependency of finevit)") from None
+    lm = model.language_model
+    names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        raise ConfigError(
+            f"lm.lora.target_modules {missing}: no linear layer of that name in the LM "
+            f"({type(lm).__name__}: {sorted(names)})"
+        )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+    )
+    model.language_model = get_peft_model(lm, config)
+
+
+def has_lora(model: FineViTVLMForConditionalGeneration) -> bool:
+    return any("lora_" in n for n, _ in model.language_model.named_parameters())
+
+
+def merge_lora(model: FineViTVLMForConditionalGeneration) -> FineViTVLMForConditionalGeneration:
+    """Fold the LoRA adapters into the LM's weights (``merge_and_unload``): a plain LM again."""
+    if has_lora(model):
+        model.language_model = model.language_model.merge_and_unload()
+    return model
 
 
 def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
@@ -278,7 +364,9 @@ def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
     enc = train in ("encoder", "all")
     for name, p in model.vision.named_parameters():
         p.requires_grad_(enc and not name.startswith(("head.", "proj.")))
-    model.language_model.requires_grad_(train in ("lm", "all"))
+    lm_on, lora = train in ("lm", "all"), has_lora(model)
+    for name, p in model.language_model.named_parameters():
+        p.requires_grad_(lm_on and (not lora or "lora_" in name))
 
 
 def param_groups(model: FineViTVLMForConditionalGeneration, o: Stage2Optim) -> list[dict[str, Any]]:
@@ -304,9 +392,15 @@ def param_groups(model: FineViTVLMForConditionalGeneration, o: Stage2Optim) -> l
     return groups
 
 
-def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, reduction: str) -> torch.Tensor:
+def lm_loss(
+    logits_BLV: torch.Tensor,
+    labels_BL: torch.Tensor,
+    reduction: str,
+    sample_BL: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Next-token cross-entropy on the target tokens (labels != -100), averaged as ``reduction``
-    says (see :class:`Stage2Loss`)."""
+    says (see :class:`Stage2Loss`). A sample is a row, or with ``sample_BL`` (packed rows: each
+    token's sample, -1 on padding) the tokens of one sample id."""
     logits, labels = logits_BLV[:, :-1].float(), labels_BL[:, 1:]
     mask = labels != -100
     ce_BL = (
@@ -315,17 +409,83 @@ def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, reduction: str) -
         ).view_as(labels)
         * mask
     )
-    n_B = mask.sum(1)
     if reduction == "token":
-        return ce_BL.sum() / n_B.sum().clamp(min=1)
+        return ce_BL.sum() / mask.sum().clamp(min=1)
+    if sample_BL is None:
+        n_B, sum_B = mask.sum(1), ce_BL.sum(1)
+    else:  # B indexes samples from here on
+        owner = torch.where(mask, sample_BL[:, 1:], 0).reshape(-1)
+        n = int(sample_BL.max()) + 1
+        n_B = torch.zeros(n, dtype=torch.long, device=owner.device).index_add_(
+            0, owner, mask.reshape(-1).long()
+        )
+        sum_B = ce_BL.new_zeros(n).index_add_(0, owner, ce_BL.reshape(-1))
     has = n_B > 0
     w_B = torch.where(
         has, 1.0 / (n_B.clamp(min=1) if reduction == "sample" else n_B.clamp(min=1).sqrt()), 0.0
     )
     # square: weights normalized over the batch's tokens so the scale matches 'token'
-    per_B = ce_BL.sum(1) * w_B
+    per_B = sum_B * w_B
     norm = has.sum() if reduction == "sample" else (n_B * w_B).sum()
     return per_B.sum() / norm.clamp(min=1)
+
+
+def parallelize(
+    model: FineViTVLMForConditionalGeneration,
+    mode: str,
+    world: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """``loop.parallel`` as in stage 1: DDP (``auto`` with several ranks), or FSDP2 per vision block
+    and per LM decoder layer (the LM's ``_no_split_modules``), then the rest as the root group;
+    under FSDP2 with a bf16 ``dtype`` parameters are gathered and computed in bf16 while the
+    sharded parameters, optimizer state and gradient reduction stay fp32."""
+    if mode == "auto":
+        mode = "ddp" if world > 1 else "none"
+    if mode == "none" or world == 1:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # frozen phases and the unused pooling head
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw: dict[str, Any] = {}
+    if dtype is not None:  # inputs not cast: the vision tower's RoPE cos/sin must stay fp32 (stage 1)
+        kw["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+    lm = model.language_model
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under LoRA: the LM inside peft
+    layer_types = set(getattr(base, "_no_split_modules", None) or [])
+    for blk in model.vision.blocks:
+        fully_shard(blk, **kw)
+    for m in lm.modules():
+        if type(m).__name__ in layer_types:
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The VLM's keyword arguments for a loader batch. Packed rows pass position ids that restart
+    with each sample and no 2D mask: transformers then builds the block-causal mask (or runs
+    varlen flash-attention), so a sample never sees its row neighbours."""
+    packed = batch.get("position_ids_BL") is not None
+    return {
+        "input_ids": batch["input_ids_BL"].to(device),
+        "attention_mask": None if packed else batch["mask_BL"].to(device),
+        "position_ids": batch["position_ids_BL"].to(device) if packed else None,
+        "vision": batch["vision"].to(device),
+        "spans": batch["spans"],
+        "region_boxes": batch["region_boxes"],
+        "use_cache": False,
+    }
 
 
 def phase_at(cfg: Stage2Config, step: int) -> str:
@@ -358,6 +518,7 @@ class Stage2Result:
     seconds: float = 0.0
     rank: int = 0
     tokens_per_s: float = 0.0
+    model: Any = None  # the trained VLM (this rank's module: DDP's replica, FSDP2's shards)
 
 
 def _lr_lambda(cfg: Stage2Config):
@@ -392,16 +553,13 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     # packed rows of images: per-image attention (stage 1's ladder), not the dense block mask the
     # model is built with for single images (17 % of a CPU step, bench/stage2_throughput.py)
     model.vision.backend = pick_backend(cfg.model.attention, device, dtype or torch.float32)
-    seed_all(cfg.loop.seed + rank)
-    net: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,  # frozen phases and the unused pooling head
+    if cfg.loop.activation_checkpointing:  # recompute each vision block and LM layer in backward
+        model.vision.checkpointing = True
+        model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+    seed_all(cfg.loop.seed + rank)
+    net = parallelize(model, cfg.loop.parallel, world, device, dtype)
     o = cfg.optim
     optim = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
@@ -420,9 +578,12 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
         d.seed,
         rank,
         world,
+        d.pack,
     )
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
     result = Stage2Result()
+    if cfg.checkpoint.resume:
+        match_optimizer_state(model, ckpt.latest(ckpt_dir))
     last, step = ckpt.resume(ckpt_dir, cfg.checkpoint.resume, net, optim, sched, loader.load_state_dict)
     if last and rank == 0:
         on_event(f"resumed from {last} at step {step}")
@@ -434,7 +595,8 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         on_event(
-            f"stage2: {n_params / 1e6:.2f}M params (LM {type(model.language_model).__name__}), "
+            f"stage2: {n_params / 1e6:.2f}M params (LM {type(model.language_model).__name__}, "
+            f"attention {model.language_model.config._attn_implementation}), "
             f"vision attention={model.vision.backend}, world={world}, "
             f"device={device}, max_len={max_len}, peak={peak:.3g} TFLOP/s"
         )
@@ -452,26 +614,23 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
         batch = loader.next()
         amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with amp:
-            out = net(
-                input_ids=batch["input_ids_BL"].to(device),
-                attention_mask=batch["mask_BL"].to(device),
-                vision=batch["vision"].to(device),
-                spans=batch["spans"],
-                region_boxes=batch["region_boxes"],
-            )
-            loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction)
+            out = net(**model_inputs(batch, device))
+            sample_BL = batch["sample_BL"].to(device) if d.pack else None
+            loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction, sample_BL)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip or float("inf")
         )
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the ranks' shards
+            norm = norm.full_tensor()
         value = loss.detach().float()
         if is_dist():
             import torch.distributed as dist
 
             both = torch.stack([value, norm.float()])
             dist.all_reduce(both)
-            value, norm = both[0] / world, both[1]
+            value, norm = both[0] / world, both[1] / world  # the same norm on every rank
         step += 1
         if not (torch.isfinite(value) and torch.isfinite(norm)):
             bad_in_a_row += 1
@@ -520,10 +679,26 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
     result.seconds = time.perf_counter() - t_start
     result.tokens_per_s = all_tokens / max(result.seconds, 1e-9)
     result.rank = rank
+    result.model = model
     if rank == 0:
         on_event(f"stage2 done: {step} steps, data: {result.stats}, checkpoint: {result.checkpoint}")
     logger.close()
     return result
+
+
+def match_optimizer_state(model: torch.nn.Module, step_dir: str | None) -> None:
+    """Before resuming from ``step_dir``: trainable exactly the parameters that have optimizer state
+    there. DCP's loader first makes state for every trainable parameter and then wants each one in
+    the checkpoint, so a run stopped in an early phase (projector only) could not resume with all
+    parameters trainable. The loop sets the resumed step's phase right after."""
+    if not step_dir:
+        return
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    have = {k[len("optim.state.") :].rsplit(".", 1)[0] for k in meta if k.startswith("optim.state.")}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in have)
 
 
 def _save(
@@ -538,8 +713,11 @@ def _save(
     return path
 
 
-def load_stage2(path: str) -> tuple[FineViTVLMForConditionalGeneration, FineViTVLMProcessor, Stage2Config]:
-    """Rebuild a trained stage-2 model from a checkpoint (step folder, checkpoints folder or log dir)."""
+def load_stage2(
+    path: str, merge: bool = True
+) -> tuple[FineViTVLMForConditionalGeneration, FineViTVLMProcessor, Stage2Config]:
+    """Rebuild a trained stage-2 model from a checkpoint (step folder, checkpoints folder or log dir).
+    LoRA adapters are merged into the LM unless ``merge`` is False (then the model is as trained)."""
     import torch.distributed.checkpoint as dcp
 
     from train.model.encoder import resolve_checkpoint
@@ -567,6 +745,8 @@ def load_stage2(path: str) -> tuple[FineViTVLMForConditionalGeneration, FineViTV
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(step_dir))
     model.load_state_dict(state["model"])
+    if merge:
+        merge_lora(model)
     return model.eval(), processor, cfg
 
 

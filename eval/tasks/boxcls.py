@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from eval.datasets import BoxSet
-from eval.embed import TaskError, embed_texts, open_images, require_text
+from eval.embed import TaskError, embed_texts, prefetch_images, require_text
 from eval.metrics import class_embeddings, classification_metrics
 from eval.report import TaskResult
 from eval.roi import normalized_to_grid, roi_align, roi_backend
@@ -53,12 +53,17 @@ def run(
         lambda texts: embed_texts(encoder, texts, 256, progress, "label texts"), ds.classnames, templates
     )
     regions, targets, failed = [], [], []
-    for i in tqdm(
-        range(0, len(ds.images), batch_size), desc="boxcls images", disable=not progress, leave=False
+    starts = range(0, len(ds.images), batch_size)
+    batches = prefetch_images(ds.images, batch_size)
+    for i, batch in tqdm(
+        zip(starts, batches, strict=True),
+        total=len(starts),
+        desc="boxcls images",
+        disable=not progress,
+        leave=False,
     ):
         ims, bxs, lbs = [], [], []
-        js = range(i, min(i + batch_size, len(ds.images)))
-        for j, im in zip(js, open_images([ds.images[j] for j in js]), strict=True):
+        for j, im in zip(range(i, i + len(batch)), batch, strict=True):
             if im is None:
                 failed.append(ds.images[j].name)
                 continue

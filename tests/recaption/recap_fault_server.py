@@ -6,7 +6,7 @@ a body only (a retry of the same request then succeeds); modes in ``persistent``
 attempt (a model that always answers badly).
 
 Modes: ``ok``; transport faults ``500``, ``503``, ``429`` (with ``Retry-After``), ``slow``
-(sleeps past the client's timeout), ``reset`` (drops the connection), ``garbage`` (HTTP 200,
+(sleeps past the client's timeout, then answers 504), ``reset`` (drops the connection), ``garbage`` (HTTP 200,
 not JSON); answer faults ``empty``, ``refusal``, ``length`` (finish_reason=length),
 ``malformed_json``, ``wrong_json``, ``out_of_range`` (boxes outside the image).
 ``restart(down_s)`` stops listening and comes back on the same port.
@@ -162,7 +162,11 @@ class FaultServer:
         if mode == "429":
             return web.Response(status=429, text="slow down", headers={"Retry-After": str(self.retry_after)})
         if mode == "slow":
+            # past the client's timeout, then a gateway timeout: a client whose timer fires late
+            # (its loop stalled under load) still sees a fault, never a late good answer, so a
+            # slow request costs exactly one retry either way (the flaky "assert 9 == 10")
             await asyncio.sleep(self.slow_s)
+            return web.Response(status=504, text="gateway timeout")
         if mode == "reset":
             request.transport.abort()
             return web.Response(status=500)

@@ -65,7 +65,7 @@ async def _run_all(backend: OpenAIBackend, n: int):
 
 def test_transient_faults_succeed_on_retry(fault_server):
     srv = fault_server(plan=TRANSIENT, slow_s=3.0, retry_after=0.2)
-    results = asyncio.run(_run_all(_backend([srv.url], max_in_flight=8, timeout=1.0), 80))
+    results = asyncio.run(_run_all(_backend([srv.url], max_in_flight=8, timeout=2.0), 80))
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(r.text.startswith("A large red") for r in results)
     for mode in TRANSIENT:  # every fault was injected at least once ...
@@ -435,6 +435,27 @@ def test_response_cache_answers_duplicate_images(scenes, fault_server):
     assert by_shard["00001"]["cache_hits"] == 0 and by_shard["00001"]["requests"] == 8
     rows = {r["key"]: r for r in _rows(layer, "00002")}
     assert rows[b]["status"] == "ok" and rows[b]["caption"] == rows[a]["caption"]
+
+
+def test_duplicates_across_client_actors_are_sent_once(scenes, fault_server):
+    """With several client actors (each with its own cache), an image that shards on different
+    actors hold is sent once: the actors meet in the run's cache hub (the duplicates found
+    from the shards' sha256 before the run)."""
+    from recaption.config import RecaptionRunConfig
+    from recaption.run import recaption
+    from tests.recaption.recap_helpers import duplicate_image
+
+    duplicate_image(scenes, "000003", "000014")  # shards 00000 and 00001: two actors
+    duplicate_image(scenes, "000003", "000025")
+    srv = fault_server(service_s=0.05)
+    cfg = _cfg(srv, layer="hub", clients=2, persistent_cache=False, progress=False)
+    rep = recaption(str(scenes), RecaptionRunConfig(recaption=cfg), progress=False)
+    assert max(srv.seen.values()) == 1, "an image was sent twice"
+    assert sum(srv.seen.values()) == rep.requests == 21 and rep.cache_hits == 2 and rep.ok == 23
+    rows = {
+        r["key"]: r for s in ("00000", "00001", "00002") for r in _rows(Dataset(str(scenes)).layer("hub"), s)
+    }
+    assert rows["000014"]["caption"] == rows["000025"]["caption"] == rows["000003"]["caption"]
 
 
 def test_byte_budget_bounds_what_waits_and_flies(scenes, fault_server):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import tarfile
 
@@ -27,7 +28,7 @@ from recaption.vllm_driver import (
     result_from_row,
     sampling_params,
 )
-from tests.recaption.recap_helpers import N_IMAGES
+from tests.recaption.recap_helpers import N_IMAGES, duplicate_image
 
 # ---- vLLM's chat content-part contract ------------------------------------------------------
 # From vllm-project/vllm, vllm/entrypoints/chat_utils.py at commit
@@ -235,11 +236,9 @@ def test_expand_counts_what_it_emits(scenes):
     bad = _corrupt_one_image(scenes)
     cfg = RecaptionConfig(backend="vllm", model="m", image_max_side=64)
     told = []
-    rows = list(
-        expand({"shard": "00001"}, str(scenes), None, cfg, on_expanded=lambda s, n, p: told.append((s, n, p)))
-    )
-    ((shard, n, premade),) = told
-    assert shard == "00001" and n == len(rows) and n >= 1
+    rows = list(expand({"shard": "00001"}, str(scenes), None, cfg, on_expanded=lambda *a: told.append(a)))
+    ((shard, layer, n, premade),) = told
+    assert (shard, layer) == ("00001", 0) and n == len(rows) and n >= 1
     assert [r["key"] for r in premade] == [bad] and premade[0]["error"].startswith("image not decodable")
     for r in rows:
         check_vllm_messages(r["messages"])
@@ -268,10 +267,13 @@ def _stand_in(fail_flag, log=None, seen=None):
                     f.write(row["req_key"] + "\n")
             if fail_flag.exists() and row["key"].endswith("00"):
                 return {**row, "__inference_error__": "CUDA error: simulated"}
+            text = f"A caption of {row['req_key']}."
+            if (row["sampling_params"] or {}).get("structured_outputs"):  # grounded regions
+                text = json.dumps({"regions": [{"bbox": [50, 50, 400, 450], "label": "x", "caption": text}]})
             return postprocess(
                 {
                     **row,
-                    "generated_text": f"A caption of {row['req_key']}.",
+                    "generated_text": text,
                     "num_generated_tokens": 5,
                     "num_input_tokens": 12,
                     "time_taken_llm": 0.01,
@@ -402,3 +404,151 @@ def test_vllm_driver_response_cache_and_budget(scenes, tmp_path, monkeypatch):
     assert strip(read_layer(str(scenes), "v2")) == strip(read_layer(str(scenes), "v1"))
     run("v3", persistent_cache=False)
     assert answered() == 2 * (N_IMAGES - 1)
+
+
+# ---- duplicate images in one run, several layers in one pass ---------------------------------
+
+
+@pytest.mark.slow
+def test_vllm_driver_sends_each_duplicate_image_once(scenes, tmp_path, monkeypatch):
+    """Duplicate images within one run (one pair in a shard, one across shards, one image three
+    times): each distinct request reaches the engine once and its answer is fanned out to every
+    duplicate's row (counted as cache hits); a shard waits for the shard its answers come from."""
+    import ray.data.llm
+
+    from engine.layers import read_layer
+    from recaption.run import recaption
+
+    duplicate_image(scenes, "000002", "000005")  # within shard 00000
+    duplicate_image(scenes, "000003", "000024")  # across shards
+    duplicate_image(scenes, "000003", "000017")  # three times
+    duplicate_image(scenes, "000000", "000026")  # its answer fails (engine error) in the first run
+    log, flag = tmp_path / "answered.txt", tmp_path / "fail"
+    flag.write_text("1")
+    monkeypatch.setattr(ray.data.llm, "build_processor", _stand_in(flag, log))
+    rc = RecaptionConfig(backend="vllm", model="m", layer="vd", image_max_side=64, persistent_cache=False)
+    rep = recaption(str(scenes), RecaptionRunConfig(recaption=rc), progress=False)
+    sent = log.read_text().splitlines()
+    assert len(sent) == len(set(sent)) == N_IMAGES - 1 - 4, "a duplicate image was sent again"
+    assert rep.requests == N_IMAGES - 5 and rep.cache_hits == 4 and rep.ok == N_IMAGES - 3
+    rows = {r["key"]: r for r in read_layer(str(scenes), "vd").to_pylist()}
+    assert rows["000005"]["caption"] == rows["000002"]["caption"] == "A caption of 000002."
+    for k in ("000024", "000017"):
+        assert rows[k]["caption"] == "A caption of 000003." and rows[k]["status"] == "ok"
+    assert rows["000026"]["error"] == rows["000000"]["error"] == "engine error: CUDA error: simulated"
+    # --retry-failed: the failed pair is asked once again and both rows end ok
+    flag.unlink()
+    again = recaption(
+        str(scenes),
+        RecaptionRunConfig(recaption=rc.model_copy(update={"retry_failed": True})),
+        progress=False,
+    )
+    assert (again.requests, again.cache_hits, again.shards_retried) == (1, 1, 2)
+    assert log.read_text().splitlines()[len(sent) :] == ["000000"]
+    rows = {r["key"]: r for r in read_layer(str(scenes), "vd").to_pylist()}
+    assert rows["000026"]["caption"] == rows["000000"]["caption"] == "A caption of 000000."
+
+
+def test_plan_duplicates_per_question():
+    """The primary is the first sample of its group that the layer asks for; in proposals mode
+    equal images with other boxes are other questions."""
+    from recaption.dedupe import plan_duplicates
+
+    groups = [[("00000", "a1"), ("00001", "b1"), ("00002", "c1")]]
+    assert plan_duplicates(groups, {"00000": None, "00001": None, "00002": None}) == {
+        "00001": {"b1": ["00000", "a1"]},
+        "00002": {"c1": ["00000", "a1"]},
+    }
+    # a retry asks only for some keys; a shard not in the run is no primary
+    assert plan_duplicates(groups, {"00001": {"b1"}, "00002": None}) == {"00002": {"c1": ["00001", "b1"]}}
+    boxes = {
+        "00000": {"a1": {"status": "ok", "regions": [1]}},
+        "00001": {"b1": {"status": "ok", "regions": [2]}},
+        "00002": {"c1": {"status": "ok", "regions": [1]}},
+    }
+    assert plan_duplicates(groups, {"00000": None, "00001": None, "00002": None}, boxes) == {
+        "00002": {"c1": ["00000", "a1"]}
+    }
+
+
+@pytest.mark.slow
+def test_vllm_expand_reads_each_image_once_for_several_layers(scenes, monkeypatch):
+    """One expansion serves every layer of the pass: each image decoded once, one request per
+    layer, rows tagged with their layer, one ledger entry per layer."""
+    import recaption.samples as samples_mod
+
+    decoded = []
+    prepare = samples_mod.prepare
+    monkeypatch.setattr(samples_mod, "prepare", lambda *a, **k: decoded.append(1) or prepare(*a, **k))
+    cfg = RecaptionConfig(
+        backend="vllm",
+        model="m",
+        image_max_side=64,
+        layers=[{"task": "global", "layer": "g"}, {"task": "regions", "layer": "r"}],
+    )
+    plan = {
+        "wants": [[0, "shard", None], [1, "shard", None]],
+        "dups": {"1": {"000013": ["00001", "000012"]}},
+    }
+    told = []
+    rows = list(
+        expand(
+            {"shard": "00001", "plan": json.dumps(plan)}, str(scenes), None, cfg, lambda *a: told.append(a)
+        )
+    )
+    assert len(decoded) == 8
+    assert sorted(r["layer"] for r in rows) == [0] * 8 + [1] * 7
+    assert all("structured_outputs" in r["sampling_params"] for r in rows if r["layer"] == 1)
+    for r in rows:
+        check_vllm_messages(r["messages"])
+    assert [(s, i, n) for s, i, n, _ in told] == [("00001", 0, 8), ("00001", 1, 7)]
+    assert told[1][3] == [{"key": "000013", "__dup_of__": ["00001", "000012"]}]
+
+
+@pytest.mark.slow
+def test_vllm_driver_writes_several_layers_in_one_pass(scenes, tmp_path, monkeypatch):
+    """recaption.layers on the vLLM driver: a global caption and grounded regions from one pass,
+    each layer committed with its own rows, stats and run id (its lease); a later pass with one
+    more layer asks only for that layer; the response cache is per layer."""
+    import ray.data.llm
+
+    from engine.layers import read_layer
+    from engine.layout import Dataset
+    from recaption.run import recaption_layers
+
+    log = tmp_path / "answered.txt"
+    monkeypatch.setattr(ray.data.llm, "build_processor", _stand_in(tmp_path / "never", log))
+    specs = [{"task": "global", "layer": "g"}, {"task": "regions", "layer": "r"}]
+
+    def run(specs):
+        rc = RecaptionConfig(backend="vllm", model="m", image_max_side=64, layers=specs)
+        return recaption_layers(str(scenes), RecaptionRunConfig(recaption=rc), progress=False)
+
+    rg, rr = run(specs)
+    assert len(log.read_text().splitlines()) == 2 * (N_IMAGES - 1)
+    ds = Dataset(str(scenes))
+    g, r = ds.layer("g"), ds.layer("r")
+    assert g.committed() == r.committed() == ["00000", "00001", "00002"]
+    assert (rg.layer, rg.ok, rg.requests, rr.layer, rr.ok, rr.requests) == ("g", 23, 23, "r", 23, 23)
+    assert g.info()["task"] == "global" and r.info()["region_mode"] == "grounded"
+    ids = {layer.read_stats(s).extra["run_id"] for layer in (g, r) for s in layer.committed()}
+    assert len(ids) == 2  # one lease (run id) per layer
+    assert all(
+        x["caption"].startswith("A caption of")
+        for x in read_layer(str(scenes), "g").to_pylist()
+        if x["status"] == "ok"
+    )
+    assert all(
+        len(x["regions"]) == 1 for x in read_layer(str(scenes), "r").to_pylist() if x["status"] == "ok"
+    )
+    marks = {p: p.stat().st_mtime_ns for p in (scenes / "layers").glob("[gr]/*_stats.json")}
+    # a third layer (another prompt) and a copy of "g" under a new name: only the third is sent
+    more = [
+        *specs,
+        {"task": "global", "layer": "g2", "prompt": "short-v1"},
+        {"task": "global", "layer": "g3"},
+    ]
+    reps = run(more)
+    assert len(log.read_text().splitlines()) == 3 * (N_IMAGES - 1)
+    assert [x.requests for x in reps] == [0, 0, 23, 0] and reps[3].cache_hits == 23
+    assert {p: p.stat().st_mtime_ns for p in marks} == marks

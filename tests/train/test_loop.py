@@ -18,7 +18,7 @@ from PIL import Image
 from engine.config import StorageConfig, load_config
 from engine.layout import Dataset
 from train.config import CaptionSource, DataConfig, Stage1Config
-from train.data.image_stats import STATS_PATH, dataset_image_stats
+from train.data.image_stats import STATS_PATH, dataset_image_stats, measure_image_stats
 from train.data.loader import ShardReader, Stage1Loader
 from train.data.naflex import grid_for
 from train.stage1 import build_model, init_logit_bias, lr_lambda, optimizer_for
@@ -97,6 +97,18 @@ def test_dataset_mean_std_is_measured_once_and_stored(stage1_data, tmp_path: Pat
     np.testing.assert_allclose(stats["std"], a.std(0), atol=1e-5)
     assert stats["mean"][0] > 0.7  # bright synthetic scenes: far from the photo default 0.5
     assert json.loads((root / STATS_PATH).read_text())["mean"] == stats["mean"]
+
+
+def test_dataset_mean_std_ignores_the_runs_captions_and_filters(stage1_data) -> None:
+    """One stats file serves every run on a dataset: a run on a caption layer behind a filter that
+    kept nothing (the demo's recaption arm at toy size) measures the same images as an alt-text run."""
+    root = str(stage1_data.root)
+    plain = DataConfig(dataset=root, tokenizer="t", stats_samples=10, max_patches=32)
+    other = plain.model_copy(
+        update={"captions": [CaptionSource(source="recap-not-written")], "filters": ["filter-not-written"]}
+    )
+    want = measure_image_stats(root, StorageConfig(), plain, 16)
+    assert measure_image_stats(root, StorageConfig(), other, 16) == want
 
 
 def test_text_is_trimmed_to_the_longest_caption(stage1_data) -> None:

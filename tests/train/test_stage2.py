@@ -114,6 +114,62 @@ def test_stage2_resume_is_exact(setup: Setup, trained: Path) -> None:
     assert losses(run) == losses(trained)
 
 
+LORA = [
+    "--set",
+    "lm.lora.r=4",
+    "--set",
+    "lm.lora.alpha=8",
+    "--set",
+    "loop.steps=4",
+    "--set",
+    "checkpoint.every=2",
+]
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_exactly_and_exports_merged_as_a_plain_lm(setup: Setup, tmp_path: Path) -> None:
+    """LoRA on the LM (lm.lora): the base weights in the checkpoint are the LM directory's, bit for
+    bit; stop + resume gives the uninterrupted losses; the VLM export (adapters merged) loaded with
+    transformers' Auto classes gives the adapted model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from train.export import load_vlm
+    from train.stage2 import load_stage2
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert setup.train(full, *LORA) == 0
+    assert setup.train(part, *LORA, "--set", "loop.stop_at=2") == 0
+    assert setup.train(part, *LORA) == 0
+    assert losses(part) == losses(full) and sorted(losses(full)) == [1, 2, 3, 4]
+
+    adapted, proc, cfg = load_stage2(str(full), merge=False)
+    assert cfg.lm.lora.r == 4
+    base = AutoModelForCausalLM.from_pretrained(setup.lm).state_dict()
+    lm_sd = adapted.language_model.state_dict()
+    lora_b = [v for k, v in lm_sd.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # the adapters trained
+    for k, v in base.items():
+        if "embed_tokens" in k or "lm_head" in k:  # resized for the image / region tokens
+            continue
+        plain, wrapped = f"base_model.model.{k}", f"base_model.model.{k[: -len('.weight')]}.base_layer.weight"
+        assert torch.equal(lm_sd[wrapped if wrapped in lm_sd else plain], v), k
+
+    out = tmp_path / "vlm"
+    assert finevit_cli(["export", str(full), str(out), "--part", "vlm"]) == 0
+    net, proc2 = load_vlm(str(out))
+    assert type(net.language_model).__name__ == "LlamaForCausalLM"
+    msgs = [
+        proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}]
+        )
+        for t in ("Describe the region <box>(100,200),(600,900)</box>.", "Describe the image.")
+    ]
+    with torch.no_grad():
+        want = adapted(**proc(images=_images(), text=msgs)).logits
+        got = net(**proc2(images=_images(), text=msgs)).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def _images() -> list[Image.Image]:
     return [
         Image.new("RGB", (64, 48), (200, 30, 30)),

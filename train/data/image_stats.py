@@ -4,7 +4,10 @@ The default normalization (mean = std = 0.5) suits photos; synthetic scenes aver
 with it the image tower starts nearly blind (embeddings at cosine ~0.97). ``data.normalize:
 dataset`` measures the mean/std of the first ``data.stats_samples`` usable images (shards in
 order, each resized to its NaFlex grid as training sees it) and stores the result at
-``<dataset>/stats/image_stats.json``; later runs read it. The resolved values are written into
+``<dataset>/stats/image_stats.json``; later runs read it. The images are the dataset's ingested
+ones, whatever captions or filters a run trains with: the file is shared by every run on the
+dataset (the two arms of a comparison get one normalization), and a filter that keeps few rows
+must not decide it. The resolved values are written into
 the config (``data.mean`` / ``data.std``) that every checkpoint saves as ``config.json``.
 """
 
@@ -21,19 +24,19 @@ from PIL import Image
 from engine.config import StorageConfig
 from engine.layout import Dataset
 from train.config import DataConfig
-from train.data.loader import ShardReader, usable_shards
+from train.data.loader import Meta, ShardReader, _read_parquet
 from train.data.naflex import grid_for
 
 STATS_PATH = "stats/image_stats.json"
 
 
 def measure_image_stats(root: str, storage: StorageConfig, data: DataConfig, patch: int) -> dict[str, Any]:
-    """Per-channel mean/std over the pixels of the first ``data.stats_samples`` usable images."""
+    """Per-channel mean/std over the pixels of the first ``data.stats_samples`` ingested images."""
     ds = Dataset(root, storage)
     reader = ShardReader(ds, data, patch, Counter())
     total, total_sq, pixels, images = np.zeros(3), np.zeros(3), 0, 0
-    for shard in usable_shards(ds, data):
-        for rec in reader.scan(shard, lambda _key: 0):
+    for shard in ds.committed_shards():
+        for rec in reader.scan(shard, lambda _key: 0, _ingested(ds, shard)):
             try:
                 with Image.open(io.BytesIO(rec.image)) as im:
                     gh, gw = grid_for(rec.width, rec.height, patch, data.max_patches)
@@ -59,6 +62,16 @@ def measure_image_stats(root: str, storage: StorageConfig, data: DataConfig, pat
         "images": images,
         "patch_size": patch,
         "max_patches": data.max_patches,
+    }
+
+
+def _ingested(ds: Dataset, shard: str) -> Meta:
+    """``key -> (width, height, {})`` of the shard's successfully ingested images (no captions)."""
+    rows = _read_parquet(ds.shards, f"{shard}.parquet", ["key", "status", "width", "height"])
+    return {
+        k: (int(w), int(h), {})
+        for k, st, w, h in zip(rows["key"], rows["status"], rows["width"], rows["height"], strict=True)
+        if st == "success" and w and h
     }
 
 

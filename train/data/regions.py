@@ -254,6 +254,22 @@ def encode_sample(
     return p_ids + t_ids, [-100] * len(p_ids) + t_ids, processor.regions(text)
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of ``lengths`` in rows whose sums stay within ``capacity``
+    (a longer item gets a row of its own). Deterministic: ties keep their input order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((j for j, left in enumerate(room) if left >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
 def collate(
     samples: list[Sample],
     images: dict[str, bytes],
@@ -261,10 +277,19 @@ def collate(
     max_len: int,
     seq_len: int,
     stats: Counter,
+    pack: bool = False,
 ) -> dict[str, Any]:
-    """Decode, patchify and pack the images (rows of ``seq_len`` patches, first fit) and pad the
-    token sequences (right, to the longest): ``vision``, ``spans``, ``input_ids_BL``, ``labels_BL``,
-    ``mask_BL``, ``tasks``, ``targets``, ``real_tokens``, ``region_boxes`` (``(R, 5)``: sample, box)."""
+    """Decode, patchify and pack the images (rows of ``seq_len`` patches, first fit) and lay out the
+    token sequences: one sample per row padded right to the longest, or with ``pack`` several
+    samples per row of at most ``max_len`` tokens (first fit decreasing).
+
+    Returns ``vision``, ``spans``, ``input_ids_BL``, ``labels_BL``, ``mask_BL`` (1 on real tokens),
+    ``position_ids_BL`` (None unless packed: positions restart at 0 with each sample, which is how
+    transformers' LMs keep packed samples apart: a block-causal mask under SDPA/eager, varlen under
+    flash-attention), ``sample_BL`` (each token's sample, -1 on padding), ``keys``, ``tasks``,
+    ``targets``, ``real_tokens``, ``region_boxes`` (``(R, 5)``: sample, box). Samples (and so
+    ``spans``, region rows, ``keys``...) are in the order their tokens appear in the flattened rows,
+    the order in which the model fills image and region tokens."""
     rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     room: list[int] = []
     spans, seqs, kept = [], [], []
@@ -304,16 +329,35 @@ def collate(
     P = rows[0][0][0].shape[1]
     vision, real = assemble(rows, seq_len, len(kept), P)
     # assemble numbers slots in row order; our spans were computed from the same placement
-    L = max(len(ids) for ids, _ in seqs)
+    lm_rows = pack_rows([len(ids) for ids, _ in seqs], max_len) if pack else [[i] for i in range(len(seqs))]
+    order = [i for row in lm_rows for i in row]  # the samples as the flattened rows hold them
+    new_index = {old: new for new, old in enumerate(order)}
+    spans = [spans[i] for i in order]
+    regions = sorted(([float(new_index[int(r[0])]), *r[1:]] for r in regions), key=lambda r: r[0])
+    kept = [kept[i] for i in order]
+    L = max(sum(len(seqs[i][0]) for i in row) for row in lm_rows)
     pad = processor.tokenizer.pad_token_id
     pad = pad if pad is not None else 0
-    input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), L), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for b, (ids, lab) in enumerate(seqs):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(lab)] = torch.tensor(lab)
-        mask[b, : len(ids)] = 1
+    B = len(lm_rows)
+    input_ids = torch.full((B, L), pad, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    sample_BL = torch.full((B, L), -1, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long) if pack else None
+    for b, row in enumerate(lm_rows):
+        at = 0
+        for i in row:
+            ids, lab = seqs[i]
+            n = len(ids)
+            input_ids[b, at : at + n] = torch.tensor(ids)
+            labels[b, at : at + n] = torch.tensor(lab)
+            mask[b, at : at + n] = 1
+            sample_BL[b, at : at + n] = new_index[i]
+            if position_ids is not None:
+                position_ids[b, at : at + n] = torch.arange(n)
+            at += n
+        if position_ids is not None:  # the padding is a sequence of its own
+            position_ids[b, at:] = torch.arange(L - at)
     stats["samples"] += len(kept)
     return {
         "vision": vision,
@@ -321,9 +365,13 @@ def collate(
         "input_ids_BL": input_ids,
         "labels_BL": labels,
         "mask_BL": mask,
+        "position_ids_BL": position_ids,
+        "sample_BL": sample_BL,
+        "keys": [s.key for s in kept],
         "tasks": [s.task for s in kept],
         "targets": [s.target for s in kept],
         "real_tokens": int(mask.sum()),
+        "padded_tokens": B * L,
         "patch_tokens": real,
         "region_boxes": torch.tensor(regions, dtype=torch.float32).reshape(-1, 5),
     }
@@ -346,8 +394,10 @@ class Stage2Loader:
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
+        pack: bool = False,
     ) -> None:
         self.stats_: Counter = Counter()
+        self.pack = pack
         self.data = RegionData(root, storage, regions_layer, global_layer, self.stats_)
         self.tasks, self.processor = tasks, processor
         self.batch, self.max_len, self.seq_len = batch, max_len, seq_len
@@ -384,7 +434,13 @@ class Stage2Loader:
         samples = next(self._it)
         self.consumed += 1
         return collate(
-            samples, self._image_bytes(samples), self.processor, self.max_len, self.seq_len, self.stats_
+            samples,
+            self._image_bytes(samples),
+            self.processor,
+            self.max_len,
+            self.seq_len,
+            self.stats_,
+            self.pack,
         )
 
     def stats(self) -> dict[str, int]:
