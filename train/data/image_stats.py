@@ -24,7 +24,7 @@ from PIL import Image
 from engine.config import StorageConfig
 from engine.layout import Dataset
 from train.config import DataConfig
-from train.data.loader import Meta, ShardReader, _read_parquet
+from train.data.loader import ShardReader
 from train.data.naflex import grid_for
 
 STATS_PATH = "stats/image_stats.json"
@@ -36,7 +36,7 @@ def measure_image_stats(root: str, storage: StorageConfig, data: DataConfig, pat
     reader = ShardReader(ds, data, patch, Counter())
     total, total_sq, pixels, images = np.zeros(3), np.zeros(3), 0, 0
     for shard in ds.committed_shards():
-        for rec in reader.scan(shard, lambda _key: 0, _ingested(ds, shard)):
+        for rec in reader.scan(shard, lambda _key: 0, reader.ingested(shard)):
             try:
                 with Image.open(io.BytesIO(rec.image)) as im:
                     gh, gw = grid_for(rec.width, rec.height, patch, data.max_patches)
@@ -62,16 +62,6 @@ def measure_image_stats(root: str, storage: StorageConfig, data: DataConfig, pat
         "images": images,
         "patch_size": patch,
         "max_patches": data.max_patches,
-    }
-
-
-def _ingested(ds: Dataset, shard: str) -> Meta:
-    """``key -> (width, height, {})`` of the shard's successfully ingested images (no captions)."""
-    rows = _read_parquet(ds.shards, f"{shard}.parquet", ["key", "status", "width", "height"])
-    return {
-        k: (int(w), int(h), {})
-        for k, st, w, h in zip(rows["key"], rows["status"], rows["width"], rows["height"], strict=True)
-        if st == "success" and w and h
     }
 
 

@@ -101,8 +101,8 @@ class ShardReader:
     def __init__(self, ds: Dataset, data: DataConfig, patch: int, stats: Counter) -> None:
         self.ds, self.data, self.patch, self.stats = ds, data, patch, stats
 
-    def metadata(self, shard: str) -> Meta:
-        """``key -> (width, height, {source: caption})`` of the shard's usable samples."""
+    def ingested(self, shard: str) -> Meta:
+        """``key -> (width, height, {alt-text})`` of the shard's successfully ingested images."""
         rows = _read_parquet(
             self.ds.shards, f"{shard}.parquet", ["key", "status", "caption", "width", "height"]
         )
@@ -114,6 +114,11 @@ class ShardReader:
                 self.stats["dropped_failed"] += 1
                 continue
             meta[key] = (int(w), int(h), {ALT_TEXT: alt} if alt else {})
+        return meta
+
+    def metadata(self, shard: str) -> Meta:
+        """``key -> (width, height, {source: caption})`` of the shard's usable samples."""
+        meta = self.ingested(shard)
         failed: set[str] = set()
         for src in self.data.captions:
             if src.source == ALT_TEXT:
