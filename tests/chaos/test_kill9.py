@@ -400,6 +400,52 @@ def _metric_rows(log_dir: Path) -> list[dict]:
     return out
 
 
+def _losses_by_step(log_dir: Path) -> tuple[dict[int, list[float]], int]:
+    """Every logged loss per step (a step redone after a resume is logged again); torn rows."""
+    got: dict[int, list[float]] = {}
+    rows = _metric_rows(log_dir)
+    for r in rows:
+        if "loss" in r:
+            got.setdefault(r["step"], []).append(r["loss"])
+    return got, sum("torn" in r for r in rows)
+
+
+def _check_same_losses(
+    run_dir: Path,
+    want: dict[int, float],
+    steps: int,
+    chaos_figures,
+    scenario: str,
+    moments: list[str],
+    wall: float,
+    clean_s: float,
+) -> None:
+    """Every step logged; a step redone after a resume logged the bit-exact same loss as the clean
+    run; the last whole checkpoint is the last step. Then the figures row."""
+    got, torn = _losses_by_step(run_dir)
+    assert not torn, "a torn metrics row"
+    assert sorted(got) == sorted(want)
+    mismatched = {s: (v, want[s]) for s, v in got.items() if any(x != want[s] for x in v)}
+    assert not mismatched, mismatched
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "done").exists())
+    assert ckpts[-1] == f"step_{steps:08d}"
+    redone = sum(len(v) - 1 for v in got.values())
+    chaos_figures.add(
+        scenario=scenario,
+        trials=1,
+        faults=_faults(moments),
+        ok=len(got),
+        failed=0,
+        lost=len(set(want) - set(got)),
+        duplicated=0,
+        unaccounted=len(mismatched),
+        wall_s=wall,
+        clean_wall_s=clean_s,
+        note=f"units: steps ({steps}, checkpoint every 2; {redone} steps redone after resume, "
+        "same loss bit for bit); kills at " + "; ".join(moments),
+    )
+
+
 def test_stage1_kill9_resumes_the_same_losses(master, tokenizer, tmp_path, chaos_figures) -> None:
     clean = tmp_path / "clean"
     rc, log, clean_s = run(_train_args(master, tokenizer, clean), tmp_path / "clean.log")
@@ -416,32 +462,8 @@ def test_stage1_kill9_resumes_the_same_losses(master, tokenizer, tmp_path, chaos
         random.Random(SEED + 3), _train_args(master, tokenizer, run_dir), tmp_path, progress, STEPS, kills=3
     )
     assert "resumed from" in log, log[-3000:]
-    rows = _metric_rows(run_dir)
-    assert not [r for r in rows if "torn" in r], "a torn metrics row"
-    got: dict[int, list[float]] = {}
-    for r in rows:
-        if "loss" in r:
-            got.setdefault(r["step"], []).append(r["loss"])
-    # every step logged; a step redone after a resume logged the bit-exact same loss as the clean run
-    assert sorted(got) == sorted(want)
-    mismatched = {s: (v, want[s]) for s, v in got.items() if any(x != want[s] for x in v)}
-    assert not mismatched, mismatched
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "done").exists())
-    assert ckpts[-1] == f"step_{STEPS:08d}"
-    redone = sum(len(v) - 1 for v in got.values())
-    chaos_figures.add(
-        scenario="kill -9: stage-1 training",
-        trials=1,
-        faults=_faults(moments),
-        ok=len(got),
-        failed=0,
-        lost=len(set(want) - set(got)),
-        duplicated=0,
-        unaccounted=len(mismatched),
-        wall_s=wall,
-        clean_wall_s=clean_s,
-        note=f"units: steps ({STEPS}, checkpoint every 2; {redone} steps redone after resume, "
-        "same loss bit for bit); kills at " + "; ".join(moments),
+    _check_same_losses(
+        run_dir, want, STEPS, chaos_figures, "kill -9: stage-1 training", moments, wall, clean_s
     )
 
 
@@ -475,16 +497,6 @@ def _stage2_args(s: dict[str, Path], root: Path, log_dir: Path) -> list[str]:
     return [*args, "--lm", str(s["lm"]), "--dataset", str(root), "--log-dir", str(log_dir)]
 
 
-def _losses_by_step(log_dir: Path) -> tuple[dict[int, list[float]], int]:
-    """Every logged loss per step (a step redone after a resume is logged again); torn rows."""
-    got: dict[int, list[float]] = {}
-    rows = _metric_rows(log_dir)
-    for r in rows:
-        if "loss" in r:
-            got.setdefault(r["step"], []).append(r["loss"])
-    return got, sum("torn" in r for r in rows)
-
-
 def test_stage2_kill9_resumes_the_same_losses(master, stage2_setup, tmp_path, chaos_figures) -> None:
     clean = tmp_path / "clean"
     rc, log, clean_s = run(_stage2_args(stage2_setup, master, clean), tmp_path / "clean.log")
@@ -512,28 +524,9 @@ def test_stage2_kill9_resumes_the_same_losses(master, stage2_setup, tmp_path, ch
         timeout=900,  # torch + transformers imports alone took minutes at load 16 on 2 cores
     )
     assert "resumed from" in log, log[-3000:]
-    got, torn = _losses_by_step(run_dir)
-    assert not torn, "a torn metrics row"
     # stage 2 claims exact resume (tests/train/test_stage2.py): every step, the clean run's loss bit for bit
-    assert sorted(got) == sorted(want)
-    mismatched = {s: (v, want[s]) for s, v in got.items() if any(x != want[s] for x in v)}
-    assert not mismatched, mismatched
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "done").exists())
-    assert ckpts[-1] == f"step_{STEPS2:08d}"
-    redone = sum(len(v) - 1 for v in got.values())
-    chaos_figures.add(
-        scenario="kill -9: stage-2 training",
-        trials=1,
-        faults=_faults(moments),
-        ok=len(got),
-        failed=0,
-        lost=len(set(want) - set(got)),
-        duplicated=0,
-        unaccounted=len(mismatched),
-        wall_s=wall,
-        clean_wall_s=clean_s,
-        note=f"units: steps ({STEPS2}, checkpoint every 2; {redone} steps redone after resume, "
-        "same loss bit for bit); kills at " + "; ".join(moments),
+    _check_same_losses(
+        run_dir, want, STEPS2, chaos_figures, "kill -9: stage-2 training", moments, wall, clean_s
     )
 
 
