@@ -51,6 +51,7 @@ class AlignmentFilter(Filter):
         drop_percentile: float | None = None,
     ) -> None:
         from train.model.encoder import load_encoder
+
         self.checkpoint, self.min_score, self.batch_size = checkpoint, min_score, batch_size
         self.drop_percentile = drop_percentile
         self.cut: float | None = None  # the global cut of drop_percentile, set by the runner
