@@ -68,14 +68,17 @@ def markdown(results: list[TaskResult]) -> str:
 
 
 def write(results: list[TaskResult], out_dir: str) -> tuple[str, str]:
-    """``results.json`` + ``results.md`` in ``out_dir``."""
+    """``results.md`` then ``results.json`` in ``out_dir``, each written whole under a temporary
+    name and moved into place: a kill at any moment leaves each file absent, old or whole, and a
+    ``results.json`` is never newer than its ``results.md`` (tests/chaos/test_kill9.py)."""
     os.makedirs(out_dir, exist_ok=True)
     jpath, mpath = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
     rows = [r.to_dict() for r in results]
+    with open(mpath + ".tmp", "w") as f:
+        f.write(markdown(results))
+    os.replace(mpath + ".tmp", mpath)
     with open(jpath + ".tmp", "w") as f:
         json.dump(rows, f, indent=2)
         f.write("\n")
     os.replace(jpath + ".tmp", jpath)
-    with open(mpath, "w") as f:
-        f.write(markdown(results))
     return jpath, mpath

@@ -59,11 +59,14 @@ class Proc:
         return rc, self.text(), time.time() - self.started
 
 
-def start(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> Proc:
+def start(
+    args: list[str], log: Path, extra_env: dict[str, str] | None = None, cli: list[str] | None = None
+) -> Proc:
+    """``args`` of ``python -m finevit`` (or of the command ``cli``) in a session of their own."""
     log.parent.mkdir(parents=True, exist_ok=True)
     f = open(log, "ab")  # noqa: SIM115 - the child holds it; closed with the process
     p = subprocess.Popen(
-        [*CLI, *args],
+        [*(CLI if cli is None else cli), *args],
         cwd=REPO,
         env=env(**(extra_env or {})),
         start_new_session=True,
