@@ -124,8 +124,35 @@ class OpenClipEncoder:
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
-        out = self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float()
+        out = self.encode_tokens(self.tokenizer(list(texts)).to(self.device)).float()
         return (F.normalize(out, dim=-1) if normalize else out).cpu()
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens_NL: torch.Tensor) -> torch.Tensor:
+        """``model.encode_text(tokens_NL)``, run only up to the batch's last pooled position where that
+        gives the same features: a ``CLIP`` text tower with a causal mask that pools one token
+        (``argmax``: the end token, or ``eos``). Position i then sees positions <= i only, so the
+        padding after every row's pooled token changes nothing it returns, and the tower runs on
+        ~12 positions of a short caption instead of all 77 (a ~6x cheaper text tower on
+        zero-shot templates and COCO-length captions). Any other text tower runs whole."""
+        m = self.model
+        L = _pooled_length(m, tokens_NL)
+        if L is None or tokens_NL.shape[1] <= L:
+            return m.encode_text(tokens_NL)
+        from open_clip.transformer import text_global_pool
+
+        tokens_NL = tokens_NL[:, :L]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens_NL).to(cast_dtype) + m.positional_embedding[:L].to(cast_dtype)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:L, :L]))
+        x = text_global_pool(x, tokens_NL, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is not None:
+            x = (
+                m.text_projection(x)
+                if isinstance(m.text_projection, torch.nn.Linear)
+                else x @ m.text_projection
+            )
+        return x
 
     # ---- regions (boxcls) ----------------------------------------------------------------------
     def _vit(self) -> Any:
@@ -204,6 +231,26 @@ class OpenClipEncoder:
         if enc is None:
             return []
         return [len(enc(t)) + 2 for t in texts]  # + start/end tokens
+
+
+def _pooled_length(model: Any, tokens_NL: torch.Tensor) -> int | None:
+    """1 + the last position any row pools, where trimming the padding after it is exact (see
+    :meth:`OpenClipEncoder.encode_tokens`); None where it is not known to be."""
+    if type(model).__name__ != "CLIP" or tokens_NL.numel() == 0:
+        return None
+    mask = getattr(model, "attn_mask", None)
+    pool = getattr(model, "text_pool_type", None)
+    if mask is None or mask.shape[-1] != tokens_NL.shape[1] or not hasattr(model, "positional_embedding"):
+        return None
+    if not bool(torch.equal(mask.isneginf(), torch.ones_like(mask, dtype=torch.bool).triu(1))):
+        return None  # not a causal mask: every position may see the padding
+    if pool == "argmax":
+        idx = tokens_NL.argmax(dim=-1)
+    elif pool == "eos" and getattr(model, "text_eos_id", None) is not None:
+        idx = (tokens_NL == model.text_eos_id).int().argmax(dim=-1)
+    else:
+        return None
+    return int(idx.max()) + 1
 
 
 def _split_preprocess(preprocess: Any) -> tuple[list[Any] | None, torch.Tensor | None, torch.Tensor | None]:

@@ -30,6 +30,25 @@ def train_tokenizer(out: Path, n_scenes: int = 300, vocab: int = 320) -> Path:
     return out
 
 
+def ingest_synthetic(root: Path, n: int, samples_per_shard: int, seed: int = 7, size: int = 64) -> Path:
+    """A FineViT dataset of ``n`` synthetic scenes (alt-text, gt-global, gt-regions), shard by shard
+    through :func:`engine.ingest.ingest_shard`, the function Ray runs per shard in ``finevit ingest``
+    (in this process: no Ray start-up, no workers at the lowest priority on a loaded machine)."""
+    from engine.config import FineVitConfig, load_config
+    from engine.ingest import ingest_shard
+    from engine.layout import Dataset
+    from engine.sources.synthetic import SyntheticSource
+
+    sps = samples_per_shard
+    cfg = load_config(None, [f"ingest.samples_per_shard={sps}"], FineVitConfig)
+    src = SyntheticSource(f"synthetic://scenes?n={n}&seed={seed}&size={size}", cfg)
+    ds = Dataset(str(root))
+    ds.write_manifest({"name": "scenes", "samples_per_shard": sps, "shard_root": "shards", "sources": []})
+    for i, payload in enumerate(src.plan(sps)):
+        ingest_shard(src, payload, i, ds.shards, ds.store.child("layers"), cfg.ingest)
+    return root
+
+
 @dataclass
 class TinyCkpt:
     run: Path  # the log dir (config.yaml here, checkpoints/step_* below)

@@ -108,3 +108,33 @@ def test_openclip_prepared_batches_embed_as_its_preprocess(tmp_path: Path) -> No
             want.append(F.normalize(e, dim=-1))  # embed_images normalizes every encoder's output
     assert ok == [True] * 5 and failed == []
     assert torch.equal(emb, torch.cat(want))
+
+
+def test_openclip_text_tower_runs_only_to_the_last_pooled_token(tmp_path: Path) -> None:
+    """OpenCLIP's text tower is causal and pools the end token: ours runs it only up to the batch's
+    last end token and gets OpenCLIP's features; a tower that pools another way runs whole."""
+    from eval.openclip import import_open_clip, load_openclip
+
+    try:
+        import_open_clip()
+    except ImportError as e:
+        pytest.skip(f"open_clip not installed ({e}): run `make bench-deps`")
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
+    }
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    enc = load_openclip(f"openclip:{tmp_path / 'tiny.json'}")
+    m = enc.model
+    seen: list[int] = []
+    m.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    tokens = enc.tokenizer(["a cat", "a photo of a large red striped circle on grass", "dog"])
+    last_end = int(tokens.argmax(dim=-1).max())  # the end token has the largest id
+    with torch.no_grad():
+        want = m.encode_text(tokens)
+        got = enc.encode_tokens(tokens)
+        assert seen == [32, last_end + 1] and last_end + 1 < 32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        m.text_pool_type = "last"  # the last position sees the padding: no trimming
+        assert torch.equal(enc.encode_tokens(tokens), m.encode_text(tokens)) and seen[-2:] == [32, 32]

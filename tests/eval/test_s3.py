@@ -12,7 +12,7 @@ import pytest
 
 from eval.run import evaluate
 from finevit.cli import main as finevit_cli
-from tests.eval.conftest import TinyCkpt
+from tests.eval.conftest import TinyCkpt, ingest_synthetic
 from tests.eval.test_tasks import (
     ColourOracle,
     _caption_files,
@@ -22,23 +22,6 @@ from tests.eval.test_tasks import (
 )
 
 pytestmark = pytest.mark.s3
-
-
-def _ingest_synthetic(root: Path, n: int = 6, sps: int = 4) -> Path:
-    """A FineViT dataset of ``n`` synthetic scenes (alt-text, gt-global, gt-regions), shard by shard
-    through :func:`engine.ingest.ingest_shard`, the function Ray runs per shard in ``finevit ingest``."""
-    from engine.config import FineVitConfig, load_config
-    from engine.ingest import ingest_shard
-    from engine.layout import Dataset
-    from engine.sources.synthetic import SyntheticSource
-
-    cfg = load_config(None, [f"ingest.samples_per_shard={sps}"], FineVitConfig)
-    src = SyntheticSource(f"synthetic://scenes?n={n}&seed=7&size=64", cfg)
-    ds = Dataset(str(root))
-    ds.write_manifest({"name": "scenes", "samples_per_shard": sps, "shard_root": "shards", "sources": []})
-    for i, payload in enumerate(src.plan(sps)):
-        ingest_shard(src, payload, i, ds.shards, ds.store.child("layers"), cfg.ingest)
-    return root
 
 
 def _same(a, b) -> None:
@@ -83,7 +66,7 @@ def test_finevit_dataset_and_coco_instances_on_s3(
 ) -> None:
     from train.model.encoder import load_encoder
 
-    data = _ingest_synthetic(tmp_path / "scenes")
+    data = ingest_synthetic(tmp_path / "scenes", 6, 4, seed=7, size=64)
     remote = s3.upload_dir(data, "ds/scenes")
     enc = load_encoder(tiny_ckpt.run)
     for task, layer in (("retrieval", "gt-global"), ("boxcls", "gt-regions")):
