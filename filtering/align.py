@@ -32,7 +32,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from engine.config import ConfigError
 from engine.schemas import SIGNATURE_BASE_SCHEMA as SIG_BASE
 from filtering.base import Filter, Sample, Verdict
 
@@ -51,13 +50,7 @@ class AlignmentFilter(Filter):
         batch_size: int = 32,
         drop_percentile: float | None = None,
     ) -> None:
-        try:
-            from train.model.encoder import load_encoder
-        except ImportError:
-            raise ConfigError(
-                "filter 'alignment' needs train/model/encoder.py (load_encoder), which this build does not "
-                "have yet: remove the filter or update"
-            ) from None
+        from train.model.encoder import load_encoder
         self.checkpoint, self.min_score, self.batch_size = checkpoint, min_score, batch_size
         self.drop_percentile = drop_percentile
         self.cut: float | None = None  # the global cut of drop_percentile, set by the runner
