@@ -133,6 +133,12 @@ class ProjectorConfig(StrictModel):
         description="Ferret's region representation: a <region> token after each box of a prompt, "
         "filled with the box RoIAligned on the patch grid and projected like a 2x2 block (train/model/vlm.py)",
     )
+    region_pixels: bool = Field(
+        default=False,
+        description="region tokens also read the box's pixels (a 4x4 grid of mean colours, RoIAligned "
+        "on the image the tower sees): at 16-px patches a small object's colour is blurred into its "
+        "patches' embeddings (train/model/projector.py)",
+    )
     abs_pos: bool = Field(
         default=True,
         description="add each merged token's place in the image (fractions of height and width): the "
@@ -312,6 +318,7 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
         projector_abs_pos=cfg.projector.abs_pos,
         region_token=REGION_TOKEN if cfg.projector.region_tokens else None,
         region_token_id=tok.convert_tokens_to_ids(REGION_TOKEN) if cfg.projector.region_tokens else None,
+        region_pixels=cfg.projector.region_pixels and cfg.projector.region_tokens,
     )
     lm_sd = {k: v.clone() for k, v in lm.state_dict().items()}
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)

@@ -35,6 +35,8 @@ def merged_tokens(gh: int, gw: int, merge: int = MERGE) -> int:
 
 
 POS_FREQS = 4  # sin/cos at 1..4 cycles per side: 16 features per token
+PIXEL_BINS = 4  # region pixels: a 4x4 grid of mean colours per box (48 features)
+PIXEL_SAMPLES = 4  # bilinear samples per bin side
 
 
 def cell_centres(mh: int, mw: int, device: torch.device | None = None) -> torch.Tensor:
@@ -75,12 +77,21 @@ def roi_blocks(
 
 
 class PatchMerger(nn.Module):
-    def __init__(self, vision_width: int, lm_width: int, merge: int = MERGE, abs_pos: bool = False) -> None:
+    def __init__(
+        self,
+        vision_width: int,
+        lm_width: int,
+        merge: int = MERGE,
+        abs_pos: bool = False,
+        region_pixels: bool = False,
+    ) -> None:
         super().__init__()
         self.merge = merge
         inner = vision_width * merge * merge
         self.norm = nn.LayerNorm(inner)
         self.pos = nn.Linear(4 * POS_FREQS, inner) if abs_pos else None
+        # region tokens also get the box's pixels: mean colours of a PIXEL_BINS^2 grid of bins
+        self.pix = nn.Linear(3 * PIXEL_BINS * PIXEL_BINS, inner) if region_pixels else None
         self.fc1 = nn.Linear(inner, inner)
         self.fc2 = nn.Linear(inner, lm_width)
 
@@ -93,15 +104,31 @@ class PatchMerger(nn.Module):
         x_MK = x.reshape(mh, m, mw, m, C).permute(0, 2, 1, 3, 4).reshape(mh * mw, m * m * C)
         return self._mlp(x_MK, cell_centres(mh, mw, x_MK.device))
 
-    def regions(self, x_hwC: torch.Tensor, boxes_R4: torch.Tensor) -> torch.Tensor:
+    def regions(
+        self, x_hwC: torch.Tensor, boxes_R4: torch.Tensor, pixels_HW3: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One LM token per normalized box of one image's patch grid: the box RoIAligned to a
-        ``merge x merge`` block and mapped like any block of the grid (placed at the box's centre)."""
-        blocks = roi_blocks(x_hwC, boxes_R4.to(x_hwC.device), self.merge)
+        ``merge x merge`` block and mapped like any block of the grid (placed at the box's centre).
+        With ``region_pixels``, plus the box's pixels (``pixels_HW3``, the image as the tower sees
+        it) RoIAligned to ``PIXEL_BINS x PIXEL_BINS`` mean colours: a patch embedding blurs a small
+        object into its 16-px patches, the pixels keep its colour and rough outline."""
+        boxes_R4 = boxes_R4.to(x_hwC.device)
+        blocks = roi_blocks(x_hwC, boxes_R4, self.merge)
         centres = torch.stack([boxes_R4[:, 1] + boxes_R4[:, 3], boxes_R4[:, 0] + boxes_R4[:, 2]], 1) / 2
-        return self._mlp(blocks.reshape(blocks.shape[0], -1), centres.to(x_hwC.device))
+        extra = None
+        if self.pix is not None:
+            if pixels_HW3 is None:
+                raise ValueError("this projector's region tokens read pixels: pass the image's pixels")
+            px = roi_blocks(pixels_HW3.to(x_hwC.dtype), boxes_R4, PIXEL_BINS, samples=PIXEL_SAMPLES)
+            extra = self.pix(px.reshape(px.shape[0], -1))
+        return self._mlp(blocks.reshape(blocks.shape[0], -1), centres, extra)
 
-    def _mlp(self, x_MK: torch.Tensor, centres_M2: torch.Tensor) -> torch.Tensor:
+    def _mlp(
+        self, x_MK: torch.Tensor, centres_M2: torch.Tensor, extra_MK: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x_MK = self.norm(x_MK)
         if self.pos is not None:
             x_MK = x_MK + self.pos(position_features(centres_M2).to(x_MK.dtype))
+        if extra_MK is not None:
+            x_MK = x_MK + extra_MK
         return self.fc2(F.gelu(self.fc1(x_MK)))

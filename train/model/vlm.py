@@ -128,7 +128,10 @@ def boxes_in(text: str) -> list[tuple[float, float, float, float]]:
 
 
 def region_features(
-    projector: PatchMerger, patch_grids: Sequence[torch.Tensor], boxes_R5: torch.Tensor
+    projector: PatchMerger,
+    patch_grids: Sequence[torch.Tensor],
+    boxes_R5: torch.Tensor,
+    pixel_grids: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``(R, H)``: one LM token per ``[image, x0, y0, x1, y1]`` row, in order: the box RoIAligned
     on that image's patch grid and projected like a 2x2 block (:meth:`PatchMerger.regions`)."""
@@ -136,7 +139,8 @@ def region_features(
     images = boxes_R5[:, 0].long()
     for i in images.unique().tolist():
         rows = (images == i).nonzero().flatten()
-        feats = projector.regions(patch_grids[i], boxes_R5[rows, 1:])
+        pixels = pixel_grids[i] if pixel_grids is not None else None
+        feats = projector.regions(patch_grids[i], boxes_R5[rows, 1:], pixels)
         for r, f in zip(rows.tolist(), feats, strict=True):
             out[r] = f
     return torch.stack(out)  # type: ignore[arg-type]
@@ -159,6 +163,7 @@ class FineViTVLMConfig(PretrainedConfig):
         projector_abs_pos: bool = False,
         region_token: str | None = None,
         region_token_id: int | None = None,
+        region_pixels: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vision = vision or {}
@@ -170,6 +175,7 @@ class FineViTVLMConfig(PretrainedConfig):
         self.projector_abs_pos = projector_abs_pos
         self.region_token = region_token
         self.region_token_id = region_token_id
+        self.region_pixels = region_pixels
         super().__init__(**kwargs)
 
 
@@ -200,6 +206,7 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
             model_cfg.vision.width * len(self.feature_layers),
             hidden,
             abs_pos=bool(getattr(config, "projector_abs_pos", False)),
+            region_pixels=bool(getattr(config, "region_pixels", False)),
         )
         self.projector.apply(_init)
         self.post_init()
@@ -212,6 +219,16 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         """Each image's vision features (the projector's input) as its patch grid ``(gh, gw, C)``."""
         x_TC = vision_tokens(self.vision, vision, self.feature_layers)
         return [x_TC[t0 : t0 + gh * gw].reshape(gh, gw, -1) for t0, gh, gw in spans]
+
+    def pixel_grids(self, vision: VisionBatch, spans: Sequence[Span]) -> list[torch.Tensor]:
+        """Each image's (normalized) pixels as the tower sees them, ``(gh * p, gw * p, 3)``: the
+        patches of :func:`~train.data.naflex.patchify` put back in place."""
+        p = int(self.config.vision["vision"]["patch_size"])
+        out = []
+        for t0, gh, gw in spans:
+            x = vision.patches_TP[t0 : t0 + gh * gw].reshape(gh, gw, p, p, 3)
+            out.append(x.permute(0, 2, 1, 3, 4).reshape(gh * p, gw * p, 3))
+        return out
 
     def image_embeds(self, vision: VisionBatch, spans: Sequence[Span]) -> torch.Tensor:
         """Projected features of every image, concatenated in ``spans`` order: ``(sum M, H)``."""
@@ -262,7 +279,8 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
                     f"the prompt has {n_regions} region tokens but {boxes.shape[0]} region boxes were given: "
                     "build prompts with the processor"
                 )
-            regions_RH = region_features(self.projector, patch_grids, boxes)
+            pixels = self.pixel_grids(vision, spans) if self.projector.pix is not None else None
+            regions_RH = region_features(self.projector, patch_grids, boxes, pixels)
             embeds_BLH = embeds_BLH.masked_scatter(is_region_BL[..., None], regions_RH.to(embeds_BLH.dtype))
         return embeds_BLH
 
