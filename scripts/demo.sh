@@ -62,18 +62,46 @@ step() { # step NAME CMD...: run CMD unless NAME is done; log it; record its wal
     echo "== [run]  $name: $*"
     local t=$(date +%s)
     "$@" 2>&1 | tee "$D/logs/$name.log"
-    echo "$(($(date +%s) - t))" >"$D/.done/$name"
+    local e=$(date +%s)
+    echo "$((e - t)) $t $e" >"$D/.done/$name" # seconds, start, end (lanes overlap: see demo_report)
+}
+
+evaluate() { # evaluate NAME MODEL: held-out fine-grained suite + box classification
+    local name=$1 model=$2
+    step "eval-finegrained-$name" $BIN eval "$model" --task finegrained --data "$FG_DATA" \
+        --out "$D/eval/finegrained-$name" --no-progress
+    step "eval-boxcls-$name" $BIN eval "$model" --task boxcls --data "$HELDOUT" --format finevit \
+        --layer gt-regions --templates shapes --out "$D/eval/boxcls-$name" --no-progress
+}
+
+# Two cores, two lanes: the alt-text arm of step 5 needs only the corpus, so it trains (and is
+# evaluated) beside the captioner; the rest is one chain. A lane that fails stops the demo.
+lanes=()
+trap 'for p in "${lanes[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+wait_lanes() { # wait for every background lane; fail if one failed
+    local p
+    for p in "${lanes[@]}"; do wait "$p"; done
+    lanes=()
 }
 
 # ---------------------------------------------------------------- 1. data
-step data-corpus $BIN ingest "synthetic://scenes?n=$N_TRAIN&seed=0&size=$SIZE" "$CORPUS" \
-    --samples-per-shard $SPS --no-progress
-step data-heldout $BIN ingest "synthetic://scenes?n=$N_EVAL&seed=1000&size=$SIZE" "$HELDOUT" \
-    --samples-per-shard $SPS --no-progress
 step data-human $BIN ingest "synthetic://scenes?n=$N_HUMAN&seed=2000&size=$SIZE" "$HUMAN" \
+    --samples-per-shard $SPS --no-progress
+step data-corpus $BIN ingest "synthetic://scenes?n=$N_TRAIN&seed=0&size=$SIZE" "$CORPUS" \
     --samples-per-shard $SPS --no-progress
 # one tokenizer for every model of the demo: the small set's dense text + web alt-text
 step tokenizer $BIN train-tokenizer "$HUMAN" --layer gt-global --layer alt-text --vocab 1024 "$TOK"
+
+# ---------------------------------------------------------------- 5a. stage 1 on alt-text, beside the captioner
+# (same recipe, seed and budget as the recaption arm below; one torch thread each: loop.threads)
+{
+    step data-heldout $BIN ingest "synthetic://scenes?n=$N_EVAL&seed=1000&size=$SIZE" "$HELDOUT" \
+        --samples-per-shard $SPS --no-progress
+    step stage1-alt-text $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
+        --log-dir "$D/runs/stage1-alt-text" "${S1_SETS[@]}" --set "data.captions=[{source: alt-text}]"
+    evaluate alt-text "$D/runs/stage1-alt-text"
+} &
+lanes+=($!)
 
 # ---------------------------------------------------------------- 2. a captioner, trained on the small set
 step captioner-stage1 $BIN train stage1 --config $S1_CFG --dataset "$HUMAN" --steps $CAP_S1_STEPS \
@@ -82,13 +110,17 @@ step captioner-lm $BIN train tiny-lm "$TOK" "$D/models/tiny-lm"
 step captioner-stage2 $BIN train stage2 --config $CAP_CFG --init "$D/runs/captioner-stage1" \
     --lm "$D/models/tiny-lm" --dataset "$HUMAN" --steps $CAP_S2_STEPS --log-dir "$D/runs/captioner-stage2"
 step captioner-export $BIN export "$D/runs/captioner-stage2" "$D/models/captioner" --part vlm
+wait_lanes # the recaption server gets both cores
 
 # ---------------------------------------------------------------- 3. recaption through the HTTP path
 recaption() {
     # the served name carries the weights' hash: the response cache is keyed by model name, so a
     # retrained captioner must not be answered from an older one's cache
     local name="captioner-$(sha256sum "$D/models/captioner/model.safetensors" | cut -c1-12)"
-    $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" \
+    # batches of 32: the tiny LM's decoding step costs about the same for 8 sequences as for 32, and
+    # at 8 the client's 64 requests in flight queued past its timeout (128 held-out scenes: 331 s
+    # with 112 retries at 8, 132 s with none at 32)
+    $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" --batch-size 32 \
         --served-model-name "$name" --trust-remote-code >"$D/logs/serve-captioner.log" 2>&1 &
     local pid=$!
     trap "kill $pid 2>/dev/null || true" RETURN
@@ -112,35 +144,22 @@ step filter $BIN filter "$CORPUS" --layer recap-filter --on recap-global --on re
     --config configs/filters/default.yaml --no-progress
 step audit $BIN audit "$CORPUS" --report "$D/audit"
 
-# ---------------------------------------------------------------- 5. stage 1 twice, same budget and seed
-# the two runs go side by side (one torch thread each: the recipe's loop.threads) and are waited for
-step stage1-alt-text $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
-    --log-dir "$D/runs/stage1-alt-text" "${S1_SETS[@]}" --set "data.captions=[{source: alt-text}]" &
-alt_pid=$!
+# ---------------------------------------------------------------- 5b. stage 1 on the filtered recaptions
 step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
     --log-dir "$D/runs/stage1-recaption" "${S1_SETS[@]}" --set "data.captions=[{source: recap-global}]" \
-    --set "data.filters=[recap-filter]" &
-recap_pid=$!
-wait $alt_pid
-wait $recap_pid
+    --set "data.filters=[recap-filter]"
 
 # ---------------------------------------------------------------- 6. stage 2 from the recaption encoder
+# (the recaption encoder is evaluated beside it; a run dir carries its config and measured mean/std)
+evaluate recaption "$D/runs/stage1-recaption" &
+lanes+=($!)
 step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
     --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2"
 step export $BIN export "$D/runs/stage2" "$D/models/encoder-stage2" --part encoder
 
-# ---------------------------------------------------------------- 7. eval the three encoders
-for name in alt-text recaption stage2; do
-    if [[ $name == stage2 ]]; then
-        model=("$D/models/encoder-stage2")
-    else
-        model=("$D/runs/stage1-$name") # the run config (with its measured mean/std) sits beside it
-    fi
-    step "eval-finegrained-$name" $BIN eval "${model[@]}" --task finegrained --data "$FG_DATA" \
-        --out "$D/eval/finegrained-$name" --no-progress
-    step "eval-boxcls-$name" $BIN eval "${model[@]}" --task boxcls --data "$HELDOUT" --format finevit \
-        --layer gt-regions --templates shapes --out "$D/eval/boxcls-$name" --no-progress
-done
+# ---------------------------------------------------------------- 7. eval the stage-2 encoder
+evaluate stage2 "$D/models/encoder-stage2"
+wait_lanes
 
 # ---------------------------------------------------------------- 8. summary, report, the claim
 $PY scripts/demo_report.py "$D" --corpus "$CORPUS"

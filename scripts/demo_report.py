@@ -51,16 +51,48 @@ def per_attribute(d: str, name: str) -> dict[str, float]:
     return {k: round(100.0 * v["t2i"], 1) for k, v in m.items() if isinstance(v, dict) and "t2i" in v}
 
 
-def step_seconds(d: str) -> dict[str, float]:
-    """Wall seconds of each finished step (written by scripts/demo.sh into .done/<step>)."""
-    out: dict[str, float] = {}
+def step_times(d: str) -> dict[str, tuple[float, float | None, float | None]]:
+    """(seconds, start, end) of each finished step, as scripts/demo.sh writes ``.done/<step>``
+    (an older marker holds the seconds only)."""
+    out: dict[str, tuple[float, float | None, float | None]] = {}
     done = os.path.join(d, ".done")
     for name in sorted(os.listdir(done)) if os.path.isdir(done) else []:
+        fields = Path(done, name).read_text().split()
         try:
-            out[name] = float(Path(done, name).read_text().strip() or 0)
+            nums = [float(x) for x in fields]
         except ValueError:
-            out[name] = 0.0
+            nums = []
+        secs = nums[0] if nums else 0.0
+        out[name] = (secs, nums[1], nums[2]) if len(nums) >= 3 else (secs, None, None)
     return out
+
+
+def step_seconds(d: str) -> dict[str, float]:
+    """Wall seconds of each finished step."""
+    return {name: t[0] for name, t in step_times(d).items()}
+
+
+def demo_wall_seconds(d: str) -> float:
+    """Seconds during which at least one step ran: the union of the steps' [start, end] spans, so
+    steps run side by side count once and the pause between a killed run and its rerun not at all
+    (a step without its span counts its own seconds)."""
+    spans, loose = [], 0.0
+    for secs, start, end in step_times(d).values():
+        if start is None or end is None:
+            loose += secs
+        else:
+            spans.append((start, end))
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(spans):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total + loose
 
 
 def curves(d: str) -> dict[str, list[tuple[int, float]]]:
@@ -411,7 +443,7 @@ def build_summary(d: str, corpus: str) -> dict[str, Any]:
         "boxcls_top1": {"stage1": box_all["recaption"], "stage2": box_all["stage2"]},
         "boxcls_top1_all": box_all,
         "recaption": rec,
-        "wall_s": round(sum(steps.values()), 1),  # resumed runs: the steps' own times
+        "wall_s": round(demo_wall_seconds(d), 1),  # lanes side by side count once; a rerun's pause not at all
         "steps_s": steps,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),

@@ -116,6 +116,18 @@ def test_reduced_demo_end_to_end_and_resume(tmp_path: Path) -> None:
     assert again.returncode == run.returncode
 
 
+def test_wall_time_counts_side_by_side_steps_once_and_no_pause(tmp_path: Path) -> None:
+    done = tmp_path / ".done"
+    done.mkdir()
+    (done / "data").write_text("10 1000 1010\n")
+    (done / "captioner").write_text("100 1010 1110\n")
+    (done / "stage1-alt-text").write_text("60 1012 1072\n")  # beside the captioner
+    (done / "recaption").write_text("50 5000 5050\n")  # after a kill and a rerun an hour later
+    (done / "old-marker").write_text("7\n")  # written before markers held their span
+    assert demo_report.demo_wall_seconds(str(tmp_path)) == 110 + 50 + 7
+    assert demo_report.step_seconds(str(tmp_path))["stage1-alt-text"] == 60
+
+
 def test_the_bar_chart_has_a_bar_per_evaluated_encoder() -> None:
     s = {"finegrained_r1": {"alt_text": 20.5, "recaption": 23.9, "stage2": 25.3}}
     assert demo_report.bar_values(s) == [("alt-text", 20.5), ("recaptions", 23.9), ("+ stage 2", 25.3)]
