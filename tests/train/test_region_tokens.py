@@ -85,6 +85,24 @@ def test_a_box_is_roialigned_to_a_block_the_projector_maps_like_any_other() -> N
     assert not torch.allclose(merger.regions(x6, box)[0], merger(x6)[4])
 
 
+def test_region_pixels_read_the_boxs_pixels_and_nothing_outside_it() -> None:
+    from train.model.projector import PatchMerger
+
+    torch.manual_seed(0)
+    merger = PatchMerger(3, 8, region_pixels=True)
+    x6 = torch.randn(6, 6, 3)  # the patch grid: the same in every call below
+    box = torch.tensor([[0.25, 0.25, 0.75, 0.75]])
+    image = torch.rand(48, 48, 3)
+    token = merger.regions(x6, box, image)[0]
+    inside, outside = image.clone(), image.clone()
+    inside[20:28, 20:28] = 1.0 - inside[20:28, 20:28]  # a small object recoloured inside the box
+    outside[:8, :8] = 1.0 - outside[:8, :8]  # the same outside it
+    assert not torch.allclose(merger.regions(x6, box, inside)[0], token)
+    torch.testing.assert_close(merger.regions(x6, box, outside)[0], token)
+    with pytest.raises(ValueError, match="pixels"):
+        merger.regions(x6, box)
+
+
 def test_the_model_fills_region_tokens_and_refuses_a_mismatch(tokenizer) -> None:
     from tests.train.test_stage2_optim import LM
     from train.config import ModelConfig
