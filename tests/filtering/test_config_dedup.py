@@ -77,18 +77,6 @@ def test_bad_language_code_fails_at_build(tmp_path: Path) -> None:
         build_filters(cfg.filter)
 
 
-def test_alignment_without_encoder_library_says_so(tmp_path: Path) -> None:
-    try:
-        import train.model.encoder  # noqa: F401
-
-        pytest.skip("train/model/encoder.py exists in this build")
-    except ImportError:
-        pass
-    cfg = load_filter_config(_cfg(tmp_path, "- type: alignment\n  checkpoint: /nowhere\n"))
-    with pytest.raises(ConfigError, match="train/model/encoder.py"):
-        build_filters(cfg.filter)
-
-
 def test_lsh_params_and_union_find() -> None:
     b, r = lsh_params(0.7, 128)
     assert b * r <= 128 and 0.5 < (1 / b) ** (1 / r) < 0.8  # the S-curve's knee near the threshold
