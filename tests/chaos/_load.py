@@ -1,8 +1,8 @@
 """Recaption under load: a captioner with a fixed capacity, and one client in a process of its own.
 
-* :class:`CapacityServer`: an OpenAI-compatible chat-completions server on 127.0.0.1 (aiohttp,
-  a thread of the test process) that serves at most ``capacity`` requests at once, each for
-  ``service_s`` seconds; the others wait in its queue, as in vLLM. It records when each
+* :class:`CapacityServer`: the recaption tests' OpenAI-compatible fault server on 127.0.0.1
+  (aiohttp, a thread of the test process) with a chat handler that serves at most ``capacity``
+  requests at once, each for ``service_s`` seconds; the others wait in its queue, as in vLLM. It records when each
   request arrived, started and ended, so a test can tell how busy it was kept.
 * ``python -m tests.chaos._load ROOT ARGS_JSON``: the recaption client actor's code
   (:class:`recaption.run.ShardWorker`, what each Ray client actor runs) over the first
@@ -17,20 +17,21 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.recaption.recap_fault_server import FaultServer
 
 CAPTION = "A noisy square image: grey static with no object, no text and no clear region in it."
 
 
 @dataclass
-class CapacityServer:
-    capacity: int
-    service_s: float
-    host: str = "127.0.0.1"
-    port: int = 0
+class CapacityServer(FaultServer):
+    """The recaption tests' fault server (its life cycle, ``/health`` and ``/v1/models``) with a
+    chat handler that serves at most ``capacity`` requests at once, each for ``service_s``."""
+
+    capacity: int = 1
     model: str = "load-vlm"
     events: list[tuple[float, float, float]] = field(default_factory=list)  # (arrived, started, ended)
     in_service: int = 0
@@ -39,46 +40,9 @@ class CapacityServer:
     peak_present: int = 0
     bytes_in: int = 0
 
-    def start(self) -> CapacityServer:
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
-        self._thread.start()
-        assert ready.wait(30), "the capacity server did not start"
-        return self
-
-    def _serve(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._up())
-        ready.set()
-        self._loop.run_forever()
-
     async def _up(self) -> None:
-        from aiohttp import web
-
         self._slots = asyncio.Semaphore(self.capacity)
-        app = web.Application(client_max_size=64 * 2**20)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/health", lambda r: web.Response(text="ok"))
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, backlog=1024).start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def _models(self, request: Any) -> Any:
-        from aiohttp import web
-
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        await super()._up()
 
     async def _chat(self, request: Any) -> Any:
         from aiohttp import web

@@ -114,7 +114,7 @@ def test_recaption_at_4x_capacity_bounded_memory_busy_server_no_timeouts(
 ) -> None:
     runs = {}
     for n in (N, 4 * N):
-        srv = CapacityServer(C, S).start()
+        srv = CapacityServer(capacity=C, service_s=S).start()
         try:
             r = _client(noise_dataset, srv.url, n, f"load-{n}")
         finally:
