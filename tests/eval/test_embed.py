@@ -82,9 +82,8 @@ def test_an_error_while_preparing_names_the_image(tmp_path: Path) -> None:
             pass
 
 
-def test_openclip_prepared_batches_embed_as_its_preprocess(tmp_path: Path) -> None:
-    """OpenCLIP images are prepared in the loader threads and normalized per batch: the embeddings
-    are bitwise those of OpenCLIP's own preprocess + encode_image."""
+def _tiny_openclip(tmp_path: Path, text_cfg: dict):
+    """A tiny random OpenCLIP model built from a config the test writes (skips without open_clip)."""
     from eval.openclip import import_open_clip, load_openclip
 
     try:
@@ -94,10 +93,16 @@ def test_openclip_prepared_batches_embed_as_its_preprocess(tmp_path: Path) -> No
     cfg = {
         "embed_dim": 16,
         "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+        "text_cfg": {"vocab_size": 49408, "width": 16, **text_cfg},
     }
     (tmp_path / "tiny.json").write_text(json.dumps(cfg))
-    enc = load_openclip(f"openclip:{tmp_path / 'tiny.json'}")
+    return load_openclip(f"openclip:{tmp_path / 'tiny.json'}")
+
+
+def test_openclip_prepared_batches_embed_as_its_preprocess(tmp_path: Path) -> None:
+    """OpenCLIP images are prepared in the loader threads and normalized per batch: the embeddings
+    are bitwise those of OpenCLIP's own preprocess + encode_image."""
+    enc = _tiny_openclip(tmp_path, {"context_length": 8, "heads": 1, "layers": 1})
     refs = _images(tmp_path / "img", 5)
     emb, ok, failed = embed_images(enc, refs, batch_size=2)
     want = []
@@ -113,19 +118,7 @@ def test_openclip_prepared_batches_embed_as_its_preprocess(tmp_path: Path) -> No
 def test_openclip_text_tower_runs_only_to_the_last_pooled_token(tmp_path: Path) -> None:
     """OpenCLIP's text tower is causal and pools the end token: ours runs it only up to the batch's
     last end token and gets OpenCLIP's features; a tower that pools another way runs whole."""
-    from eval.openclip import import_open_clip, load_openclip
-
-    try:
-        import_open_clip()
-    except ImportError as e:
-        pytest.skip(f"open_clip not installed ({e}): run `make bench-deps`")
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
-    }
-    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
-    enc = load_openclip(f"openclip:{tmp_path / 'tiny.json'}")
+    enc = _tiny_openclip(tmp_path, {"context_length": 32, "heads": 2, "layers": 2})
     m = enc.model
     seen: list[int] = []
     m.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
