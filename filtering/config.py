@@ -189,7 +189,23 @@ class ExactDupImageCfg(_F):
 
 class NearDupImageCfg(_F):
     type: Literal["near_dup_image"]
-    max_distance: int = Field(default=4, ge=0, le=16, description="Hamming distance of 64-bit pHashes")
+    max_distance: int = Field(
+        default=4, ge=0, le=64, description="Hamming distance of two pHashes (of hash_bits bits)"
+    )
+    hash_bits: Literal[64, 256] = Field(
+        default=64,
+        description="64 (imagehash's 8x8 DCT hash) or 256 (16x16: tells apart images of one small "
+        "object on a plain background, which 64 bits cluster together)",
+    )
+
+    @model_validator(mode="after")
+    def _distance_within_hash(self) -> NearDupImageCfg:
+        if self.max_distance > self.hash_bits // 4:
+            raise ValueError(
+                f"max_distance {self.max_distance} is over a quarter of a {self.hash_bits}-bit hash: "
+                "unrelated images match"
+            )
+        return self
 
     def build(self) -> Filter:
         try:
@@ -198,7 +214,7 @@ class NearDupImageCfg(_F):
             raise ConfigError("filter 'near_dup_image' needs imagehash: pip install imagehash") from None
         from filtering.dedup import NearDupImageFilter
 
-        return NearDupImageFilter(self.max_distance)
+        return NearDupImageFilter(self.max_distance, self.hash_bits)
 
 
 class NearDupCaptionCfg(_F):

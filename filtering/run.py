@@ -42,7 +42,6 @@ from filtering.base import Filter, Sample
 from filtering.batch import Batch
 from filtering.config import FilterRunConfig, FilterStageConfig, build_filters
 from filtering.dedup import (
-    PHASH_SCHEMA,
     ExactDupImageFilter,
     NearDupCaptionFilter,
     NearDupImageFilter,
@@ -50,6 +49,7 @@ from filtering.dedup import (
     near_caption_dups,
     near_image_dups,
     phash_int,
+    phash_schema,
 )
 from filtering.text import caption_problem
 
@@ -368,7 +368,7 @@ def _iter_images(ds: Dataset, shard: str):
 
 
 def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, Any]) -> dict[str, int]:
-    """Write the signature / score layer shards in ``jobs`` (``{"phash": layer}``, ``{"minhash":
+    """Write the signature / score layer shards in ``jobs`` (``{"phash": (layer, bits)}``, ``{"minhash":
     (layer, caption layer, filter)}``, ``{"align": (layer, caption layer, filter)}``) for one
     shard; returns rows written per layer."""
     from engine.layers import write_layer_shard
@@ -378,7 +378,8 @@ def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, An
     out: dict[str, int] = {}
     if "phash" in jobs:
         started = time.time()
-        layer = ds.layer(jobs["phash"])
+        layer_name, bits = jobs["phash"]
+        layer = ds.layer(layer_name)
         ok = {k for k, s in zip(keys["key"], keys["status"], strict=True) if s == "success"}
         got: dict[str, dict[str, Any]] = {}
         for key, img, err in _iter_images(ds, shard):
@@ -388,7 +389,7 @@ def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, An
                 got[key] = {"key": key, "phash": None, "status": "failed", "error": err}
             else:
                 try:
-                    got[key] = {"key": key, "phash": phash_int(img), "status": "ok", "error": None}
+                    got[key] = {"key": key, "phash": phash_int(img, bits), "status": "ok", "error": None}
                 except Exception as e:
                     got[key] = {
                         "key": key,
@@ -401,8 +402,8 @@ def hash_shard(root: str, storage: StorageConfig, shard: str, jobs: dict[str, An
             for k in keys["key"]
         ]
         with layer.store.staging(f"phash-{shard}") as staging:
-            write_layer_shard(layer, shard, rows, PHASH_SCHEMA, staging, started, {"hash": "phash"})
-        out[jobs["phash"]] = len(rows)
+            write_layer_shard(layer, shard, rows, phash_schema(bits), staging, started, {"hash": "phash"})
+        out[layer_name] = len(rows)
     if "minhash" in jobs:
         started = time.time()
         name, cap_layer, flt = jobs["minhash"]
@@ -466,7 +467,7 @@ def global_dups(
         if isinstance(f, NearDupImageFilter):
             lay = ds.layer(f.layer_name)
             near = near_image_dups(
-                con, [lay.store.uri(lay.parquet(s)) for s in shards], f.max_distance, set(exact)
+                con, [lay.store.uri(lay.parquet(s)) for s in shards], f.max_distance, set(exact), f.hash_bits
             )
             for k, r in near.items():
                 found[k][f.name] = r
@@ -566,7 +567,7 @@ def _filter_layer(
             have = set(lay.committed())
             for s in usable:
                 if s not in have:
-                    jobs[s]["phash"] = f.layer_name
+                    jobs[s]["phash"] = (f.layer_name, f.hash_bits)
         elif isinstance(f, NearDupCaptionFilter):
             name = f.layer_name(on["caption"] or "")
             lay = ds.layer(name)
