@@ -87,14 +87,14 @@ wait_lanes() { # wait for every background lane; fail if one failed
 # ---------------------------------------------------------------- 1. data
 step data-human $BIN ingest "synthetic://scenes?n=$N_HUMAN&seed=2000&size=$SIZE" "$HUMAN" \
     --samples-per-shard $SPS --no-progress
-step data-corpus $BIN ingest "synthetic://scenes?n=$N_TRAIN&seed=0&size=$SIZE" "$CORPUS" \
-    --samples-per-shard $SPS --no-progress
 # one tokenizer for every model of the demo: the small set's dense text + web alt-text
 step tokenizer $BIN train-tokenizer "$HUMAN" --layer gt-global --layer alt-text --vocab 1024 "$TOK"
 
-# ---------------------------------------------------------------- 5a. stage 1 on alt-text, beside the captioner
+# ---------------------------------------------------------------- 5a. the corpus and stage 1 on its alt-text, beside the captioner
 # (same recipe, seed and budget as the recaption arm below; one torch thread each: loop.threads)
 {
+    step data-corpus $BIN ingest "synthetic://scenes?n=$N_TRAIN&seed=0&size=$SIZE" "$CORPUS" \
+        --samples-per-shard $SPS --no-progress
     step data-heldout $BIN ingest "synthetic://scenes?n=$N_EVAL&seed=1000&size=$SIZE" "$HELDOUT" \
         --samples-per-shard $SPS --no-progress
     step stage1-alt-text $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
@@ -142,7 +142,8 @@ step recaption recaption
 # ---------------------------------------------------------------- 4. filter + audit
 step filter $BIN filter "$CORPUS" --layer recap-filter --on recap-global --on recap-regions \
     --config configs/filters/default.yaml --no-progress
-step audit $BIN audit "$CORPUS" --report "$D/audit"
+step audit $BIN audit "$CORPUS" --report "$D/audit" & # DuckDB, seconds: beside stage 1
+lanes+=($!)
 
 # ---------------------------------------------------------------- 5b. stage 1 on the filtered recaptions
 step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
