@@ -152,7 +152,7 @@ def test_two_filters_into_one_layer(small_ds, tmp_path, chaos_figures) -> None:
     layer = root / "layers" / "flt"
     args = ["filter", str(root), "--layer", "flt", "--on", "gt-global", "--workers", "1", "--no-progress"]
     log, secs, refused_s = _contend(
-        args, layer / LEASE, tmp_path, lambda: n_markers(root / "layers" / "phash-64") >= 1
+        args, layer / LEASE, tmp_path, lambda: n_markers(root / "layers" / "phash-256") >= 1
     )
     got = read_committed(layer, ["key", "keep", "reasons"])
     keys = set(read_committed(root / "shards", ["key"]).keys)

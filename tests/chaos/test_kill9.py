@@ -301,7 +301,7 @@ def test_filter_kill9_exactly_once(master, tmp_path, chaos_figures) -> None:
     root = copy_dataset(master, tmp_path / "ds")
     layers = root / "layers"
     n_shards = N_DS // SPS_DS
-    sig = layers / "phash-64"
+    sig = layers / "phash-256"
 
     def progress() -> int:  # both passes: signatures, then verdicts
         return n_markers(sig) + n_markers(layers / "flt")
