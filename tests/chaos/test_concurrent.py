@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.chaos._chaos import n_markers, read_committed, run, start, wait_until
+from tests.filtering.conftest import default_phash_layer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # minutes each on a loaded 2-core machine
 
@@ -152,7 +153,7 @@ def test_two_filters_into_one_layer(small_ds, tmp_path, chaos_figures) -> None:
     layer = root / "layers" / "flt"
     args = ["filter", str(root), "--layer", "flt", "--on", "gt-global", "--workers", "1", "--no-progress"]
     log, secs, refused_s = _contend(
-        args, layer / LEASE, tmp_path, lambda: n_markers(root / "layers" / "phash-256") >= 1
+        args, layer / LEASE, tmp_path, lambda: n_markers(root / "layers" / default_phash_layer()) >= 1
     )
     got = read_committed(layer, ["key", "keep", "reasons"])
     keys = set(read_committed(root / "shards", ["key"]).keys)

@@ -32,6 +32,7 @@ from tests.chaos._chaos import (
     wait_until,
     written_skipped,
 )
+from tests.filtering.conftest import default_phash_layer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # minutes each on a loaded 2-core machine
 
@@ -301,7 +302,7 @@ def test_filter_kill9_exactly_once(master, tmp_path, chaos_figures) -> None:
     root = copy_dataset(master, tmp_path / "ds")
     layers = root / "layers"
     n_shards = N_DS // SPS_DS
-    sig = layers / "phash-256"
+    sig = layers / default_phash_layer()
 
     def progress() -> int:  # both passes: signatures, then verdicts
         return n_markers(sig) + n_markers(layers / "flt")

@@ -26,6 +26,17 @@ from engine.synthetic import dense_caption, make_scene, render_scene
 SEED, SIZE, SPS = 3, 160, 8
 N_SCENES = 26
 
+
+def default_phash_layer() -> str:
+    """The signature layer the default filter config's ``near_dup_image`` writes (``phash-<bits>``)."""
+    from filtering.config import build_filters, load_filter_config
+
+    (name,) = {
+        f.layer_name for f in build_filters(load_filter_config(None).filter) if f.name == "near_dup_image"
+    }
+    return name
+
+
 REFUSAL = "I'm sorry, but I can't help with describing people in this image."
 LOOP = (
     "A large red circle sits in the top left corner. " + "The red circle is next to the red circle and " * 20

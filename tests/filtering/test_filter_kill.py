@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.filtering.conftest import read_filter_layer
+from tests.filtering.conftest import default_phash_layer, read_filter_layer
 from tests.filtering.test_filter_e2e import check_planted
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_sigkill_then_rerun_is_exactly_once(planted, tmp_path, kill_at) -> None:
     root = tmp_path / "ds"
     shutil.copytree(planted.root, root, ignore=shutil.ignore_patterns("flt*", "phash-*", "minhash-*"))
     proc = _run(root)
-    watch = "phash-256" if kill_at == "signatures" else "flt"
+    watch = default_phash_layer() if kill_at == "signatures" else "flt"
     deadline = time.time() + 240
     while (
         time.time() < deadline
