@@ -34,7 +34,7 @@ else
     N_TRAIN=2048 N_HUMAN=512 N_EVAL=128 SIZE=128 SPS=256
     S1_STEPS=600 CAP_S1_STEPS=300 CAP_S2_STEPS=800 S2_STEPS=300 FG_N=256
 fi
-RECAP_ARGS=(--max-tokens 224)
+RECAP_ARGS=(--max-tokens 224 --max-in-flight 128)
 N_TRAIN=${DEMO_N_TRAIN:-$N_TRAIN}
 S1_STEPS=${DEMO_S1_STEPS:-$S1_STEPS}
 PORT=${DEMO_PORT:-$((20000 + RANDOM % 20000))}
@@ -77,7 +77,7 @@ evaluate() { # evaluate NAME MODEL: held-out fine-grained suite + box classifica
 # Two cores, two lanes: the alt-text arm of step 5 needs only the corpus, so it trains (and is
 # evaluated) beside the captioner; the rest is one chain. A lane that fails stops the demo.
 lanes=()
-trap 'for p in "${lanes[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+trap 'for p in "${lanes[@]}" ${lm_lane:-}; do kill "$p" 2>/dev/null || true; done' EXIT
 wait_lanes() { # wait for every background lane; fail if one failed
     local p
     for p in "${lanes[@]}"; do wait "$p"; done
@@ -90,8 +90,13 @@ step data-human $BIN ingest "synthetic://scenes?n=$N_HUMAN&seed=2000&size=$SIZE"
 # one tokenizer for every model of the demo: the small set's dense text + web alt-text
 step tokenizer $BIN train-tokenizer "$HUMAN" --layer gt-global --layer alt-text --vocab 1024 "$TOK"
 
+# the captioner's language model needs only the tokenizer: it trains beside the captioner's stage 1
+step captioner-lm $BIN train tiny-lm "$TOK" "$D/models/tiny-lm" &
+lm_lane=$!
+
 # ---------------------------------------------------------------- 5a. the corpus and stage 1 on its alt-text, beside the captioner
-# (same recipe, seed and budget as the recaption arm below; one torch thread each: loop.threads)
+# (same recipe, seed and budget as the recaption arm below; one torch thread while the lanes share
+# the two cores, two on the critical path when the other core is free: loop.threads)
 {
     step data-corpus $BIN ingest "synthetic://scenes?n=$N_TRAIN&seed=0&size=$SIZE" "$CORPUS" \
         --samples-per-shard $SPS --no-progress
@@ -106,9 +111,11 @@ lanes+=($!)
 # ---------------------------------------------------------------- 2. a captioner, trained on the small set
 step captioner-stage1 $BIN train stage1 --config $S1_CFG --dataset "$HUMAN" --steps $CAP_S1_STEPS \
     --log-dir "$D/runs/captioner-stage1" "${S1_SETS[@]}" --set "data.captions=[{source: gt-global}]"
-step captioner-lm $BIN train tiny-lm "$TOK" "$D/models/tiny-lm"
+wait $lm_lane
+# two threads: the alt-text lane ends early in this step and leaves its core to it
 step captioner-stage2 $BIN train stage2 --config $CAP_CFG --init "$D/runs/captioner-stage1" \
-    --lm "$D/models/tiny-lm" --dataset "$HUMAN" --steps $CAP_S2_STEPS --log-dir "$D/runs/captioner-stage2"
+    --lm "$D/models/tiny-lm" --dataset "$HUMAN" --steps $CAP_S2_STEPS --log-dir "$D/runs/captioner-stage2" \
+    --set loop.threads=2
 step captioner-export $BIN export "$D/runs/captioner-stage2" "$D/models/captioner" --part vlm
 wait_lanes # the recaption server gets both cores
 
@@ -117,10 +124,12 @@ recaption() {
     # the served name carries the weights' hash: the response cache is keyed by model name, so a
     # retrained captioner must not be answered from an older one's cache
     local name="captioner-$(sha256sum "$D/models/captioner/model.safetensors" | cut -c1-12)"
-    # batches of 32: the tiny LM's decoding step costs about the same for 8 sequences as for 32, and
-    # at 8 the client's 64 requests in flight queued past its timeout (128 held-out scenes: 331 s
-    # with 112 retries at 8, 132 s with none at 32)
-    $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" --batch-size 32 \
+    # batches of 128, and as many requests in flight: the tiny LM's decoding step costs about the
+    # same for 8 sequences as for 128 (512 corpus images, global + regions pass: 57 s at 32, 49 s at
+    # 64, 41 s at 128; at 8 the client's requests queued past its timeout). The two passes run one
+    # after the other: in one pass (recaption.layers) the server's static batches mix 12-token region
+    # captions with 150-token global ones, and the 512 images took 91 s
+    $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" --batch-size 128 \
         --served-model-name "$name" --trust-remote-code >"$D/logs/serve-captioner.log" 2>&1 &
     local pid=$!
     trap "kill $pid 2>/dev/null || true" RETURN
@@ -146,9 +155,10 @@ step audit $BIN audit "$CORPUS" --report "$D/audit" & # DuckDB, seconds: beside 
 lanes+=($!)
 
 # ---------------------------------------------------------------- 5b. stage 1 on the filtered recaptions
+# (two threads: nothing else runs now but the audit, seconds)
 step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --steps $S1_STEPS \
     --log-dir "$D/runs/stage1-recaption" "${S1_SETS[@]}" --set "data.captions=[{source: recap-global}]" \
-    --set "data.filters=[recap-filter]"
+    --set "data.filters=[recap-filter]" --set loop.threads=2
 
 # ---------------------------------------------------------------- 6. stage 2 from the recaption encoder
 # (the recaption encoder is evaluated beside it; a run dir carries its config and measured mean/std)
