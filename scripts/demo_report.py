@@ -182,6 +182,52 @@ def recaption_stats(corpus: str, layer: str, gt_layer: str = "gt-global") -> dic
         audit.close()
 
 
+def _named(text: str, vocab: Any) -> set[str]:
+    """The words of ``vocab`` a caption names (whole words: "red" is not in "striped")."""
+    return {w for w in vocab if re.search(rf"\b{re.escape(w)}(?:e?s)?\b", text.lower())}
+
+
+def _boxes_sql(view: str, where: str = "") -> str:
+    """One row per box of a region layer's view: key, box corners, caption, label."""
+    return (
+        "SELECT key, r.x0, r.y0, r.x1, r.y1, r.caption, r.label "
+        f"FROM (SELECT key, unnest(regions) AS r FROM {view} {where})"
+    )
+
+
+def region_stats(corpus: str, layer: str, gt_layer: str = "gt-regions") -> dict[str, Any]:
+    """How well the region captions of ``layer`` name their box's object: per box of ``gt_layer``
+    it captioned (same image, same box), the colour and the shape the caption names against the
+    ground truth's. A caption right on the colour names exactly the ground truth's colours; right
+    on the shape, exactly its shape (boxes of written words have no shape and count for colour only)."""
+    from engine.audit.views import open_audit
+    from engine.synthetic import COLORS, SHAPES
+
+    audit = open_audit(corpus)
+    try:
+        names = {lv.name: lv for lv in audit.layers}
+        if layer not in names or gt_layer not in names:
+            return {}
+        ok = "WHERE status = 'ok'"
+        rows = audit.con.execute(
+            f"SELECT c.caption, g.caption, g.label FROM ({_boxes_sql(names[layer].view, ok)}) c "
+            f"JOIN ({_boxes_sql(names[gt_layer].view)}) g USING (key, x0, y0, x1, y1)"
+        ).fetchall()
+    finally:
+        audit.close()
+    colour = shape = shaped = 0
+    for got, want, label in rows:
+        colour += _named(got or "", COLORS) == _named(want or "", COLORS)
+        if label in SHAPES:
+            shaped += 1
+            shape += _named(got or "", SHAPES) == {label}
+    return {
+        "regions": len(rows),
+        "colour_right": round(100 * colour / max(len(rows), 1), 1),
+        "shape_right": round(100 * shape / max(shaped, 1), 1),
+    }
+
+
 def filter_stats(corpus: str, layer: str) -> dict[str, Any]:
     """How many rows the filter layer kept, and its most frequent drop reasons."""
     from engine.audit.views import open_audit
@@ -313,6 +359,7 @@ def _filter_line(f: dict[str, Any]) -> str:
 def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots: list[str]) -> None:
     ok = checks(s)
     rq = s["recaption"].get("quality", {})
+    rg = s["recaption"].get("regions_quality", {})
     md = [
         "# FineViT demo",
         "",
@@ -332,6 +379,12 @@ def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots:
             f"Colour+shape pairs of the ground truth named: recaptions {rq['pair_recall']}% "
             f"(precision {rq['pair_precision']}%), alt-text {rq['alt_text_pair_recall']}% "
             f"({rq['images']} images). Object count stated right: {rq.get('count_accuracy')}%.",
+        ]
+    if rg:
+        md += [
+            "",
+            f"Region captions ({rg['regions']} boxes): the object's colour named right "
+            f"{rg['colour_right']}%, its shape {rg['shape_right']}%.",
         ]
     if s["recaption"].get("filter"):
         md += ["", _filter_line(s["recaption"]["filter"])]
@@ -372,6 +425,11 @@ def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots:
             f"<p>Colour+shape pairs of the ground truth named: recaptions {rq['pair_recall']}% "
             f"(precision {rq['pair_precision']}%), alt-text {rq['alt_text_pair_recall']}%. "
             f"Object count stated right: {rq.get('count_accuracy')}%.</p>"
+        )
+    if rg:
+        body.append(
+            f"<p>Region captions ({rg['regions']} boxes): the object's colour named right "
+            f"{rg['colour_right']}%, its shape {rg['shape_right']}%.</p>"
         )
     if s["recaption"].get("filter"):
         body.append(f"<p>{html.escape(_filter_line(s['recaption']['filter']))}</p>")
@@ -424,6 +482,7 @@ def build_summary(d: str, corpus: str) -> dict[str, Any]:
     rec.setdefault("failed", 0)
     if os.path.exists(corpus) or "://" in corpus:
         rec["filter"] = filter_stats(corpus, "recap-filter")
+        rec["regions_quality"] = region_stats(corpus, "recap-regions")
     secs = steps.get("recaption")
     rec["images_per_s"] = round((rec["ok"] + rec["failed"]) / secs, 2) if secs else None
     chance = None

@@ -66,6 +66,18 @@ def test_object_count_reads_every_ground_truth_template() -> None:
     assert demo_report.object_count("geometric pattern wallpaper") is None
 
 
+def test_region_captions_are_scored_on_whole_words() -> None:
+    from engine.synthetic import COLORS, SHAPES
+
+    named = demo_report._named
+    assert named("a small red striped triangle in the top left", COLORS) == {"red"}
+    assert named("a large gray dotted ring", COLORS) == {"gray"}
+    assert named("a gray ring centered in the image", COLORS) == {"gray"}  # not "red" in "centered"
+    assert named("a string of letters", SHAPES) == set()  # not "ring" in "string"
+    assert named("two circles and a ring", SHAPES) == {"circle", "ring"}
+    assert named('the word "KING" in black letters', SHAPES) == set()
+
+
 def test_the_demo_prompts_are_the_ones_its_captioner_learns() -> None:
     """The demo serves its stage-2 captioner the prompts stage 2 trained it on: a tiny captioner
     does not generalize to another wording, nor to another box notation."""
@@ -104,6 +116,8 @@ def test_reduced_demo_end_to_end_and_resume(tmp_path: Path) -> None:
         assert isinstance(s["boxcls_top1"][name], float), (name, log[-4000:])
     assert s["recaption"]["ok"] + s["recaption"]["failed"] == 64  # DEMO_SCALE=ci: N_TRAIN
     assert s["recaption"]["images_per_s"] > 0 and s["wall_s"] > 0
+    regions = s["recaption"]["regions_quality"]  # every gt box of the 64 images was captioned
+    assert regions["regions"] > 64 and 0 <= regions["colour_right"] <= 100, regions
     assert (out / "report.html").exists() and (out / "report.md").exists()
     met = all(good for _, good in demo_report.checks(s))
     assert run.returncode == (0 if met else 1), log[-4000:]
