@@ -34,7 +34,7 @@ else
     N_TRAIN=2048 N_HUMAN=512 N_EVAL=128 SIZE=128 SPS=256
     S1_STEPS=600 CAP_S1_STEPS=300 CAP_S2_STEPS=800 S2_STEPS=300 FG_N=256
 fi
-RECAP_ARGS=(--max-tokens 224 --max-in-flight 128)
+RECAP_ARGS=(--max-tokens 224 --max-in-flight 256)
 N_TRAIN=${DEMO_N_TRAIN:-$N_TRAIN}
 S1_STEPS=${DEMO_S1_STEPS:-$S1_STEPS}
 PORT=${DEMO_PORT:-$((20000 + RANDOM % 20000))}
@@ -98,6 +98,7 @@ lm_lane=$!
 # (same recipe, seed and budget as the recaption arm below; one torch thread while the lanes share
 # the two cores, two on the critical path when the other core is free: loop.threads)
 {
+    export OMP_NUM_THREADS=1 # the evaluations too (torch's default is every core): see loop.threads
     step data-corpus $BIN ingest "synthetic://scenes?n=$N_TRAIN&seed=0&size=$SIZE" "$CORPUS" \
         --samples-per-shard $SPS --no-progress
     step data-heldout $BIN ingest "synthetic://scenes?n=$N_EVAL&seed=1000&size=$SIZE" "$HELDOUT" \
@@ -124,12 +125,12 @@ recaption() {
     # the served name carries the weights' hash: the response cache is keyed by model name, so a
     # retrained captioner must not be answered from an older one's cache
     local name="captioner-$(sha256sum "$D/models/captioner/model.safetensors" | cut -c1-12)"
-    # batches of 128, and as many requests in flight: the tiny LM's decoding step costs about the
-    # same for 8 sequences as for 128 (512 corpus images, global + regions pass: 57 s at 32, 49 s at
-    # 64, 41 s at 128; at 8 the client's requests queued past its timeout). The two passes run one
-    # after the other: in one pass (recaption.layers) the server's static batches mix 12-token region
-    # captions with 150-token global ones, and the 512 images took 91 s
-    $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" --batch-size 128 \
+    # batches of 256, and as many requests in flight: the tiny LM's decoding step costs about the
+    # same for 8 sequences as for 256 (512 corpus images, global + regions pass: 57 s at 32, 49 s
+    # at 64, 41 s at 128, 39 s at 256; at 8 the client's requests queued past its timeout). The two
+    # passes run one after the other: in one pass (recaption.layers) the server's static batches
+    # mix 12-token region captions with 150-token global ones, and the 512 images took 91 s
+    $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" --batch-size 256 \
         --served-model-name "$name" --trust-remote-code >"$D/logs/serve-captioner.log" 2>&1 &
     local pid=$!
     trap "kill $pid 2>/dev/null || true" RETURN
@@ -162,8 +163,10 @@ step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --s
 
 # ---------------------------------------------------------------- 6. stage 2 from the recaption encoder
 # (the recaption encoder is evaluated beside it; a run dir carries its config and measured mean/std)
-evaluate recaption "$D/runs/stage1-recaption" &
+(export OMP_NUM_THREADS=1 && evaluate recaption "$D/runs/stage1-recaption") &
 lanes+=($!)
+# (one thread: the evaluation beside it takes the other core; with two threads the three
+# oversubscribed the two cores and stage 2 took 157 s instead of 99)
 step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
     --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2"
 step export $BIN export "$D/runs/stage2" "$D/models/encoder-stage2" --part encoder
