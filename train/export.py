@@ -5,7 +5,8 @@
   :func:`train.model.encoder.load_encoder` reads, plus ``config.json`` with an ``auto_map`` and the
   modeling files, so ``transformers.AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True)``
   gives a model with ``encode_image`` / ``encode_text`` / ``patch_features``. From a stage-2
-  checkpoint the vision tower is the stage-2 one (the sharper encoder); the text tower is stage 1's.
+  checkpoint the vision tower is the stage-2 one (the sharper encoder); the text tower is stage 1's,
+  or stage 2's when its regional contrastive term (``loss.region_contrast``) trained it.
 * ``vlm`` (from a stage-2 checkpoint): ``config.json`` (``auto_map`` for ``AutoConfig``,
   ``AutoModelForImageTextToText``, ``AutoProcessor``), ``model.safetensors``, the tokenizer with its
   chat template, ``preprocessor_config.json``, ``generation_config.json`` and the modeling files:
@@ -84,6 +85,9 @@ def export_encoder(ckpt: str, out: str, config: str | None = None, overrides: li
             }
         enc = load_encoder(init, config=config, overrides=overrides)
         enc.vision.load_state_dict(model.vision.state_dict())
+        aligner = getattr(model, "region_align", None)
+        if aligner is not None and enc.text is not None:  # stage 2 trained the text tower too
+            enc.text.load_state_dict(aligner.text.state_dict())
     else:
         enc = load_encoder(ckpt, config=config, overrides=overrides)
     o = Path(out)
@@ -121,7 +125,12 @@ def export_vlm(ckpt: str, out: str) -> str:
     }
     cfg.save_pretrained(o)
     model.generation_config.save_pretrained(o)
-    state: dict[str, Any] = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    # the regional contrastive term's text tower is the encoder's (--part encoder), not the VLM's
+    state: dict[str, Any] = {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith("region_align.")
+    }
     save_file(state, str(o / "model.safetensors"), metadata={"format": "pt"})
     processor.save_pretrained(o)
     write_modeling_files(o)

@@ -34,6 +34,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -46,6 +47,7 @@ from train.data.regions import TASKS, Stage2Loader
 from train.distributed import init_from_env, is_dist
 from train.metrics import Logger, peak_tflops
 from train.model.attention import pick_backend
+from train.model.region_align import RegionAligner
 from train.model.vlm import (
     IMAGE_TOKEN,
     REGION_TOKEN,
@@ -153,6 +155,15 @@ class Stage2Loss(StrictModel):
         "global captions drown short region captions), 'sample' (each sample's mean, then the mean over "
         "samples), 'square' (InternVL 2.5's square averaging: a sample's tokens weigh 1/sqrt(length))",
     )
+    region_contrast: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of FG-CLIP's regional contrastive term beside the LM loss (0: off): every "
+        "region of the step's images, RoIAligned 1x1 on the final patch tokens and pooled by stage 1's "
+        "head + projection, against its caption under stage 1's text tower (both trained, with the "
+        "temperature, at optim.align_lr_mult) -- the path box classification reads "
+        "(train/model/region_align.py)",
+    )
 
 
 class Stage2Optim(OptimConfig):
@@ -161,6 +172,12 @@ class Stage2Optim(OptimConfig):
     )
     projector_lr_mult: float = Field(default=1.0, ge=0, description="the projector's multiple of optim.lr")
     lm_lr_mult: float = Field(default=1.0, ge=0, description="the language model's multiple of optim.lr")
+    align_lr_mult: float = Field(
+        default=0.1,
+        ge=0,
+        description="with loss.region_contrast: the multiple of optim.lr of the text tower, the "
+        "temperature and the vision tower's pooling head + projection",
+    )
 
 
 class Stage2Config(StrictModel):
@@ -196,6 +213,15 @@ def check_fits(cfg: Stage2Config) -> None:
         problems.append(f"projector.feature_layers {bad}: each must be -1 or 0..{depth} (model.vision.depth)")
     if any(t.task == "global" for t in d.tasks) and not d.global_layer:
         problems.append("data.tasks has 'global' but data.global_layer is empty")
+    if cfg.loss.region_contrast:
+        if -1 not in cfg.projector.feature_layers:
+            problems.append(
+                "loss.region_contrast reads the final patch tokens: projector.feature_layers must include -1"
+            )
+        if cfg.loop.parallel in ("ddp", "fsdp") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            problems.append(
+                "loss.region_contrast runs in one process for now: use loop.parallel none, one rank"
+            )
     if problems:
         raise ConfigError("config cannot fit:\n  " + "\n  ".join(problems))
 
@@ -324,10 +350,29 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)
     model.language_model.load_state_dict(lm_sd)  # whatever post_init touched: the LM's own weights
     model.vision.load_state_dict(vision_sd)
+    if cfg.loss.region_contrast:
+        model.region_align = region_aligner(step_dir, cfg)
     if cfg.lm.lora.r:
         add_lora(model, cfg.lm.lora)
     region = REGION_TOKEN if cfg.projector.region_tokens else None
     return model, FineViTVLMProcessor(tok, preprocess, IMAGE_TOKEN, region)
+
+
+def region_aligner(step_dir: str, cfg: Stage2Config) -> RegionAligner:
+    """The regional contrastive term's module: the stage-1 run's text tower, tokenizer and
+    temperature (the run config beside the checkpoint names the tokenizer)."""
+    from train.model.encoder import _dcp_model_state, load_encoder
+
+    enc = load_encoder(step_dir)
+    if enc.text is None:
+        raise ConfigError(
+            f"loss.region_contrast needs the stage-1 text tower and tokenizer, which {step_dir} lacks "
+            "(its run config names no data.tokenizer?)"
+        )
+    scale = _dcp_model_state(Path(step_dir), {"logit_scale": torch.zeros(1)})["logit_scale"]
+    aligner = RegionAligner(enc.text, float(scale[0]))
+    aligner.tokenizer, aligner.context = enc.tokenizer, enc.preprocess.context
+    return aligner
 
 
 def add_lora(model: FineViTVLMForConditionalGeneration, lora: LoRAConfig) -> None:
@@ -369,8 +414,11 @@ def merge_lora(model: FineViTVLMForConditionalGeneration) -> FineViTVLMForCondit
 def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
     model.projector.requires_grad_(True)
     enc = train in ("encoder", "all")
+    align = getattr(model, "region_align", None)
     for name, p in model.vision.named_parameters():
-        p.requires_grad_(enc and not name.startswith(("head.", "proj.")))
+        p.requires_grad_(enc and (align is not None or not name.startswith(("head.", "proj."))))
+    if align is not None:  # the regional term trains with the encoder
+        align.requires_grad_(enc)
     lm_on, lora = train in ("lm", "all"), has_lora(model)
     for name, p in model.language_model.named_parameters():
         p.requires_grad_(lm_on and (not lora or "lora_" in name))
@@ -378,24 +426,29 @@ def set_phase(model: FineViTVLMForConditionalGeneration, train: str) -> None:
 
 def param_groups(model: FineViTVLMForConditionalGeneration, o: Stage2Optim) -> list[dict[str, Any]]:
     """AdamW groups: each part (vision, projector, LM) at its own rate, biases and norms undecayed.
-    The stage-1 pooling head and projection are left out (stage 2 never uses them)."""
-    parts = (
-        ("vision.", o.vision_lr_mult),
-        ("projector.", o.projector_lr_mult),
-        ("language_model.", o.lm_lr_mult),
+    The stage-1 pooling head and projection are left out (the LM loss never uses them), unless
+    the regional contrastive term trains them (with the text tower, at ``align_lr_mult``)."""
+    pooled = ("vision.head.", "vision.proj.")
+    parts: tuple[tuple[tuple[str, ...], float], ...] = (
+        (("vision.",), o.vision_lr_mult),
+        (("projector.",), o.projector_lr_mult),
+        (("language_model.",), o.lm_lr_mult),
     )
+    if getattr(model, "region_align", None) is not None:
+        parts += (((*pooled, "region_align."), o.align_lr_mult),)
     groups = []
-    for prefix, mult in parts:
+    for prefixes, mult in parts:
         params = [
             p
             for n, p in model.named_parameters()
-            if n.startswith(prefix) and not n.startswith(("vision.head.", "vision.proj."))
+            if n.startswith(prefixes) and (prefixes[0] in pooled or not n.startswith(pooled))
         ]
         for decayed in (True, False):
             ps = [p for p in params if (p.ndim >= 2) == decayed]
             if ps:
                 wd = o.weight_decay if decayed else 0.0
-                groups.append({"params": ps, "lr": o.lr * mult, "weight_decay": wd, "part": prefix[:-1]})
+                part = prefixes[-1][:-1]
+                groups.append({"params": ps, "lr": o.lr * mult, "weight_decay": wd, "part": part})
     return groups
 
 
@@ -477,6 +530,27 @@ def parallelize(
             fully_shard(m, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def region_term(
+    model: FineViTVLMForConditionalGeneration,
+    aligner: RegionAligner,
+    batch: dict[str, Any],
+    device: torch.device,
+) -> torch.Tensor:
+    """The regional contrastive loss of a batch whose forward just ran (it kept the final grids)."""
+    from train.data.loader import tokenize
+
+    captions = batch["image_region_captions"]
+    tokens_RL, mask_RL, _ = tokenize(aligner.tokenizer, captions, aligner.context, len(captions))
+    width = max(int(mask_RL.sum(1).max()), 1)  # the step's longest caption, not the whole context
+    return aligner.loss(
+        model.vision,
+        model.final_grids,
+        batch["image_regions"].to(device),
+        tokens_RL[:, :width].to(device),
+        mask_RL[:, :width].to(device),
+    )
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -607,6 +681,8 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             f"vision attention={model.vision.backend}, world={world}, "
             f"device={device}, max_len={max_len}, peak={peak:.3g} TFLOP/s"
         )
+    aligner: RegionAligner | None = getattr(model, "region_align", None)
+    model.keep_final_grids = aligner is not None
     bad_in_a_row = 0
     window = {"t": time.perf_counter(), "tokens": 0.0, "target": 0.0, "samples": 0.0, "flops": 0.0}
     t_start, all_tokens = time.perf_counter(), 0
@@ -624,6 +700,10 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             out = net(**model_inputs(batch, device))
             sample_BL = batch["sample_BL"].to(device) if d.pack else None
             loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction, sample_BL)
+            lm_value, region_loss = loss.detach().float(), None
+            if aligner is not None and batch["image_region_captions"]:
+                region_loss = region_term(model, aligner, batch, device)
+                loss = loss + cfg.loss.region_contrast * region_loss
         optim.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(
@@ -674,6 +754,11 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
                     "lm_tflops_per_device": tflops,
                     "mfu_lm": tflops / peak,
                     "grad_norm": float(norm),
+                    **(
+                        {"lm_loss": float(lm_value), "region_loss": float(region_loss)}
+                        if region_loss is not None
+                        else {}
+                    ),
                 },
             )
             window = {"t": time.perf_counter(), "tokens": 0.0, "target": 0.0, "samples": 0.0, "flops": 0.0}

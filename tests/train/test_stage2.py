@@ -114,6 +114,49 @@ def test_stage2_resume_is_exact(setup: Setup, trained: Path) -> None:
     assert losses(run) == losses(trained)
 
 
+REGION = [
+    "--set",
+    "loss.region_contrast=1.0",
+    "--set",
+    "optim.align_lr_mult=1.0",
+    "--set",
+    "checkpoint.every=5",
+]
+
+
+@pytest.mark.slow
+def test_region_contrast_run_resumes_exactly_and_exports_its_text_tower(setup: Setup, tmp_path: Path) -> None:
+    """With ``loss.region_contrast`` the text tower, temperature, head and projection train: the run
+    logs both losses, resumes bit-exactly, the encoder export carries stage 2's text tower and
+    pooling head (not stage 1's), and the VLM export leaves the text tower out."""
+    from safetensors.torch import load_file
+
+    from train.model.encoder import load_encoder
+    from train.stage2 import load_stage2
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert setup.train(whole, *REGION) == 0
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert all({"lm_loss", "region_loss"} <= set(r) for r in rows if "loss" in r), rows[-1]
+    assert setup.train(part, *REGION, "--set", f"loop.stop_at={STEPS // 2}") == 0
+    assert setup.train(part, *REGION) == 0
+    assert losses(part) == losses(whole)
+
+    vlm, _, _ = load_stage2(str(whole))
+    stage1 = load_encoder(str(setup.stage1))
+    out = tmp_path / "encoder"
+    assert finevit_cli(["export", str(whole), str(out), "--part", "encoder"]) == 0
+    enc = load_encoder(str(out))
+    for name, trained_p in vlm.region_align.text.state_dict().items():
+        torch.testing.assert_close(enc.text.state_dict()[name], trained_p, rtol=0, atol=0, msg=name)
+    changed = [k for k, v in stage1.text.state_dict().items() if not torch.equal(v, enc.text.state_dict()[k])]
+    assert changed, "the exported text tower is stage 1's"
+    assert not torch.equal(stage1.vision.proj.weight, enc.vision.proj.weight), "the projection did not train"
+    vlm_out = tmp_path / "vlm"
+    assert finevit_cli(["export", str(whole), str(vlm_out), "--part", "vlm"]) == 0
+    assert not [k for k in load_file(str(vlm_out / "model.safetensors")) if k.startswith("region_align.")]
+
+
 LORA = [
     "--set",
     "lm.lora.r=4",

@@ -81,6 +81,9 @@ def prompt_for(task: str, box: tuple[float, ...] | None = None, caption: str = "
     return "Describe the image."
 
 
+Region = tuple[tuple[float, float, float, float], str]  # (normalized box, caption)
+
+
 @dataclass(frozen=True)
 class Sample:
     key: str
@@ -88,13 +91,14 @@ class Sample:
     task: str
     prompt: str
     target: str
+    regions: tuple[Region, ...] = ()  # every valid region of the image (the regional contrastive term's)
 
 
 @dataclass
 class ImageMeta:
     width: int
     height: int
-    regions: list[tuple[tuple[float, float, float, float], str]]
+    regions: list[Region]
     caption: str | None
 
 
@@ -211,7 +215,7 @@ def plan(
                     data.stats["no_target"] += 1
                     continue
                 if i % world == rank:
-                    out.append(Sample(key, shard, *picked))
+                    out.append(Sample(key, shard, *picked, regions=tuple(meta[key].regions)))
                     if len(out) == batch:
                         yield out
                         out = []
@@ -287,7 +291,9 @@ def collate(
     ``position_ids_BL`` (None unless packed: positions restart at 0 with each sample, which is how
     transformers' LMs keep packed samples apart: a block-causal mask under SDPA/eager, varlen under
     flash-attention), ``sample_BL`` (each token's sample, -1 on padding), ``keys``, ``tasks``,
-    ``targets``, ``real_tokens``, ``region_boxes`` (``(R, 5)``: sample, box). Samples (and so
+    ``targets``, ``real_tokens``, ``region_boxes`` (``(R, 5)``: sample, box), ``image_regions``
+    (``(Q, 5)``: sample, box of every region of the batch's images) with ``image_region_captions``
+    (their captions; the regional contrastive term's pairs). Samples (and so
     ``spans``, region rows, ``keys``...) are in the order their tokens appear in the flattened rows,
     the order in which the model fills image and region tokens."""
     rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -335,6 +341,7 @@ def collate(
     spans = [spans[i] for i in order]
     regions = sorted(([float(new_index[int(r[0])]), *r[1:]] for r in regions), key=lambda r: r[0])
     kept = [kept[i] for i in order]
+    pairs = [(i, box, cap) for i, s in enumerate(kept) for box, cap in s.regions]
     L = max(sum(len(seqs[i][0]) for i in row) for row in lm_rows)
     pad = processor.tokenizer.pad_token_id
     pad = pad if pad is not None else 0
@@ -374,6 +381,10 @@ def collate(
         "padded_tokens": B * L,
         "patch_tokens": real,
         "region_boxes": torch.tensor(regions, dtype=torch.float32).reshape(-1, 5),
+        "image_regions": torch.tensor([[float(i), *box] for i, box, _ in pairs], dtype=torch.float32).reshape(
+            -1, 5
+        ),
+        "image_region_captions": [cap for _, _, cap in pairs],
     }
 
 

@@ -185,6 +185,9 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
 
     config_class = FineViTVLMConfig
     base_model_prefix = ""
+    # training only: keep each image's final patch grid of the last forward in ``final_grids``
+    keep_final_grids = False
+    final_grids: list[torch.Tensor] = []
     main_input_name = "input_ids"
     _supports_sdpa = True
 
@@ -265,6 +268,9 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
                 )
             return embeds_BLH
         patch_grids = self.patch_grids(vision, spans)  # once: the image tokens and the region tokens
+        if self.keep_final_grids:  # stage 2's regional contrastive term reads them (region_align.py)
+            j, C = self.feature_layers.index(-1), self.vision.cfg.width
+            self.final_grids = [g[..., j * C : (j + 1) * C] for g in patch_grids]
         feats_MH = self._project(patch_grids).to(embeds_BLH.dtype)
         if feats_MH.shape[0] != n_slots:
             raise ValueError(
