@@ -701,7 +701,9 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             sample_BL = batch["sample_BL"].to(device) if d.pack else None
             loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction, sample_BL)
             lm_value, region_loss = loss.detach().float(), None
-            if aligner is not None and batch["image_region_captions"]:
+            # the term trains the encoder side (head, projection) and the text tower: only in
+            # the phases that train the encoder
+            if aligner is not None and phase in ("encoder", "all") and batch["image_region_captions"]:
                 region_loss = region_term(model, aligner, batch, device)
                 loss = loss + cfg.loss.region_contrast * region_loss
         optim.zero_grad(set_to_none=True)
@@ -755,7 +757,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
                     "mfu_lm": tflops / peak,
                     "grad_norm": float(norm),
                     **(
-                        {"lm_loss": float(lm_value), "region_loss": float(region_loss)}
+                        {"lm_loss": float(lm_value), "region_loss": float(region_loss.detach())}
                         if region_loss is not None
                         else {}
                     ),
