@@ -30,26 +30,13 @@ def make(rng: random.Random) -> tuple[bytes, tuple[float, ...], str]:
 
 @pytest.mark.slow
 def test_stage2_learns_the_colour_in_a_box(tmp_path: Path) -> None:
-    from tests.eval.conftest import TINY_MODEL, save_stage1_checkpoint, train_tokenizer
+    from tests.train.conftest import tiny_stage2_config
     from train.data.regions import Sample, collate, prompt_for
-    from train.stage2 import Stage2Config, build, lm_loss, param_groups, set_phase
+    from train.stage2 import build, lm_loss, param_groups, set_phase
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    tok = train_tokenizer(tmp_path / "tok", n_scenes=60)
-    run = save_stage1_checkpoint(tmp_path / "stage1", tok).run
-    from train.stage2 import make_tiny_lm
-
-    lm = make_tiny_lm(str(tok), str(tmp_path / "lm"), hidden=32, layers=1, heads=2)
-    cfg = Stage2Config.model_validate(
-        {
-            "model": TINY_MODEL,
-            "init": {"checkpoint": str(run)},
-            "lm": {"path": lm},
-            "data": {"dataset": "unused", "max_patches": 16, "seq_len": 64, "batch": 16, "max_len": 96},
-            "optim": {"lr": 3e-3, "weight_decay": 0.0, "vision_lr_mult": 0.3},
-        }
-    )
+    cfg = tiny_stage2_config(tmp_path, optim={"lr": 3e-3, "weight_decay": 0.0, "vision_lr_mult": 0.3})
     model, proc = build(cfg)
     optim = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr)
     set_phase(model, "all")

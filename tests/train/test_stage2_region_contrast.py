@@ -38,25 +38,17 @@ def caption(colour: str) -> str:
 def train_and_score(tmp_path: Path, weight: float) -> float:
     """Box-classification top-1 of held-out halves after STEPS stage-2 steps."""
     from eval.tasks.boxcls import region_embeddings
-    from tests.eval.conftest import TINY_MODEL, save_stage1_checkpoint, train_tokenizer
+    from tests.train.conftest import tiny_stage2_config
     from train.data.regions import Sample, collate, prompt_for
     from train.model.encoder import load_encoder
-    from train.stage2 import Stage2Config, build, lm_loss, make_tiny_lm, param_groups, region_term, set_phase
+    from train.stage2 import build, lm_loss, param_groups, region_term, set_phase
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    tok = train_tokenizer(tmp_path / "tok", n_scenes=60)
-    run = save_stage1_checkpoint(tmp_path / "stage1", tok).run
-    lm = make_tiny_lm(str(tok), str(tmp_path / "lm"), hidden=32, layers=1, heads=2)
-    cfg = Stage2Config.model_validate(
-        {
-            "model": TINY_MODEL,
-            "init": {"checkpoint": str(run)},
-            "lm": {"path": lm},
-            "data": {"dataset": "unused", "max_patches": 16, "seq_len": 64, "batch": 16, "max_len": 96},
-            "optim": {"lr": 3e-3, "weight_decay": 0.0, "vision_lr_mult": 0.3, "align_lr_mult": 1.0},
-            "loss": {"region_contrast": 1.0},
-        }
+    cfg = tiny_stage2_config(
+        tmp_path,
+        optim={"lr": 3e-3, "weight_decay": 0.0, "vision_lr_mult": 0.3, "align_lr_mult": 1.0},
+        loss={"region_contrast": 1.0},
     )
     model, proc = build(cfg)  # the aligner is built either way; weight 0 trains the LM loss alone
     optim = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr)
@@ -83,7 +75,7 @@ def train_and_score(tmp_path: Path, weight: float) -> float:
         loss.backward()
         optim.step()
     # score through the encoder a user gets: stage 1's encoder with stage 2's towers put in
-    enc = load_encoder(run)
+    enc = load_encoder(cfg.init.checkpoint)
     enc.vision.load_state_dict(model.vision.state_dict())
     enc.text.load_state_dict(model.region_align.text.state_dict())
     labels = sorted(COLOURS)
