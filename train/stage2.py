@@ -34,7 +34,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -361,17 +360,14 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
 def region_aligner(step_dir: str, cfg: Stage2Config) -> RegionAligner:
     """The regional contrastive term's module: the stage-1 run's text tower, tokenizer and
     temperature (the run config beside the checkpoint names the tokenizer)."""
-    from train.model.encoder import _dcp_model_state, load_encoder
+    from train.model.encoder import EncoderError, load_stage1_text
 
-    enc = load_encoder(step_dir)
-    if enc.text is None:
-        raise ConfigError(
-            f"loss.region_contrast needs the stage-1 text tower and tokenizer, which {step_dir} lacks "
-            "(its run config names no data.tokenizer?)"
-        )
-    scale = _dcp_model_state(Path(step_dir), {"logit_scale": torch.zeros(1)})["logit_scale"]
-    aligner = RegionAligner(enc.text, float(scale[0]))
-    aligner.tokenizer, aligner.context = enc.tokenizer, enc.preprocess.context
+    try:
+        text, tokenizer, context, scale = load_stage1_text(step_dir)
+    except EncoderError as e:
+        raise ConfigError(f"loss.region_contrast needs the stage-1 text tower and tokenizer: {e}") from None
+    aligner = RegionAligner(text, scale)
+    aligner.tokenizer, aligner.context = tokenizer, context
     return aligner
 
 

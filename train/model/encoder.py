@@ -455,6 +455,21 @@ def _load_stage1(p: Path, config: Any, overrides: list[str] | None, tokenizer: s
     return shell
 
 
+def load_stage1_text(path: str | os.PathLike) -> tuple[TextTower, Any, int, float]:
+    """A stage-1 run's text side only: ``(text tower, tokenizer, context, logit_scale)``, read from
+    the checkpoint without its vision tower (stage 2 has loaded that already)."""
+    step = resolve_checkpoint(path)
+    cfg, origin = _stage1_config(step, None, None)
+    if not cfg.data.tokenizer:
+        raise EncoderError(f"{origin} names no data.tokenizer: the text tower of {step} cannot be used")
+    tok = _load_tokenizer(cfg.data.tokenizer)
+    text = TextTower(cfg.model, cfg.model.text.vocab_size or len(tok))
+    names = {f"text.{k}": v for k, v in text.state_dict().items()} | {"logit_scale": torch.zeros(1)}
+    sd = _dcp_model_state(step, names)
+    text.load_state_dict({k[len("text.") :]: v for k, v in sd.items() if k.startswith("text.")})
+    return text, tok, cfg.model.text.context, float(sd["logit_scale"][0])
+
+
 def encoder_from_model(model: nn.Module, cfg: Any, tokenizer: Any) -> FineViTEncoder:
     """A view of a live stage-1 model (``model.vision`` / ``model.text`` shared, not copied) with the
     run's preprocessing: for evaluating during training (``eval.hooks.periodic_eval``).
