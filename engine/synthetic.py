@@ -1,8 +1,11 @@
-"""Synthetic scene world: ``synthetic://scenes?n=N&seed=S&size=W``.
+"""Synthetic scene world: ``synthetic://scenes?n=N&seed=S&size=W[&grid=G]``.
 
 The offline test bed and demo world of FineViT. Each scene holds 1 to 5 flat
 objects (shape, colour, size, texture, 3x3 grid position, optional word) on a
-pale plain or gradient background, in one of several aspect ratios. It comes
+pale plain or gradient background, in one of several aspect ratios. With
+``grid=2`` the objects sit in the four corner cells of a 2x2 grid instead (1 to
+4 objects, each up to a quarter of the image rather than a ninth): the world a
+small encoder with 16-pixel patches can resolve at 128 pixels. It comes
 with three kinds of text:
 
 * :func:`alt_text` -- short, vague, sometimes wrong web-style alt-text;
@@ -78,6 +81,11 @@ POSITIONS: tuple[str, ...] = (
     "bottom center",
     "bottom right",
 )
+# the cells of each grid, named as in the 3x3 one (so relations and text parsing are the same)
+GRID_POSITIONS: dict[int, tuple[str, ...]] = {
+    3: POSITIONS,
+    2: ("top left", "top right", "bottom left", "bottom right"),
+}
 WORDS: tuple[str, ...] = (
     "STOP",
     "CAFE",
@@ -173,15 +181,20 @@ class Scene:
     background: str
     background_spec: tuple
     objects: tuple[SceneObject, ...]
+    grid: int = 3  # objects sit in the cells of a grid x grid layout (GRID_POSITIONS)
 
 
 # --------------------------------------------------------------------------- geometry
 
 
-def _cell_rect(position: str, width: int, height: int) -> tuple[float, float, float, float]:
-    cell = POSITIONS.index(position)
-    row, col = divmod(cell, 3)
-    cw, ch = width / 3, height / 3
+def max_objects(grid: int) -> int:
+    """How many objects a scene of this grid holds at most."""
+    return min(5, grid * grid)
+
+
+def _cell_rect(position: str, width: int, height: int, grid: int) -> tuple[float, float, float, float]:
+    row, col = divmod(GRID_POSITIONS[grid].index(position), grid)
+    cw, ch = width / grid, height / grid
     return col * cw, row * ch, cw, ch
 
 
@@ -209,9 +222,11 @@ def _word_mask(word: str, fs: int) -> Image.Image:
     return im.crop(bbox) if bbox else im
 
 
-def _layout(obj: SceneObject, width: int, height: int) -> tuple[int, int, int, tuple[int, int, int] | None]:
+def _layout(
+    obj: SceneObject, width: int, height: int, grid: int
+) -> tuple[int, int, int, tuple[int, int, int] | None]:
     """Pixel layout: (shape_x, shape_y, side, (word_x, word_y, font_size) or None)."""
-    x0, y0, cw, ch = _cell_rect(obj.position, width, height)
+    x0, y0, cw, ch = _cell_rect(obj.position, width, height, grid)
     pad = max(1.0, 0.06 * min(cw, ch))
     area_h = ch * 0.68 if obj.word else ch
     side = max(4, int(_SIZE_FRAC[obj.size] * min(cw - 2 * pad, area_h - 2 * pad)))
@@ -318,9 +333,9 @@ def _norm(px: tuple[int, int, int, int], width: int, height: int) -> Box:
     return (x0 / width, y0 / height, x1 / width, y1 / height)
 
 
-def _place(obj: SceneObject, width: int, height: int) -> SceneObject:
+def _place(obj: SceneObject, width: int, height: int, grid: int) -> SceneObject:
     """Return ``obj`` with ``box``/``word_box`` recomputed from the drawn masks."""
-    sx, sy, side, word = _layout(obj, width, height)
+    sx, sy, side, word = _layout(obj, width, height, grid)
     bb = _shape_mask(obj.shape, side).getbbox() or (0, 0, side, side)
     box = _norm((sx + bb[0], sy + bb[1], sx + bb[2], sy + bb[3]), width, height)
     word_box = None
@@ -370,27 +385,34 @@ def _dims(size: int, ratio: float) -> tuple[int, int]:
     return max(1, round(size * ratio)), size
 
 
-def _finish(obj: SceneObject, width: int, height: int) -> SceneObject:
+def _finish(obj: SceneObject, width: int, height: int, grid: int) -> SceneObject:
     """Drop words in cells too small to hold them, then compute boxes."""
-    if obj.word and height / 3 < _MIN_WORD_CELL:
+    if obj.word and height / grid < _MIN_WORD_CELL:
         obj = dataclasses.replace(obj, word=None)
-    return _place(obj, width, height)
+    return _place(obj, width, height, grid)
 
 
-def make_scene(seed: int, index: int, size: int = 384) -> Scene:
-    """Build scene ``index`` of the world ``seed``; ``size`` is the long side in pixels."""
+def make_scene(seed: int, index: int, size: int = 384, grid: int = 3) -> Scene:
+    """Build scene ``index`` of the world ``seed``; ``size`` is the long side in pixels.
+
+    ``grid`` (3 or 2) is the layout the objects are placed in; the 3x3 world draws exactly what it
+    drew before the parameter existed.
+    """
+    if grid not in GRID_POSITIONS:
+        raise ValueError(f"grid must be one of {sorted(GRID_POSITIONS)}, got {grid}")
+    cells_of = GRID_POSITIONS[grid]
     rng = random.Random(f"finevit-scene:{seed}:{index}")
     _, ratio = rng.choice(ASPECTS)
     width, height = _dims(size, ratio)
     spec = _random_background(rng)
-    n = rng.randint(1, 5)
-    cells = sorted(rng.sample(range(9), n))
+    n = rng.randint(1, max_objects(grid))
+    cells = sorted(rng.sample(range(len(cells_of)), n))
     words = rng.sample(WORDS, n)
     objects = tuple(
-        _finish(_random_object(rng, POSITIONS[c], w), width, height)
+        _finish(_random_object(rng, cells_of[c], w), width, height, grid)
         for c, w in zip(cells, words, strict=True)
     )
-    return Scene(seed, index, width, height, _background_text(spec), spec, objects)
+    return Scene(seed, index, width, height, _background_text(spec), spec, objects, grid)
 
 
 @lru_cache(maxsize=64)
@@ -414,7 +436,7 @@ def render_scene(scene: Scene) -> Image.Image:
     """Render ``scene`` to an RGB image of exactly ``scene.width x scene.height`` (deterministic)."""
     canvas = _background_image(scene.background_spec, scene.width, scene.height).copy()
     for obj in scene.objects:
-        sx, sy, side, word = _layout(obj, scene.width, scene.height)
+        sx, sy, side, word = _layout(obj, scene.width, scene.height, scene.grid)
         canvas.paste(
             _object_patch(obj.shape, obj.color, obj.texture, side), (sx, sy), _shape_mask(obj.shape, side)
         )
@@ -640,6 +662,8 @@ def applicable_perturbations(scene: Scene) -> list[str]:
             continue
         if kind in ("recolor", "shape", "size", "texture", "move") and not scene.objects:
             continue
+        if kind == "move" and len(scene.objects) >= len(GRID_POSITIONS[scene.grid]):
+            continue  # no free cell to move an object to
         out.append(kind)
     return out
 
@@ -655,7 +679,7 @@ def perturb(scene: Scene, kind: str, seed: int = 0) -> Scene:
     if kind not in applicable_perturbations(scene):
         raise ValueError(f"perturbation {kind!r} is not applicable to scene {scene.seed}:{scene.index}")
     rng = random.Random(f"finevit-perturb:{seed}:{kind}:{scene.seed}:{scene.index}")
-    w, h = scene.width, scene.height
+    w, h, grid, cells_of = scene.width, scene.height, scene.grid, GRID_POSITIONS[scene.grid]
     objs = list(scene.objects)
     if kind == "background":
         spec = scene.background_spec
@@ -675,14 +699,14 @@ def perturb(scene: Scene, kind: str, seed: int = 0) -> Scene:
             dataclasses.replace(objs[j], color=objs[i].color),
         )
     elif kind == "count":
-        if len(objs) >= 5 or (len(objs) > 1 and rng.random() < 0.5):
+        if len(objs) >= max_objects(grid) or (len(objs) > 1 and rng.random() < 0.5):
             del objs[rng.randrange(len(objs))]
         else:
             used = {o.position for o in objs}
-            pos = rng.choice([p for p in POSITIONS if p not in used])
+            pos = rng.choice([p for p in cells_of if p not in used])
             taken = {o.word for o in objs}
             word = rng.choice([x for x in WORDS if x not in taken])
-            objs.append(_finish(_random_object(rng, pos, word), w, h))
+            objs.append(_finish(_random_object(rng, pos, word), w, h, grid))
             objs.sort(key=lambda o: POSITIONS.index(o.position))
     else:
         candidates = [i for i, o in enumerate(objs) if kind != "word" or o.word]
@@ -698,23 +722,24 @@ def perturb(scene: Scene, kind: str, seed: int = 0) -> Scene:
             o = dataclasses.replace(o, texture=_other(rng, TEXTURES, o.texture))
         elif kind == "move":
             used = {p.position for p in objs}
-            o = dataclasses.replace(o, position=rng.choice([p for p in POSITIONS if p not in used]))
+            o = dataclasses.replace(o, position=rng.choice([p for p in cells_of if p not in used]))
         elif kind == "word":
             taken = {p.word for p in objs}
             o = dataclasses.replace(o, word=rng.choice([x for x in WORDS if x not in taken]))
-        objs[i] = _place(o, w, h)
+        objs[i] = _place(o, w, h, grid)
         objs.sort(key=lambda p: POSITIONS.index(p.position))
     return dataclasses.replace(scene, objects=tuple(objs))
 
 
 # --------------------------------------------------------------------------- URI
 
-_URI_DEFAULTS = {"n": 1000, "seed": 0, "size": 384}
+_URI_DEFAULTS = {"n": 1000, "seed": 0, "size": 384, "grid": 3}
 _INT_RE = re.compile(r"[+-]?\d+")
 
 
 def parse_synthetic_uri(uri: str) -> dict:
-    """Parse ``synthetic://scenes?n=N&seed=S&size=W`` into ``{"n", "seed", "size"}`` (with defaults)."""
+    """Parse ``synthetic://scenes?n=N&seed=S&size=W&grid=G`` into ``{"n", "seed", "size", "grid"}``
+    (with defaults)."""
     parts = urlsplit(uri)
     if parts.scheme != "synthetic":
         raise ValueError(f"not a synthetic URI (scheme must be 'synthetic'): {uri!r}")
@@ -725,7 +750,7 @@ def parse_synthetic_uri(uri: str) -> dict:
     seen: set[str] = set()
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key not in _URI_DEFAULTS:
-            raise ValueError(f"unknown parameter {key!r} in {uri!r}; expected n, seed, size")
+            raise ValueError(f"unknown parameter {key!r} in {uri!r}; expected n, seed, size, grid")
         if key in seen:
             raise ValueError(f"parameter {key!r} given twice in {uri!r}")
         seen.add(key)
@@ -736,4 +761,6 @@ def parse_synthetic_uri(uri: str) -> dict:
         raise ValueError(f"parameter 'n' must be >= 1, got {out['n']}")
     if not 32 <= out["size"] <= 4096:
         raise ValueError(f"parameter 'size' must be in [32, 4096], got {out['size']}")
+    if out["grid"] not in GRID_POSITIONS:
+        raise ValueError(f"parameter 'grid' must be one of {sorted(GRID_POSITIONS)}, got {out['grid']}")
     return out

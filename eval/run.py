@@ -101,7 +101,9 @@ def evaluate(
             raise datasets.FormatError(
                 f"finegrained --data: {e} (e.g. synthetic://scenes?n=64&seed=1000&size=128)"
             ) from None
-        result = finegrained.run(encoder, p["seed"], p["n"], p["size"], negatives, None, batch_size, progress)
+        result = finegrained.run(
+            encoder, p["seed"], p["n"], p["size"], negatives, None, batch_size, progress, p["grid"]
+        )
     s = encoder.settings()
     lengths = result.settings.get("text_lengths") or {}
     text = f"<= {s.get('text_context')} tokens" if s.get("text_context") else "-"

@@ -1,8 +1,8 @@
-"""``synthetic://scenes?n=N&seed=S&size=W``: procedurally drawn scenes with an exact scene graph.
+"""``synthetic://scenes?n=N&seed=S&size=W[&grid=G]``: procedurally drawn scenes with an exact scene graph.
 
 The shard caption is coarse alt-text; the dense description and the region boxes are
 written as the ``gt-global`` and ``gt-regions`` layers. A sample depends on (seed, index,
-size) alone, so keys, pixels and captions are the same whatever the shard plan's workers.
+size, grid) alone, so keys, pixels and captions are the same whatever the shard plan's workers.
 """
 
 from __future__ import annotations
@@ -48,14 +48,15 @@ class SyntheticSource(Source):
         from engine.synthetic import alt_text, dense_caption, make_scene, region_annotations, render_scene
 
         start, count = payload
-        seed, size = self.params["seed"], self.params["size"]
+        seed, size, grid = self.params["seed"], self.params["size"], self.params["grid"]
+        world = f"seed={seed}&size={size}" + (f"&grid={grid}" if grid != 3 else "")
         for index in range(start, start + count):
-            scene = make_scene(seed, index, size)
+            scene = make_scene(seed, index, size, grid)
             buf = io.BytesIO()
             render_scene(scene).save(buf, format="PNG", compress_level=1)
             regions = region_annotations(scene)
             yield RawSample(
-                url=f"synthetic://scenes?seed={seed}&size={size}&index={index}",
+                url=f"synthetic://scenes?{world}&index={index}",
                 data=buf.getvalue(),
                 caption=alt_text(scene),
                 meta={"seed": seed, "index": index, "objects": len(scene.objects)},

@@ -1,6 +1,6 @@
 """Fine-grained synthetic suite: retrieval among hard negatives that differ in exactly one attribute.
 
-Held-out scenes ``make_scene(seed, i, size)`` (train on another seed) are rebuilt from seed and
+Held-out scenes ``make_scene(seed, i, size, grid)`` (train on another seed) are rebuilt from seed and
 index (engine/synthetic.py); for each attribute, ``negatives`` perturbed copies of the scene
 (:func:`engine.synthetic.perturb`, seeds 0..k-1, duplicates dropped) give hard negative images
 (rendered) and captions (:func:`engine.synthetic.dense_caption`, same sentence templates, so only
@@ -31,13 +31,15 @@ ATTRIBUTES: dict[str, str] = {
 }
 
 
-def build(seed: int, n: int, size: int, negatives: int, attributes: list[str]) -> list[dict[str, Any]]:
+def build(
+    seed: int, n: int, size: int, negatives: int, attributes: list[str], grid: int = 3
+) -> list[dict[str, Any]]:
     """Items ``{attribute, scene, pos: (image, caption), negs: [(image, caption)]}``."""
     from engine.synthetic import applicable_perturbations, dense_caption, make_scene, perturb, render_scene
 
     items = []
     for i in range(n):
-        scene = make_scene(seed, i, size)
+        scene = make_scene(seed, i, size, grid)
         caption, image = dense_caption(scene), None
         kinds = applicable_perturbations(scene)
         for attr in attributes:
@@ -68,6 +70,7 @@ def run(
     attributes: list[str] | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    grid: int = 3,
 ) -> TaskResult:
     require_text(encoder, "finegrained")
     attributes = attributes or list(ATTRIBUTES)
@@ -75,7 +78,7 @@ def run(
     if unknown:
         raise ValueError(f"finegrained: unknown attribute(s) {unknown}; expected some of {list(ATTRIBUTES)}")
     t0 = time.perf_counter()
-    items = build(seed, n, size, negatives, attributes)
+    items = build(seed, n, size, negatives, attributes, grid)
     # one embedding per distinct image object and caption
     images, texts = [], []
     img_id: dict[int, int] = {}
@@ -120,7 +123,7 @@ def run(
     metrics.update(per)
     return TaskResult(
         "finegrained",
-        f"synthetic://scenes?n={n}&seed={seed}&size={size}",
+        f"synthetic://scenes?n={n}&seed={seed}&size={size}" + (f"&grid={grid}" if grid != 3 else ""),
         f"held-out seed {seed}",
         n,
         metrics,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import re
 
@@ -13,6 +14,7 @@ from PIL import Image
 from engine.synthetic import (
     BACKGROUNDS,
     COLORS,
+    GRID_POSITIONS,
     PERTURBATIONS,
     POSITIONS,
     SHAPES,
@@ -31,6 +33,8 @@ from engine.synthetic import (
 )
 
 SCENES = [make_scene(0, i) for i in range(60)]
+SCENES_2X2 = [make_scene(0, i, grid=2) for i in range(60)]
+BOTH_GRIDS = pytest.mark.parametrize("scenes", [SCENES, SCENES_2X2], ids=["3x3", "2x2"])
 _TEXTURE_WORDS = set(TEXTURES)
 
 
@@ -88,20 +92,46 @@ def test_image_size_and_aspect_ratios_vary():
     assert len(ratios) >= 5
 
 
-def test_objects_per_scene_and_cells():
-    counts = {len(s.objects) for s in SCENES}
-    assert counts <= set(range(1, 6)) and len(counts) >= 4
-    for s in SCENES:
+@BOTH_GRIDS
+def test_objects_per_scene_and_cells(scenes):
+    g = scenes[0].grid
+    cells = GRID_POSITIONS[g]
+    counts = {len(s.objects) for s in scenes}
+    assert counts == set(range(1, min(5, g * g) + 1))
+    for s in scenes:
         positions = [o.position for o in s.objects]
         assert len(set(positions)) == len(positions)
         for o in s.objects:
             cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
-            assert POSITIONS[min(2, int(cy * 3)) * 3 + min(2, int(cx * 3))] == o.position
-    assert any(o.word for s in SCENES for o in s.objects)
+            assert cells[min(g - 1, int(cy * g)) * g + min(g - 1, int(cx * g))] == o.position
+    assert any(o.word for s in scenes for o in s.objects)
 
 
-def test_boxes_normalized_ordered_and_tight():
-    for s in SCENES[:30]:
+def test_the_3x3_world_draws_what_it_always_drew():
+    # pixels and captions of 20 scenes, pinned before the grid parameter existed: datasets
+    # ingested earlier and the held-out suites they were scored on stay the same
+    h = hashlib.sha256()
+    for i in range(20):
+        s = make_scene(7, i, 96)
+        h.update(dense_caption(s).encode())
+        h.update(render_scene(s).tobytes())
+    assert h.hexdigest() == "af52b3e26933fadbf22502123aea95032da793b073ee6813af632a64609849b4"
+    assert make_scene(7, 3, 96, grid=3) == make_scene(7, 3, 96)
+
+
+def test_the_2x2_world_draws_larger_objects_in_its_corner_cells():
+    def side(scenes):
+        return np.median([min(o.box[2] - o.box[0], o.box[3] - o.box[1]) for s in scenes for o in s.objects])
+
+    assert side(SCENES_2X2) > 1.4 * side(SCENES)
+    assert {o.position for s in SCENES_2X2 for o in s.objects} == set(GRID_POSITIONS[2])
+    with pytest.raises(ValueError, match="grid"):
+        make_scene(0, 0, grid=4)
+
+
+@BOTH_GRIDS
+def test_boxes_normalized_ordered_and_tight(scenes):
+    for s in scenes[:30]:
         px, bg = _pixels(s), _background(s)
         differs = np.abs(px - bg).sum(axis=2) > 0
         regions = region_annotations(s)
@@ -185,16 +215,25 @@ def _diff(a: Scene, b: Scene) -> set[tuple[str, str]]:
     return out
 
 
-def test_perturbations_change_exactly_one_thing():
+@BOTH_GRIDS
+def test_perturbations_change_exactly_one_thing(scenes):
     seen = set()
-    for s in SCENES[:40]:
+    for s in scenes[:40]:
         kinds = applicable_perturbations(s)
         assert set(kinds) <= set(PERTURBATIONS)
         for kind in kinds:
             p = perturb(s, kind, seed=1)
             assert p == perturb(s, kind, seed=1)
             assert dense_caption(p) != dense_caption(s), kind
-            assert (p.seed, p.index, p.width, p.height) == (s.seed, s.index, s.width, s.height)
+            assert (p.seed, p.index, p.width, p.height, p.grid) == (
+                s.seed,
+                s.index,
+                s.width,
+                s.height,
+                s.grid,
+            )
+            assert {o.position for o in p.objects} <= set(GRID_POSITIONS[s.grid])
+            assert len(p.objects) <= min(5, s.grid**2)
             seen.add(kind)
             if kind == "background":
                 assert p.objects == s.objects and p.background != s.background
@@ -237,6 +276,10 @@ def test_perturb_not_applicable_raises():
         perturb(wordless, "word")
     with pytest.raises(ValueError, match="nonsense"):
         perturb(SCENES[0], "nonsense")
+    full = next(s for s in SCENES_2X2 if len(s.objects) == 4)  # no free cell to move to
+    assert "move" not in applicable_perturbations(full)
+    with pytest.raises(ValueError, match="move"):
+        perturb(full, "move")
 
 
 def test_perturbed_boxes_match_pixels():
@@ -334,9 +377,11 @@ def test_parse_uri_happy_path_and_defaults():
         "n": 200,
         "seed": 0,
         "size": 384,
+        "grid": 3,
     }
-    assert parse_synthetic_uri("synthetic://scenes") == {"n": 1000, "seed": 0, "size": 384}
-    assert parse_synthetic_uri("synthetic://scenes?seed=5") == {"n": 1000, "seed": 5, "size": 384}
+    assert parse_synthetic_uri("synthetic://scenes") == {"n": 1000, "seed": 0, "size": 384, "grid": 3}
+    assert parse_synthetic_uri("synthetic://scenes?seed=5")["seed"] == 5
+    assert parse_synthetic_uri("synthetic://scenes?grid=2&n=3")["grid"] == 2
     assert parse_synthetic_uri("synthetic://scenes/?size=32&n=1")["size"] == 32
 
 
@@ -353,6 +398,8 @@ def test_parse_uri_happy_path_and_defaults():
         ("synthetic://faces?n=3", "faces"),
         ("http://scenes?n=3", "scheme"),
         ("synthetic://scenes?n=1&n=2", "'n'"),
+        ("synthetic://scenes?grid=4", "'grid' must be one of [2, 3]"),
+        ("synthetic://scenes?grid=1", "'grid' must be one of [2, 3]"),
     ],
 )
 def test_parse_uri_errors(uri: str, needle: str):
@@ -360,9 +407,26 @@ def test_parse_uri_errors(uri: str, needle: str):
         parse_synthetic_uri(uri)
 
 
+@pytest.mark.parametrize("grid", [3, 2])
 @pytest.mark.parametrize("size", [64, 96, 128])
-def test_boxes_stay_inside_the_image_at_small_sizes(size):
+def test_boxes_stay_inside_the_image_at_small_sizes(size, grid):
     # narrow cells once pushed rendered words past the image edge (boxes with x0 < 0)
     for index in range(300):
-        for r in region_annotations(make_scene(0, index, size)):
+        for r in region_annotations(make_scene(0, index, size, grid)):
             assert 0.0 <= r["x0"] < r["x1"] <= 1.0 and 0.0 <= r["y0"] < r["y1"] <= 1.0, (index, r)
+
+
+def test_the_source_writes_the_world_its_uri_names():
+    from engine.config import FineVitConfig
+    from engine.sources.synthetic import SyntheticSource
+
+    def first(uri: str):
+        return list(SyntheticSource(uri, FineVitConfig()).read((0, 3)))
+
+    two, three = first("synthetic://scenes?n=3&size=96&grid=2"), first("synthetic://scenes?n=3&size=96")
+    for i, (a, b) in enumerate(zip(two, three, strict=True)):
+        assert a.layers["gt-global"]["caption"] == dense_caption(make_scene(0, i, 96, 2))
+        assert b.layers["gt-global"]["caption"] == dense_caption(make_scene(0, i, 96))
+        assert (
+            a.url.endswith(f"&grid=2&index={i}") and b.url == f"synthetic://scenes?seed=0&size=96&index={i}"
+        )

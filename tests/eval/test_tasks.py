@@ -212,6 +212,19 @@ def test_every_task_runs_on_tiny_model(tmp_path: Path, tiny_ckpt: TinyCkpt) -> N
     assert "native" in lr.settings["resolution"] and "tokens" in lr.settings["text"]
     assert set(fg.metrics) >= {"colour", "shape", "position", "count", "t2i_mean", "i2t_mean", "chance"}
     assert all(0.0 <= fg.metrics[a]["t2i"] <= 1.0 for a in ("colour", "shape", "position", "count"))
+    fg2 = evaluate(enc, "finegrained", "synthetic://scenes?n=4&seed=1000&size=64&grid=2", negatives=2)
+    assert fg2.data.endswith("&grid=2") and fg.data == "synthetic://scenes?n=4&seed=1000&size=64"
+
+
+def test_finegrained_scores_the_world_its_uri_names() -> None:
+    from engine.synthetic import GRID_POSITIONS, dense_caption, make_scene
+    from eval.tasks.finegrained import build
+
+    items = build(1000, 6, 64, 2, ["count", "position"], grid=2)
+    assert items and all(it["pos"][1] == dense_caption(make_scene(1000, it["scene"], 64, 2)) for it in items)
+    # the hard negatives stay in the 2x2 world: moved objects land in a corner cell
+    other = [p for p in GRID_POSITIONS[3] if p not in GRID_POSITIONS[2]]
+    assert not any(f"the {p}" in tx for it in items for _, tx in it["negs"] for p in other)
 
 
 def test_wrong_format_names_the_field(tmp_path: Path) -> None:
