@@ -58,7 +58,7 @@ def test_attribute_pairs_match_the_synthetic_vocabulary() -> None:
 def test_object_count_reads_every_ground_truth_template() -> None:
     from engine.synthetic import dense_caption, make_scene
 
-    scenes = [make_scene(0, i, 128) for i in range(200)]
+    scenes = [make_scene(0, i, 128, grid) for i in range(200) for grid in (3, 2)]
     assert [demo_report.object_count(dense_caption(s)) for s in scenes] == [len(s.objects) for s in scenes]
     assert demo_report.object_count("The image shows one object on a plain pale green background.") == 1
     assert demo_report.object_count("This picture contains five objects (a circle, a ring)") == 5
