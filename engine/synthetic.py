@@ -4,8 +4,8 @@ The offline test bed and demo world of FineViT. Each scene holds 1 to 5 flat
 objects (shape, colour, size, texture, 3x3 grid position, optional word) on a
 pale plain or gradient background, in one of several aspect ratios. With
 ``grid=2`` the objects sit in the four corner cells of a 2x2 grid instead (1 to
-4 objects, each up to a quarter of the image rather than a ninth): the world a
-small encoder with 16-pixel patches can resolve at 128 pixels. It comes
+4 objects, each up to a quarter of the image rather than a ninth), so at 128
+pixels an object spans more of a small encoder's 16-pixel patches. It comes
 with three kinds of text:
 
 * :func:`alt_text` -- short, vague, sometimes wrong web-style alt-text;
