@@ -162,23 +162,26 @@ def _top1(log_dir: Path, last: int) -> float:
     return sum(vals) / len(vals)
 
 
-RETRIEVAL = ["optim.lr=3e-3", "loss.kind=softmax", "data.normalize=dataset", "data.stats_samples=48"]
+# 150 steps at 1e-3: at 60 steps and 3e-3 the run sat at chance on a fresh machine (0.23-0.27 over
+# three seeds, 2026-11-29), so the old threshold of 0.3 was passed or failed by noise
+RETRIEVAL = ["optim.lr=1e-3", "loss.kind=softmax", "data.normalize=dataset", "data.stats_samples=48"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("blind", [False, True])
 def test_training_learns_in_batch_retrieval(stage1_data, tmp_path: Path, blind: bool) -> None:
-    """In-batch image->text top-1 (8 images a step: chance 0.125) ends well above chance, and the
-    same run with the image tower blinded (every patch ~0: mean/std far off) must not: a loss that
-    falls by collapse alone fails this test (it passed the old "loss falls" check)."""
+    """In-batch image->text top-1 (about 4 images a step: 2 packed rows of 64 tokens, chance 0.25)
+    ends well above chance, and the same run with the image tower blinded (every patch ~0: mean/std
+    far off) must not: a loss that falls by collapse alone fails this test (it passed the old "loss
+    falls" check). Measured over the last 30 steps: 0.43-0.475 in three seeds, 0.25 blinded."""
     extra = ["data.normalize=fixed", "data.std=[1e6,1e6,1e6]"] if blind else []
     log = tmp_path / "ret"
-    assert finevit_cli(_args(stage1_data, log, 60, *RETRIEVAL, *extra)) == 0
-    top1 = _top1(log, 15)
+    assert finevit_cli(_args(stage1_data, log, 150, *RETRIEVAL, *extra)) == 0
+    top1 = _top1(log, 30)
     if blind:
         assert top1 < 0.3, top1
     else:
-        assert top1 > 0.3, top1
+        assert top1 > 0.38, top1
 
 
 def _torchrun(ds, log_dir: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
