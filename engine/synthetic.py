@@ -734,6 +734,14 @@ def perturb(scene: Scene, kind: str, seed: int = 0) -> Scene:
 # --------------------------------------------------------------------------- URI
 
 _URI_DEFAULTS = {"n": 1000, "seed": 0, "size": 384, "grid": 3}
+
+
+def world_query(seed: int, size: int, grid: int = 3) -> str:
+    """The URI query naming one world, ``seed=S&size=W[&grid=G]`` (the default grid left out, so
+    the 3x3 world's URIs read as they did before the parameter existed)."""
+    return f"seed={seed}&size={size}" + (f"&grid={grid}" if grid != _URI_DEFAULTS["grid"] else "")
+
+
 _INT_RE = re.compile(r"[+-]?\d+")
 
 

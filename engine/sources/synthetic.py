@@ -45,11 +45,18 @@ class SyntheticSource(Source):
             yield (start, min(samples_per_shard, n - start))
 
     def read(self, payload: tuple[int, int]) -> Iterator[RawSample]:
-        from engine.synthetic import alt_text, dense_caption, make_scene, region_annotations, render_scene
+        from engine.synthetic import (
+            alt_text,
+            dense_caption,
+            make_scene,
+            region_annotations,
+            render_scene,
+            world_query,
+        )
 
         start, count = payload
         seed, size, grid = self.params["seed"], self.params["size"], self.params["grid"]
-        world = f"seed={seed}&size={size}" + (f"&grid={grid}" if grid != 3 else "")
+        world = world_query(seed, size, grid)
         for index in range(start, start + count):
             scene = make_scene(seed, index, size, grid)
             buf = io.BytesIO()

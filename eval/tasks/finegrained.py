@@ -121,9 +121,11 @@ def run(
         "chance": sum(chance) / max(len(chance), 1),
     }
     metrics.update(per)
+    from engine.synthetic import world_query
+
     return TaskResult(
         "finegrained",
-        f"synthetic://scenes?n={n}&seed={seed}&size={size}" + (f"&grid={grid}" if grid != 3 else ""),
+        f"synthetic://scenes?n={n}&{world_query(seed, size, grid)}",
         f"held-out seed {seed}",
         n,
         metrics,
