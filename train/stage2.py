@@ -140,6 +140,12 @@ class ProjectorConfig(StrictModel):
         "on the image the tower sees): at 16-px patches a small object's colour is blurred into its "
         "patches' embeddings (train/model/projector.py)",
     )
+    image_pixels: bool = Field(
+        default=False,
+        description="the image's tokens also read their merged cell's pixels (the same 4x4 mean "
+        "colours and map as region_pixels): a tiny captioner then names the colours of objects "
+        "that its tower blurs (train/model/projector.py)",
+    )
     abs_pos: bool = Field(
         default=True,
         description="add each merged token's place in the image (fractions of height and width): the "
@@ -344,6 +350,7 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
         region_token=REGION_TOKEN if cfg.projector.region_tokens else None,
         region_token_id=tok.convert_tokens_to_ids(REGION_TOKEN) if cfg.projector.region_tokens else None,
         region_pixels=cfg.projector.region_pixels and cfg.projector.region_tokens,
+        image_pixels=cfg.projector.image_pixels,
     )
     lm_sd = {k: v.clone() for k, v in lm.state_dict().items()}
     model = FineViTVLMForConditionalGeneration(vcfg, language_model=lm)

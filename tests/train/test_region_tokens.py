@@ -103,6 +103,32 @@ def test_region_pixels_read_the_boxs_pixels_and_nothing_outside_it() -> None:
         merger.regions(x6, box)
 
 
+def test_image_pixels_give_each_image_token_its_own_cells_pixels() -> None:
+    """With ``image_pixels`` a merged token reads its cell's pixels: recolouring a few pixels in one
+    cell changes that token and no other; without it (or for region tokens without
+    ``region_pixels``) the pixels are not read."""
+    from train.model.projector import PatchMerger, cell_boxes
+
+    # a 5x6 patch grid: 3x3 merged cells, the last row of cells one patch high
+    torch.testing.assert_close(cell_boxes(5, 6)[-1], torch.tensor([4 / 6, 4 / 5, 1.0, 1.0]))
+    torch.manual_seed(0)
+    merger = PatchMerger(3, 8, image_pixels=True)
+    x = torch.randn(5, 6, 3)
+    image = torch.rand(40, 48, 3)  # 8-px patches
+    tokens = merger(x, image)
+    changed = image.clone()
+    changed[18:22, 20:24] = 1.0 - changed[18:22, 20:24]  # inside merged cell (1, 1): token 4
+    moved = (merger(x, changed) - tokens).abs().amax(dim=1) > 1e-6
+    assert moved.tolist() == [i == 4 for i in range(9)]
+    with pytest.raises(ValueError, match="pixels"):
+        merger(x)
+    # region tokens keep to their own flag
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    torch.testing.assert_close(merger.regions(x, box, image), merger.regions(x, box, changed))
+    plain = PatchMerger(3, 8)
+    torch.testing.assert_close(plain(x, image), plain(x, changed))
+
+
 def test_the_model_fills_region_tokens_and_refuses_a_mismatch(tokenizer) -> None:
     from tests.train.test_stage2_optim import LM
     from train.config import ModelConfig

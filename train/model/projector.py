@@ -47,6 +47,17 @@ def cell_centres(mh: int, mw: int, device: torch.device | None = None) -> torch.
     return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1)
 
 
+def cell_boxes(gh: int, gw: int, merge: int = MERGE, device: torch.device | None = None) -> torch.Tensor:
+    """``(M, 4)`` normalized ``(x0, y0, x1, y1)`` of each merged cell of a ``gh x gw`` patch grid,
+    row-major, clipped to the image (the last row and column of an odd side hold one patch)."""
+    mh, mw = merged_grid(gh, gw, merge)
+    ys = torch.arange(mh + 1, device=device, dtype=torch.float32).mul(merge).clamp(max=gh) / gh
+    xs = torch.arange(mw + 1, device=device, dtype=torch.float32).mul(merge).clamp(max=gw) / gw
+    y0, x0 = torch.meshgrid(ys[:-1], xs[:-1], indexing="ij")
+    y1, x1 = torch.meshgrid(ys[1:], xs[1:], indexing="ij")
+    return torch.stack([x0, y0, x1, y1], dim=-1).reshape(-1, 4)
+
+
 def position_features(centres_M2: torch.Tensor) -> torch.Tensor:
     """``(M, 4 * POS_FREQS)`` sin/cos features of (y, x) fractions."""
     k = torch.arange(1, POS_FREQS + 1, device=centres_M2.device, dtype=torch.float32) * torch.pi
@@ -84,25 +95,36 @@ class PatchMerger(nn.Module):
         merge: int = MERGE,
         abs_pos: bool = False,
         region_pixels: bool = False,
+        image_pixels: bool = False,
     ) -> None:
         super().__init__()
         self.merge = merge
+        self.region_pixels = region_pixels
+        self.image_pixels = image_pixels
         inner = vision_width * merge * merge
         self.norm = nn.LayerNorm(inner)
         self.pos = nn.Linear(4 * POS_FREQS, inner) if abs_pos else None
-        # region tokens also get the box's pixels: mean colours of a PIXEL_BINS^2 grid of bins
-        self.pix = nn.Linear(3 * PIXEL_BINS * PIXEL_BINS, inner) if region_pixels else None
+        # region tokens (and with image_pixels the image's tokens: each its merged cell) also get
+        # the box's pixels: mean colours of a PIXEL_BINS^2 grid of bins, one map for both
+        self.pix = nn.Linear(3 * PIXEL_BINS * PIXEL_BINS, inner) if region_pixels or image_pixels else None
         self.fc1 = nn.Linear(inner, inner)
         self.fc2 = nn.Linear(inner, lm_width)
 
-    def forward(self, x_hwC: torch.Tensor) -> torch.Tensor:
-        """One image's ``(h, w, C)`` patch grid -> ``(M, H)`` LM tokens, row-major over the merged grid."""
+    def forward(self, x_hwC: torch.Tensor, pixels_HW3: torch.Tensor | None = None) -> torch.Tensor:
+        """One image's ``(h, w, C)`` patch grid -> ``(M, H)`` LM tokens, row-major over the merged grid.
+        With ``image_pixels``, each token also reads its cell's pixels (``pixels_HW3``, the image as
+        the tower sees it) as a region token reads its box's."""
         h, w, C = x_hwC.shape
         m = self.merge
         mh, mw = merged_grid(h, w, m)
         x = F.pad(x_hwC, (0, 0, 0, mw * m - w, 0, mh * m - h))
         x_MK = x.reshape(mh, m, mw, m, C).permute(0, 2, 1, 3, 4).reshape(mh * mw, m * m * C)
-        return self._mlp(x_MK, cell_centres(mh, mw, x_MK.device))
+        extra = None
+        if self.image_pixels:
+            if pixels_HW3 is None:
+                raise ValueError("this projector's image tokens read pixels: pass the image's pixels")
+            extra = self._pixels(pixels_HW3.to(x_MK.dtype), cell_boxes(h, w, m, x_MK.device))
+        return self._mlp(x_MK, cell_centres(mh, mw, x_MK.device), extra)
 
     def regions(
         self, x_hwC: torch.Tensor, boxes_R4: torch.Tensor, pixels_HW3: torch.Tensor | None = None
@@ -116,12 +138,17 @@ class PatchMerger(nn.Module):
         blocks = roi_blocks(x_hwC, boxes_R4, self.merge)
         centres = torch.stack([boxes_R4[:, 1] + boxes_R4[:, 3], boxes_R4[:, 0] + boxes_R4[:, 2]], 1) / 2
         extra = None
-        if self.pix is not None:
+        if self.region_pixels:
             if pixels_HW3 is None:
                 raise ValueError("this projector's region tokens read pixels: pass the image's pixels")
-            px = roi_blocks(pixels_HW3.to(x_hwC.dtype), boxes_R4, PIXEL_BINS, samples=PIXEL_SAMPLES)
-            extra = self.pix(px.reshape(px.shape[0], -1))
+            extra = self._pixels(pixels_HW3.to(x_hwC.dtype), boxes_R4)
         return self._mlp(blocks.reshape(blocks.shape[0], -1), centres, extra)
+
+    def _pixels(self, pixels_HW3: torch.Tensor, boxes_R4: torch.Tensor) -> torch.Tensor:
+        """The pixel term of each normalized box: its ``PIXEL_BINS^2`` mean colours, mapped."""
+        assert self.pix is not None
+        px = roi_blocks(pixels_HW3, boxes_R4, PIXEL_BINS, samples=PIXEL_SAMPLES)
+        return self.pix(px.reshape(px.shape[0], -1))
 
     def _mlp(
         self, x_MK: torch.Tensor, centres_M2: torch.Tensor, extra_MK: torch.Tensor | None = None

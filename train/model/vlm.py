@@ -164,6 +164,7 @@ class FineViTVLMConfig(PretrainedConfig):
         region_token: str | None = None,
         region_token_id: int | None = None,
         region_pixels: bool = False,
+        image_pixels: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vision = vision or {}
@@ -176,6 +177,7 @@ class FineViTVLMConfig(PretrainedConfig):
         self.region_token = region_token
         self.region_token_id = region_token_id
         self.region_pixels = region_pixels
+        self.image_pixels = image_pixels
         super().__init__(**kwargs)
 
 
@@ -210,6 +212,7 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
             hidden,
             abs_pos=bool(getattr(config, "projector_abs_pos", False)),
             region_pixels=bool(getattr(config, "region_pixels", False)),
+            image_pixels=bool(getattr(config, "image_pixels", False)),
         )
         self.projector.apply(_init)
         self.post_init()
@@ -235,12 +238,16 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
 
     def image_embeds(self, vision: VisionBatch, spans: Sequence[Span]) -> torch.Tensor:
         """Projected features of every image, concatenated in ``spans`` order: ``(sum M, H)``."""
-        return self._project(self.patch_grids(vision, spans))
+        pixels = self.pixel_grids(vision, spans) if self.projector.image_pixels else None
+        return self._project(self.patch_grids(vision, spans), pixels)
 
-    def _project(self, patch_grids: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _project(
+        self, patch_grids: Sequence[torch.Tensor], pixel_grids: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         if not patch_grids:
             return self.projector.fc2.weight.new_zeros(0, self.projector.fc2.out_features)
-        return torch.cat([self.projector(x) for x in patch_grids])
+        pixels = pixel_grids if pixel_grids is not None else [None] * len(patch_grids)
+        return torch.cat([self.projector(x, p) for x, p in zip(patch_grids, pixels, strict=True)])
 
     def embed(
         self,
@@ -271,7 +278,10 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         if self.keep_final_grids:  # stage 2's regional contrastive term reads them (region_align.py)
             j, C = self.feature_layers.index(-1), self.vision.cfg.width
             self.final_grids = [g[..., j * C : (j + 1) * C] for g in patch_grids]
-        feats_MH = self._project(patch_grids).to(embeds_BLH.dtype)
+        # the image as the tower sees it, once: image tokens (image_pixels) and region tokens read it
+        pixels = self.pixel_grids(vision, spans) if self.projector.pix is not None else None
+        feats_MH = self._project(patch_grids, pixels if self.projector.image_pixels else None)
+        feats_MH = feats_MH.to(embeds_BLH.dtype)
         if feats_MH.shape[0] != n_slots:
             raise ValueError(
                 f"the prompt has {n_slots} image tokens but the images give {feats_MH.shape[0]} features: "
@@ -285,7 +295,6 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
                     f"the prompt has {n_regions} region tokens but {boxes.shape[0]} region boxes were given: "
                     "build prompts with the processor"
                 )
-            pixels = self.pixel_grids(vision, spans) if self.projector.pix is not None else None
             regions_RH = region_features(self.projector, patch_grids, boxes, pixels)
             embeds_BLH = embeds_BLH.masked_scatter(is_region_BL[..., None], regions_RH.to(embeds_BLH.dtype))
         return embeds_BLH
