@@ -278,8 +278,10 @@ class FineViTVLMForConditionalGeneration(PreTrainedModel):
         if self.keep_final_grids:  # stage 2's regional contrastive term reads them (region_align.py)
             j, C = self.feature_layers.index(-1), self.vision.cfg.width
             self.final_grids = [g[..., j * C : (j + 1) * C] for g in patch_grids]
-        # the image as the tower sees it, once: image tokens (image_pixels) and region tokens read it
-        pixels = self.pixel_grids(vision, spans) if self.projector.pix is not None else None
+        # the image as the tower sees it, once, and only when a token reads it: every image token
+        # (image_pixels) or the prompt's region tokens (region_pixels)
+        reads = self.projector.image_pixels or (n_regions > 0 and self.projector.region_pixels)
+        pixels = self.pixel_grids(vision, spans) if reads else None
         feats_MH = self._project(patch_grids, pixels if self.projector.image_pixels else None)
         feats_MH = feats_MH.to(embeds_BLH.dtype)
         if feats_MH.shape[0] != n_slots:
