@@ -118,6 +118,8 @@ REGION = [
     "--set",
     "loss.region_contrast=1.0",
     "--set",
+    "loss.global_contrast=1.0",
+    "--set",
     "optim.align_lr_mult=1.0",
     "--set",
     "checkpoint.every=5",
@@ -126,8 +128,8 @@ REGION = [
 
 @pytest.mark.slow
 def test_region_contrast_run_resumes_exactly_and_exports_its_text_tower(setup: Setup, tmp_path: Path) -> None:
-    """With ``loss.region_contrast`` the text tower, temperature, head and projection train: the run
-    logs both losses, resumes bit-exactly, the encoder export carries stage 2's text tower and
+    """With ``loss.region_contrast`` (and its global companion) the text tower, temperature, head and
+    projection train: the run logs the three losses, resumes bit-exactly, the encoder export carries stage 2's text tower and
     pooling head (not stage 1's), and the VLM export leaves the text tower out."""
     from safetensors.torch import load_file
 
@@ -138,8 +140,9 @@ def test_region_contrast_run_resumes_exactly_and_exports_its_text_tower(setup: S
     assert setup.train(whole, *REGION) == 0
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     # the term runs in the phases that train the encoder (the recipe's "all" from step 2 on)
-    assert all({"lm_loss", "region_loss"} <= set(r) for r in rows if "loss" in r and r["step"] > 2), rows
-    assert not any("region_loss" in r for r in rows if r.get("step", 0) <= 2), rows
+    terms = {"lm_loss", "region_loss", "global_loss"}
+    assert all(terms <= set(r) for r in rows if "loss" in r and r["step"] > 2), rows
+    assert not any({"region_loss", "global_loss"} & set(r) for r in rows if r.get("step", 0) <= 2), rows
     assert setup.train(part, *REGION, "--set", f"loop.stop_at={STEPS // 2}") == 0
     assert setup.train(part, *REGION) == 0
     assert losses(part) == losses(whole)

@@ -113,3 +113,57 @@ def test_region_contrast_that_cannot_run_stops_at_start_naming_the_field(over: d
     cfg = Stage2Config.model_validate({**base, **over, "loss": {"region_contrast": 1.0}})
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         check_fits(cfg)
+
+
+def test_global_term_embeds_an_image_as_stage_1_does(tmp_path: Path) -> None:
+    """``loss.global_contrast`` pools each image's final patch grid with stage 1's head and
+    projection: before stage 2 trains, its embedding of an image is the stage-1 encoder's."""
+    from tests.train.conftest import tiny_stage2_config
+    from train.data.regions import Sample, collate, prompt_for
+    from train.model.encoder import load_encoder
+    from train.model.region_align import image_embeddings
+    from train.stage2 import build
+
+    torch.manual_seed(0)
+    cfg = tiny_stage2_config(tmp_path, loss={"region_contrast": 1.0, "global_contrast": 1.0})
+    model, proc = build(cfg)
+    model.keep_final_grids = True
+    rng, images, samples = random.Random(0), {}, []
+    for i in range(6):
+        png, regions = make(rng)
+        images[f"k{i}"] = png
+        regs = tuple((b, caption(c)) for b, c in regions)
+        samples.append(Sample(f"k{i}", "s", "global", prompt_for("global"), "two halves", regions=regs))
+    b = collate(samples, images, proc, 96, 64, Counter())
+    with torch.no_grad():
+        model(
+            input_ids=b["input_ids_BL"], vision=b["vision"], spans=b["spans"], region_boxes=b["region_boxes"]
+        )
+        got = image_embeddings(model.vision, model.final_grids)
+        want = load_encoder(cfg.init.checkpoint).encode_image(
+            [Image.open(io.BytesIO(images[k])) for k in b["keys"]]
+        )
+    torch.testing.assert_close(got, torch.nn.functional.normalize(want.float(), dim=-1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "loss, data, field",
+    [
+        ({"global_contrast": 1.0}, {}, "loss.region_contrast"),
+        (
+            {"region_contrast": 1.0, "global_contrast": 1.0},
+            {"global_layer": "", "tasks": [{"task": "box_caption"}]},
+            "loss.global_contrast needs the global captions: data.global_layer",
+        ),
+    ],
+)
+def test_global_term_without_what_it_needs_stops_at_start_naming_the_field(
+    loss: dict, data: dict, field: str
+) -> None:
+    from engine.config import ConfigError
+    from train.stage2 import Stage2Config, check_fits
+
+    base = {"init": {"checkpoint": "c"}, "lm": {"path": "l"}}
+    cfg = Stage2Config.model_validate({**base, "data": {"dataset": "d", **data}, "loss": loss})
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_fits(cfg)

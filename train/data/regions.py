@@ -92,6 +92,7 @@ class Sample:
     prompt: str
     target: str
     regions: tuple[Region, ...] = ()  # every valid region of the image (the regional contrastive term's)
+    caption: str | None = None  # the image's global caption (the global contrastive term's)
 
 
 @dataclass
@@ -215,7 +216,8 @@ def plan(
                     data.stats["no_target"] += 1
                     continue
                 if i % world == rank:
-                    out.append(Sample(key, shard, *picked, regions=tuple(meta[key].regions)))
+                    m = meta[key]
+                    out.append(Sample(key, shard, *picked, regions=tuple(m.regions), caption=m.caption))
                     if len(out) == batch:
                         yield out
                         out = []
@@ -293,7 +295,8 @@ def collate(
     flash-attention), ``sample_BL`` (each token's sample, -1 on padding), ``keys``, ``tasks``,
     ``targets``, ``real_tokens``, ``region_boxes`` (``(R, 5)``: sample, box), ``image_regions``
     (``(Q, 5)``: sample, box of every region of the batch's images) with ``image_region_captions``
-    (their captions; the regional contrastive term's pairs). Samples (and so
+    (their captions; the regional contrastive term's pairs) and ``image_captions`` (each sample's
+    image's global caption or None; the global contrastive term's). Samples (and so
     ``spans``, region rows, ``keys``...) are in the order their tokens appear in the flattened rows,
     the order in which the model fills image and region tokens."""
     rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -385,6 +388,7 @@ def collate(
             -1, 5
         ),
         "image_region_captions": [cap for _, _, cap in pairs],
+        "image_captions": [s.caption for s in kept],
     }
 
 

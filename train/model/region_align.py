@@ -47,6 +47,15 @@ def region_embeddings(
     return F.normalize(vision.proj(vision.head(x_RC, seg, R)).float(), dim=-1)
 
 
+def image_embeddings(vision: VisionTower, grids: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(N, E)`` unit-norm embeddings of whole images from their final patch grids ``(h, w, C)``:
+    pooled by the MAP head and projected, as stage 1 embeds an image."""
+    x_TC = torch.cat([g.reshape(-1, g.shape[-1]) for g in grids])
+    sizes = torch.tensor([g.shape[0] * g.shape[1] for g in grids], device=x_TC.device)
+    seg_T = torch.repeat_interleave(torch.arange(len(grids), device=x_TC.device), sizes)
+    return F.normalize(vision.proj(vision.head(x_TC, seg_T, len(grids))).float(), dim=-1)
+
+
 class RegionAligner(nn.Module):
     """The stage-1 text tower and temperature, trained in stage 2 by the regional contrastive term."""
 
@@ -68,3 +77,16 @@ class RegionAligner(nn.Module):
         txt_RE = F.normalize(self.text(tokens_RL, mask_RL).float(), dim=-1)
         valid_R = torch.ones(img_RE.shape[0], dtype=torch.bool, device=img_RE.device)
         return softmax_loss(img_RE, txt_RE, valid_R, self.logit_scale)[0]
+
+    def global_loss(
+        self,
+        vision: VisionTower,
+        grids: Sequence[torch.Tensor],
+        tokens_BL: torch.Tensor,
+        mask_BL: torch.Tensor,
+    ) -> torch.Tensor:
+        """Stage 1's loss over whole images and their global captions (FG-CLIP's global term)."""
+        img_BE = image_embeddings(vision, grids)
+        txt_BE = F.normalize(self.text(tokens_BL, mask_BL).float(), dim=-1)
+        valid_B = torch.ones(img_BE.shape[0], dtype=torch.bool, device=img_BE.device)
+        return softmax_loss(img_BE, txt_BE, valid_B, self.logit_scale)[0]
