@@ -95,17 +95,29 @@ def demo_wall_seconds(d: str) -> float:
     return total + loose
 
 
+# a run's loss terms drawn apart: stage 2's total jumps when its contrastive terms start
+TERMS = {"lm_loss": "LM", "region_loss": "regional term", "global_loss": "global term"}
+
+
 def curves(d: str) -> dict[str, list[tuple[int, float]]]:
-    out = {}
+    """``{series: [(step, loss)]}``: each run's ``loss``, or its terms apart when it logs them
+    (``stage2``: the LM loss; ``stage2 regional term``, ...)."""
+    out: dict[str, list[tuple[int, float]]] = {}
     for name, run in RUNS.items():
         path = os.path.join(d, "runs", run, "metrics.jsonl")
-        if os.path.exists(path):
-            pts = []
-            for line in Path(path).read_text().splitlines():
-                row = json.loads(line)
-                if "loss" in row and "skipped" not in row:
-                    pts.append((int(row["step"]), float(row["loss"])))
-            out[name] = pts
+        if not os.path.exists(path):
+            continue
+        series: dict[str, list[tuple[int, float]]] = {name: []}
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            if "loss" not in row or "skipped" in row:
+                continue
+            step = int(row["step"])
+            series[name].append((step, float(row.get("lm_loss", row["loss"]))))
+            for key, term in TERMS.items():
+                if key != "lm_loss" and key in row:
+                    series.setdefault(f"{name} {term}", []).append((step, float(row[key])))
+        out.update(series)
     return out
 
 
@@ -260,17 +272,29 @@ def plot_curves(data: dict[str, list[tuple[int, float]]], path: str) -> str | No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.6, 3.0), dpi=100)
-    labels = {"alt-text": "stage 1 on alt-text", "recaption": "stage 1 on recaptions", "stage2": "stage 2"}
+    labels = {
+        "alt-text": "stage 1 on alt-text",
+        "recaption": "stage 1 on recaptions",
+        "stage2": "stage 2 (LM loss)",
+    }
     for name, pts in data.items():
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=labels[name], lw=1.6)
+            term = name not in labels  # a stage-2 contrastive term: thin and dashed
+            label = labels.get(name) or name.replace("stage2", "stage 2")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                label=label,
+                lw=1.0 if term else 1.6,
+                ls="--" if term else "-",
+            )
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel("training loss", fontsize=8)
     ax.set_title("training curves", fontsize=10, loc="left")
     ax.tick_params(labelsize=7)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.legend(fontsize=7, frameon=False)
+    ax.legend(fontsize=7, ncol=2, framealpha=0.9, edgecolor="none")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -147,3 +147,25 @@ def test_the_bar_chart_has_a_bar_per_evaluated_encoder() -> None:
     assert demo_report.bar_values(s) == [("alt-text", 20.5), ("recaptions", 23.9), ("+ stage 2", 25.3)]
     s["finegrained_r1"]["stage2"] = None
     assert [n for n, _ in demo_report.bar_values(s)] == ["alt-text", "recaptions"]
+
+
+def test_curves_draw_stage_2_terms_apart(tmp_path: Path) -> None:
+    """Stage 2's total loss jumps when its contrastive terms start; the curves show its LM loss
+    and each term as a series of its own (stage 1, which logs only ``loss``, is unchanged)."""
+    rows = {
+        "stage1-alt-text": [{"step": 25, "loss": 3.2}, {"step": 50, "skipped": "x", "loss": 9.0}],
+        "stage2": [
+            {"step": 25, "loss": 4.4},
+            {"step": 75, "loss": 6.5, "lm_loss": 1.5, "region_loss": 4.0, "global_loss": 1.0},
+        ],
+    }
+    for run, lines in rows.items():
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    assert demo_report.curves(str(tmp_path)) == {
+        "alt-text": [(25, 3.2)],
+        "stage2": [(25, 4.4), (75, 1.5)],
+        "stage2 regional term": [(75, 4.0)],
+        "stage2 global term": [(75, 1.0)],
+    }
+    assert demo_report.plot_curves(demo_report.curves(str(tmp_path)), str(tmp_path / "c.png"))
