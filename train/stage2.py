@@ -554,17 +554,9 @@ def region_term(
     device: torch.device,
 ) -> torch.Tensor:
     """The regional contrastive loss of a batch whose forward just ran (it kept the final grids)."""
-    from train.data.loader import tokenize
-
-    captions = batch["image_region_captions"]
-    tokens_RL, mask_RL, _ = tokenize(aligner.tokenizer, captions, aligner.context, len(captions))
-    width = max(int(mask_RL.sum(1).max()), 1)  # the step's longest caption, not the whole context
+    tokens_RL, mask_RL = _caption_tokens(aligner, batch["image_region_captions"], device)
     return aligner.loss(
-        model.vision,
-        model.final_grids,
-        batch["image_regions"].to(device),
-        tokens_RL[:, :width].to(device),
-        mask_RL[:, :width].to(device),
+        model.vision, model.final_grids, batch["image_regions"].to(device), tokens_RL, mask_RL
     )
 
 
@@ -576,22 +568,24 @@ def global_term(
 ) -> torch.Tensor | None:
     """The global contrastive loss of a batch whose forward just ran: each sample's image against
     its global caption (None when fewer than two of the step's images have one)."""
-    from train.data.loader import tokenize
-
     captions = batch["image_captions"]
     have = [i for i, c in enumerate(captions) if c]
     if len(have) < 2:
         return None
-    tokens_BL, mask_BL, _ = tokenize(
-        aligner.tokenizer, [captions[i] for i in have], aligner.context, len(have)
-    )
-    width = max(int(mask_BL.sum(1).max()), 1)
-    return aligner.global_loss(
-        model.vision,
-        [model.final_grids[i] for i in have],
-        tokens_BL[:, :width].to(device),
-        mask_BL[:, :width].to(device),
-    )
+    tokens_BL, mask_BL = _caption_tokens(aligner, [captions[i] for i in have], device)
+    return aligner.global_loss(model.vision, [model.final_grids[i] for i in have], tokens_BL, mask_BL)
+
+
+def _caption_tokens(
+    aligner: RegionAligner, texts: list[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, mask)`` of texts under the stage-1 tokenizer, cut to the longest of them (not the
+    whole context)."""
+    from train.data.loader import tokenize
+
+    tokens_NL, mask_NL, _ = tokenize(aligner.tokenizer, texts, aligner.context, len(texts))
+    width = max(int(mask_NL.sum(1).max()), 1)
+    return tokens_NL[:, :width].to(device), mask_NL[:, :width].to(device)
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -742,15 +736,16 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             sample_BL = batch["sample_BL"].to(device) if d.pack else None
             loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction, sample_BL)
             lm_value, region_loss, global_loss = loss.detach().float(), None, None
-            # the term trains the encoder side (head, projection) and the text tower: only in
+            # the terms train the encoder side (head, projection) and the text tower: only in
             # the phases that train the encoder
-            if aligner is not None and phase in ("encoder", "all") and batch["image_region_captions"]:
-                region_loss = region_term(model, aligner, batch, device)
-                loss = loss + cfg.loss.region_contrast * region_loss
-            if aligner is not None and cfg.loss.global_contrast and phase in ("encoder", "all"):
-                global_loss = global_term(model, aligner, batch, device)
-                if global_loss is not None:
-                    loss = loss + cfg.loss.global_contrast * global_loss
+            if aligner is not None and phase in ("encoder", "all"):
+                if batch["image_region_captions"]:
+                    region_loss = region_term(model, aligner, batch, device)
+                    loss = loss + cfg.loss.region_contrast * region_loss
+                if cfg.loss.global_contrast:
+                    global_loss = global_term(model, aligner, batch, device)
+                    if global_loss is not None:
+                        loss = loss + cfg.loss.global_contrast * global_loss
         optim.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(

@@ -43,8 +43,7 @@ def region_embeddings(
             feats[r] = x
     x_RC = torch.stack(feats)  # type: ignore[arg-type]
     R = x_RC.shape[0]
-    seg = torch.arange(R, device=x_RC.device)
-    return F.normalize(vision.proj(vision.head(x_RC, seg, R)).float(), dim=-1)
+    return _pooled(vision, x_RC, torch.arange(R, device=x_RC.device), R)
 
 
 def image_embeddings(vision: VisionTower, grids: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -53,7 +52,12 @@ def image_embeddings(vision: VisionTower, grids: Sequence[torch.Tensor]) -> torc
     x_TC = torch.cat([g.reshape(-1, g.shape[-1]) for g in grids])
     sizes = torch.tensor([g.shape[0] * g.shape[1] for g in grids], device=x_TC.device)
     seg_T = torch.repeat_interleave(torch.arange(len(grids), device=x_TC.device), sizes)
-    return F.normalize(vision.proj(vision.head(x_TC, seg_T, len(grids))).float(), dim=-1)
+    return _pooled(vision, x_TC, seg_T, len(grids))
+
+
+def _pooled(vision: VisionTower, x_TC: torch.Tensor, seg_T: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n, E)``: tokens pooled per segment by the MAP head, projected, unit norm."""
+    return F.normalize(vision.proj(vision.head(x_TC, seg_T, n)).float(), dim=-1)
 
 
 class RegionAligner(nn.Module):
@@ -73,10 +77,7 @@ class RegionAligner(nn.Module):
         mask_RL: torch.Tensor,
     ) -> torch.Tensor:
         """CLIP's symmetric softmax loss over the regions: region r's caption is its one positive."""
-        img_RE = region_embeddings(vision, grids, boxes_R5)
-        txt_RE = F.normalize(self.text(tokens_RL, mask_RL).float(), dim=-1)
-        valid_R = torch.ones(img_RE.shape[0], dtype=torch.bool, device=img_RE.device)
-        return softmax_loss(img_RE, txt_RE, valid_R, self.logit_scale)[0]
+        return self._contrast(region_embeddings(vision, grids, boxes_R5), tokens_RL, mask_RL)
 
     def global_loss(
         self,
@@ -86,7 +87,10 @@ class RegionAligner(nn.Module):
         mask_BL: torch.Tensor,
     ) -> torch.Tensor:
         """Stage 1's loss over whole images and their global captions (FG-CLIP's global term)."""
-        img_BE = image_embeddings(vision, grids)
-        txt_BE = F.normalize(self.text(tokens_BL, mask_BL).float(), dim=-1)
-        valid_B = torch.ones(img_BE.shape[0], dtype=torch.bool, device=img_BE.device)
-        return softmax_loss(img_BE, txt_BE, valid_B, self.logit_scale)[0]
+        return self._contrast(image_embeddings(vision, grids), tokens_BL, mask_BL)
+
+    def _contrast(self, img_NE: torch.Tensor, tokens_NL: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
+        """CLIP's symmetric softmax loss: row n's text is image n's one positive."""
+        txt_NE = F.normalize(self.text(tokens_NL, mask_NL).float(), dim=-1)
+        valid_N = torch.ones(img_NE.shape[0], dtype=torch.bool, device=img_NE.device)
+        return softmax_loss(img_NE, txt_NE, valid_N, self.logit_scale)[0]
