@@ -15,6 +15,7 @@ import base64
 import datetime as dt
 import html
 import json
+import math
 import os
 import platform
 import re
@@ -26,6 +27,8 @@ from typing import Any
 FG_MARGIN = 10.0  # points of fine-grained R@1
 ENCODERS = ("alt-text", "recaption", "stage2")
 RUNS = {"alt-text": "stage1-alt-text", "recaption": "stage1-recaption", "stage2": "stage2"}
+# the layers the recaption step writes (scripts/demo.sh): one pass over the corpus each
+RECAP_LAYERS = ("recap-global", "recap-global-t05", "recap-global-t07", "recap-regions")
 
 
 def _read_json(path: str) -> Any:
@@ -152,6 +155,24 @@ def object_count(text: str) -> int | None:
         return None
     word = m.group(1).lower()
     return 1 if word == "single" else _NUMBERS.index(word) + 1
+
+
+def recaption_passes(corpus: str, layers: tuple[str, ...] = RECAP_LAYERS) -> dict[str, int]:
+    """Rows (ok + failed) of each recaption layer the corpus has: what each pass wrote."""
+    from engine.audit.views import open_audit
+
+    audit = open_audit(corpus)
+    try:
+        have = {lv.name for lv in audit.layers}
+        out = {}
+        for layer in (x for x in layers if x in have):
+            (rows,) = audit.con.execute(
+                "SELECT coalesce(sum(ok), 0) + coalesce(sum(failed), 0) FROM stats WHERE part = ?", [layer]
+            ).fetchone()
+            out[layer] = int(rows)
+        return out
+    finally:
+        audit.close()
 
 
 def recaption_stats(corpus: str, layer: str, gt_layer: str = "gt-global") -> dict[str, Any]:
@@ -294,9 +315,10 @@ def plot_curves(data: dict[str, list[tuple[int, float]]], path: str) -> str | No
     ax.tick_params(labelsize=7)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.legend(fontsize=7, ncol=2, framealpha=0.9, edgecolor="none")
+    # beside the axes: stage 2's terms add series that a legend inside would cover
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -339,6 +361,14 @@ def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.1f}"
 
 
+def throughput(s: dict[str, Any]) -> str:
+    """The recaption step's speed, with the passes it counts (one line of the report)."""
+    rec = s["recaption"]
+    passes = rec.get("passes") or {}
+    over = f" over {len(passes)} passes ({', '.join(passes)})" if len(passes) > 1 else ""
+    return f"{_fmt(rec.get('images_per_s'))} images/s{over}"
+
+
 def table_md(s: dict[str, Any]) -> str:
     fg, box = s["finegrained_r1"], s["boxcls_top1"]
     rows = [
@@ -362,10 +392,23 @@ def checks(s: dict[str, Any]) -> list[tuple[str, bool]]:
             margin is not None and margin >= FG_MARGIN,
         ),
         (
-            f"stage 2 improves box-classification top-1 over stage 1: {'missing' if gain is None else f'{gain:+.1f}'}",
+            f"stage 2 improves box-classification top-1 over stage 1: {'missing' if gain is None else f'{gain:+.1f}'}"
+            + box_noise(s),
             gain is not None and gain > 0,
         ),
     ]
+
+
+def box_noise(s: dict[str, Any]) -> str:
+    """How far box top-1 moves by chance: the binomial sampling error of the stage-1 score over the
+    held-out boxes, and chance level (the claim's margin is 0, so the reader needs the scale)."""
+    n, chance, p = s.get("boxcls_boxes"), s.get("boxcls_chance"), s["boxcls_top1"]["stage1"]
+    if not n or p is None:
+        return ""
+    se = 100 * math.sqrt(p / 100 * (1 - p / 100) / n)
+    return f" (one score's sampling error ±{se:.1f} over {n} boxes" + (
+        f"; chance {chance:.1f})" if chance is not None else ")"
+    )
 
 
 def _img(path: str | None) -> str:
@@ -395,8 +438,7 @@ def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots:
         "",
         "## Recaption",
         "",
-        f"{s['recaption']['ok']} ok, {s['recaption']['failed']} failed, "
-        f"{_fmt(s['recaption'].get('images_per_s'))} images/s through serve-captioner.",
+        f"{s['recaption']['ok']} ok, {s['recaption']['failed']} failed; {throughput(s)} through serve-captioner.",
     ]
     if rq:
         md += [
@@ -441,8 +483,7 @@ def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots:
         + "</ul>",
         "<div class=row>" + "".join(_img(p) for p in plots) + "</div>",
         "<h2>Recaption quality against the ground truth</h2>",
-        f"<p>{s['recaption']['ok']} ok, {s['recaption']['failed']} failed, "
-        f"{_fmt(s['recaption'].get('images_per_s'))} images/s.</p>",
+        f"<p>{s['recaption']['ok']} ok, {s['recaption']['failed']} failed; {html.escape(throughput(s))}.</p>",
     ]
     if rq:
         body.append(
@@ -507,13 +548,19 @@ def build_summary(d: str, corpus: str) -> dict[str, Any]:
     if os.path.exists(corpus) or "://" in corpus:
         rec["filter"] = filter_stats(corpus, "recap-filter")
         rec["regions_quality"] = region_stats(corpus, "recap-regions")
+        rec["passes"] = recaption_passes(corpus)
+    # images captioned per second over the whole step: every pass's images (one pass: its rows)
     secs = steps.get("recaption")
-    rec["images_per_s"] = round((rec["ok"] + rec["failed"]) / secs, 2) if secs else None
+    rows = sum(rec.get("passes", {}).values()) or rec["ok"] + rec["failed"]
+    rec["images_per_s"] = round(rows / secs, 2) if secs else None
     chance = None
     fg_path = os.path.join(d, "eval", "finegrained-recaption", "results.json")
     if os.path.exists(fg_path):
         chance = round(100 * _read_json(fg_path)[0]["metrics"]["chance"], 1)
     box_all = {n.replace("-", "_"): eval_metric(d, "boxcls", n, "top1") for n in ENCODERS}
+    box_path = os.path.join(d, "eval", "boxcls-recaption", "results.json")
+    box_run = _read_json(box_path)[0] if os.path.exists(box_path) else {}
+    classes = box_run.get("metrics", {}).get("classes")
     return {
         "finegrained_r1": {
             n.replace("-", "_"): eval_metric(d, "finegrained", n, "t2i_mean") for n in ENCODERS
@@ -525,6 +572,8 @@ def build_summary(d: str, corpus: str) -> dict[str, Any]:
         "chance_r1": chance,
         "boxcls_top1": {"stage1": box_all["recaption"], "stage2": box_all["stage2"]},
         "boxcls_top1_all": box_all,
+        "boxcls_boxes": box_run.get("n"),
+        "boxcls_chance": round(100 / classes, 1) if classes else None,
         "recaption": rec,
         "wall_s": round(demo_wall_seconds(d), 1),  # lanes side by side count once; a rerun's pause not at all
         "steps_s": steps,

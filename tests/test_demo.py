@@ -42,6 +42,14 @@ def test_claim_checks(alt, recap, box1, box2, ok) -> None:
     assert [good for _, good in demo_report.checks(_summary(alt, recap, box1, box2))] == ok
 
 
+def test_box_claim_states_its_sampling_error() -> None:
+    """A zero margin needs its scale beside it: 410 boxes at 9.3 % move by ±1.4 points by chance."""
+    s = _summary(30.0, 45.0, 9.27, 9.76) | {"boxcls_boxes": 410, "boxcls_chance": 11.1}
+    (text, good) = demo_report.checks(s)[1]
+    assert good and text.endswith("+0.5 (one score's sampling error ±1.4 over 410 boxes; chance 11.1)"), text
+    assert demo_report.checks(_summary(30.0, 45.0, 9.27, 9.76))[1][0].endswith("+0.5")  # an older summary
+
+
 def test_attribute_pairs_match_the_synthetic_vocabulary() -> None:
     from engine.synthetic import dense_caption, make_scene
 
@@ -115,7 +123,11 @@ def test_reduced_demo_end_to_end_and_resume(tmp_path: Path) -> None:
     for name in ("stage1", "stage2"):
         assert isinstance(s["boxcls_top1"][name], float), (name, log[-4000:])
     assert s["recaption"]["ok"] + s["recaption"]["failed"] == 64  # DEMO_SCALE=ci: N_TRAIN
-    assert s["recaption"]["images_per_s"] > 0 and s["wall_s"] > 0
+    # four passes over the 64 images (three global layers, one region layer), all in the speed
+    passes = s["recaption"]["passes"]
+    assert passes == {layer: 64 for layer in demo_report.RECAP_LAYERS}, passes
+    assert s["recaption"]["images_per_s"] == round(4 * 64 / s["steps_s"]["recaption"], 2)
+    assert s["wall_s"] > 0
     regions = s["recaption"]["regions_quality"]  # every gt box of the 64 images was captioned
     assert regions["regions"] > 64 and 0 <= regions["colour_right"] <= 100, regions
     assert (out / "report.html").exists() and (out / "report.md").exists()
