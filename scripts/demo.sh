@@ -34,7 +34,7 @@ if [[ $SCALE == ci ]]; then
     S1_STEPS=20 CAP_S1_STEPS=10 CAP_S2_STEPS=150 S2_STEPS=10 FG_N=8
 else
     N_TRAIN=2048 N_HUMAN=512 N_EVAL=128 SIZE=128 SPS=256
-    S1_STEPS=600 CAP_S1_STEPS=600 CAP_S2_STEPS=1600 S2_STEPS=300 FG_N=256
+    S1_STEPS=600 CAP_S1_STEPS=600 CAP_S2_STEPS=1600 S2_STEPS=250 FG_N=256
 fi
 # The demo's world: 128-pixel scenes with 1-4 objects in the corners of a 2x2 grid. In the default
 # 3x3 world (1-5 objects, 8-35 px each: one or two 16-px patches) the captioner stated the right
@@ -186,16 +186,17 @@ step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --s
     --set "data.filters=[recap-filter]" --set loop.threads=2
 
 # ---------------------------------------------------------------- 6. stage 2 from the recaption encoder
-# (the recaption encoder is evaluated beside it; a run dir carries its config and measured mean/std)
+# (two threads: it has the machine to itself; stage 2 reads each image at three times stage 1's
+# patches, configs/demo_stage2.yaml, and would take the longest beside anything else)
+step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
+    --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2" --set loop.threads=2
+
+# ---------------------------------------------------------------- 7. eval the stage-1 and stage-2 encoders
+# (side by side, one thread each; a run dir carries its config and measured mean/std)
 (export OMP_NUM_THREADS=1 && evaluate recaption "$D/runs/stage1-recaption") &
 lanes+=($!)
-# (one thread: the evaluation beside it takes the other core; with two threads the three
-# oversubscribed the two cores and stage 2 took 157 s instead of 99)
-step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
-    --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2"
+export OMP_NUM_THREADS=1
 step export $BIN export "$D/runs/stage2" "$D/models/encoder-stage2" --part encoder
-
-# ---------------------------------------------------------------- 7. eval the stage-2 encoder
 evaluate stage2 "$D/models/encoder-stage2"
 wait_lanes
 

@@ -19,6 +19,7 @@ relative: the export runs the same code as training, with no trainer import.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -85,6 +86,10 @@ def export_encoder(ckpt: str, out: str, config: str | None = None, overrides: li
             }
         enc = load_encoder(init, config=config, overrides=overrides)
         enc.vision.load_state_dict(model.vision.state_dict())
+        # the tower last trained at stage 2's resolution: it is read at that one
+        enc.preprocess = dataclasses.replace(
+            enc.preprocess, max_patches=cfg.data.max_patches, upscale=cfg.data.upscale
+        )
         aligner = getattr(model, "region_align", None)
         if aligner is not None and enc.text is not None:  # stage 2 trained the text tower too
             enc.text.load_state_dict(aligner.text.state_dict())

@@ -71,6 +71,12 @@ class Stage2Data(StrictModel):
         TaskWeight(task="global", weight=0.2),
     ]
     max_patches: int = Field(default=256, ge=1, description="NaFlex patch budget per image")
+    upscale: bool = Field(
+        default=False,
+        description="scale images smaller than max_patches up to fill it (SigLIP 2's NaFlex), so stage 2 "
+        "sees each image with more patches than stage 1 did (progressive resolution); the exported "
+        "encoder keeps the setting",
+    )
     seq_len: int = Field(default=1024, ge=1, description="vision tokens per packed row")
     batch: int = Field(default=8, ge=1, description="samples (image + prompt + target) per step per rank")
     max_len: int = Field(default=0, ge=0, description="LM tokens per sample; 0: the LM's context")
@@ -177,6 +183,20 @@ class Stage2Loss(StrictModel):
         "text tower -- so the tower learning the regions' short captions keeps the long ones (without it, "
         "the demo's held-out fine-grained R@1 fell from 35.0 to 26.1 in stage 2)",
     )
+    region_hard_negatives: float = Field(
+        default=0.0,
+        ge=0,
+        description="with loss.region_contrast: weight of FG-CLIP's region hard-negative term -- each "
+        "region against its caption and every caption made from it by replacing its word of a class in "
+        "loss.hard_negative_classes with another word of that class (train/data/negatives.py). The "
+        "batch's contrast tells regions apart by colour and place and leaves shape untrained",
+    )
+    hard_negative_classes: list[str] = Field(
+        default=["shape"], description="word classes whose words loss.region_hard_negatives replaces"
+    )
+    hard_negative_words: str | None = Field(
+        default=None, description="a YAML/JSON file {class: [words]} replacing the built-in word classes"
+    )
 
 
 class Stage2Optim(OptimConfig):
@@ -230,6 +250,23 @@ def check_fits(cfg: Stage2Config) -> None:
         problems.append("loss.global_contrast is the regional term's companion: set loss.region_contrast too")
     if cfg.loss.global_contrast and not d.global_layer:
         problems.append("loss.global_contrast needs the global captions: data.global_layer is empty")
+    if cfg.loss.region_hard_negatives:
+        if not cfg.loss.region_contrast:
+            problems.append(
+                "loss.region_hard_negatives trains the regional term's path: set loss.region_contrast too"
+            )
+        from train.data.negatives import word_classes
+
+        try:
+            known = word_classes(cfg.loss.hard_negative_words)
+        except (OSError, ValueError) as e:
+            problems.append(f"loss.hard_negative_words: {e}")
+        else:
+            unknown = [c for c in cfg.loss.hard_negative_classes if c not in known]
+            if unknown or not cfg.loss.hard_negative_classes:
+                problems.append(
+                    f"loss.hard_negative_classes {cfg.loss.hard_negative_classes}: each must be one of {sorted(known)}"
+                )
     if cfg.loss.region_contrast:
         if -1 not in cfg.projector.feature_layers:
             problems.append(
@@ -347,6 +384,7 @@ def build(cfg: Stage2Config) -> tuple[FineViTVLMForConditionalGeneration, FineVi
     preprocess = {
         "patch_size": cfg.model.vision.patch_size,
         "max_patches": d.max_patches,
+        "upscale": d.upscale,
         "mean": list(d.mean),
         "std": list(d.std),
     }
@@ -560,6 +598,33 @@ def region_term(
     )
 
 
+def region_hard_negative_term(
+    model: FineViTVLMForConditionalGeneration,
+    aligner: RegionAligner,
+    batch: dict[str, Any],
+    device: torch.device,
+    loss: Stage2Loss,
+) -> torch.Tensor | None:
+    """The region hard-negative loss of a batch whose forward just ran (None when no region caption
+    has a word of ``loss.hard_negative_classes``)."""
+    from train.data.negatives import replacements
+
+    captions = batch["image_region_captions"]
+    texts, owner, keep = [], [], []
+    for i, caption in enumerate(captions):
+        negatives = replacements(caption, loss.hard_negative_classes, loss.hard_negative_words)
+        if negatives:
+            texts += [caption, *negatives]
+            owner += [len(keep)] * (1 + len(negatives))
+            keep.append(i)
+    if not keep:
+        return None
+    tokens_NL, mask_NL = _caption_tokens(aligner, texts, device)
+    boxes_R5 = batch["image_regions"][keep].to(device)
+    owner_N = torch.tensor(owner, dtype=torch.long, device=device)
+    return aligner.hard_negative_loss(model.vision, model.final_grids, boxes_R5, tokens_NL, mask_NL, owner_N)
+
+
 def global_term(
     model: FineViTVLMForConditionalGeneration,
     aligner: RegionAligner,
@@ -735,13 +800,17 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             out = net(**model_inputs(batch, device))
             sample_BL = batch["sample_BL"].to(device) if d.pack else None
             loss = lm_loss(out.logits, batch["labels_BL"].to(device), cfg.loss.reduction, sample_BL)
-            lm_value, region_loss, global_loss = loss.detach().float(), None, None
+            lm_value, region_loss, global_loss, hard_loss = loss.detach().float(), None, None, None
             # the terms train the encoder side (head, projection) and the text tower: only in
             # the phases that train the encoder
             if aligner is not None and phase in ("encoder", "all"):
                 if batch["image_region_captions"]:
                     region_loss = region_term(model, aligner, batch, device)
                     loss = loss + cfg.loss.region_contrast * region_loss
+                    if cfg.loss.region_hard_negatives:
+                        hard_loss = region_hard_negative_term(model, aligner, batch, device, cfg.loss)
+                        if hard_loss is not None:
+                            loss = loss + cfg.loss.region_hard_negatives * hard_loss
                 if cfg.loss.global_contrast:
                     global_loss = global_term(model, aligner, batch, device)
                     if global_loss is not None:
@@ -802,6 +871,7 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
                         else {}
                     ),
                     **({"global_loss": float(global_loss.detach())} if global_loss is not None else {}),
+                    **({"hard_negative_loss": float(hard_loss.detach())} if hard_loss is not None else {}),
                 },
             )
             window = {"t": time.perf_counter(), "tokens": 0.0, "target": 0.0, "samples": 0.0, "flops": 0.0}

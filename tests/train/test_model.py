@@ -29,6 +29,18 @@ def test_grid_fits_budget_keeps_aspect_never_upscales(w: int, h: int, budget: in
         assert gh * gw > 0.8 * budget
 
 
+@pytest.mark.parametrize("w,h", [(128, 128), (128, 64), (72, 128), (20, 10)])
+def test_upscale_fills_the_budget_with_a_small_image(w: int, h: int) -> None:
+    """``upscale`` (stage 2's progressive resolution): a small image is scaled up until its grid
+    nearly fills the budget, aspect kept; without it the grid stops at the source's size."""
+    gh, gw = grid_for(w, h, 16, 256, upscale=True)
+    assert 0.85 * 256 <= gh * gw <= 256, (gh, gw)
+    assert abs((gw / gh) / (w / h) - 1) < 0.1
+    native = grid_for(w, h, 16, 256)
+    assert native[0] <= max(h // 16, 1) and native[1] <= max(w // 16, 1)
+    assert grid_for(4000, 3000, 16, 256, upscale=True) == grid_for(4000, 3000, 16, 256)  # large: as before
+
+
 def test_patchify_shapes_and_positions() -> None:
     im = Image.new("RGB", (96, 64), (255, 0, 0))
     patches_NP, pos_N2 = patchify(im, (2, 3), 16, MEAN, STD)

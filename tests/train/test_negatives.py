@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from train.data.negatives import hard_negative
+from train.data.negatives import hard_negative, replacements
 from train.losses import sigmoid_loss, softmax_loss
 
 CAPTION = (
@@ -49,6 +50,52 @@ def test_custom_word_classes(tmp_path) -> None:
     words = tmp_path / "words.yaml"
     words.write_text("fruit: [apple, pear]\n")
     assert hard_negative("an apple on a red table", "k", 0, words_file=str(words)) == "an pear on a red table"
+
+
+def test_region_replacements_are_every_other_word_of_the_class() -> None:
+    """Stage 2's region hard negatives: the caption's shape word replaced by each other shape, the
+    rest of the caption (and the word's plural and capitals) unchanged."""
+    from train.data.negatives import DEFAULT_CLASSES
+
+    shapes = DEFAULT_CLASSES["shape"].split()
+    got = replacements("a medium pink striped square in the top left", ["shape"])
+    assert got == [f"a medium pink striped {s} in the top left" for s in shapes if s != "square"]
+    assert replacements("Two Crosses", ["shape"])[0] == "Two Circles"
+    both = replacements("a red circle", ["shape", "colour"])
+    assert len(both) == len(shapes) - 1 + len(DEFAULT_CLASSES["colour"].split()) - 1
+    assert replacements("the word SALE in black letters", ["shape"]) == []
+    with pytest.raises(ValueError, match="fruit"):
+        replacements("a red circle", ["fruit"])
+
+
+def test_region_hard_negative_loss_is_each_regions_softmax_over_its_own_texts() -> None:
+    """``RegionAligner.hard_negative_loss`` against a per-region cross-entropy written out."""
+    from train.config import ModelConfig, TextConfig, VisionConfig
+    from train.model.region_align import RegionAligner, region_embeddings
+    from train.model.towers import TextTower, VisionTower
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vision=VisionConfig(width=32, depth=1, heads=2, patch_size=8),
+        text=TextConfig(width=32, depth=1, heads=2, context=16, vocab_size=50),
+        embed_dim=16,
+    )
+    vision, aligner = VisionTower(cfg), RegionAligner(TextTower(cfg, 50), 2.0)
+    grids = [torch.randn(4, 4, 32), torch.randn(3, 5, 32)]
+    boxes = torch.tensor([[0, 0.0, 0.0, 0.5, 0.5], [0, 0.5, 0.5, 1.0, 1.0], [1, 0.1, 0.2, 0.9, 0.8]])
+    owner = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # region 0: caption + 2 negatives, ...
+    tokens = torch.randint(1, 50, (9, 6))
+    mask = torch.ones(9, 6, dtype=torch.bool)
+    got = aligner.hard_negative_loss(vision, grids, boxes, tokens, mask, owner)
+    img = region_embeddings(vision, grids, boxes)
+    txt = F.normalize(aligner.text(tokens, mask).float(), dim=-1)
+    want = torch.stack(
+        [
+            F.cross_entropy((2.0 * torch.ones(1)).exp() * img[r] @ txt[owner == r].T, torch.tensor(0))
+            for r in range(3)
+        ]
+    ).mean()
+    torch.testing.assert_close(got, want)
 
 
 def _feats(n: int, seed: int) -> torch.Tensor:

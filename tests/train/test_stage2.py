@@ -120,6 +120,10 @@ REGION = [
     "--set",
     "loss.global_contrast=1.0",
     "--set",
+    "loss.region_hard_negatives=1.0",
+    "--set",
+    "data.upscale=true",
+    "--set",
     "optim.align_lr_mult=1.0",
     "--set",
     "checkpoint.every=5",
@@ -128,9 +132,10 @@ REGION = [
 
 @pytest.mark.slow
 def test_region_contrast_run_resumes_exactly_and_exports_its_text_tower(setup: Setup, tmp_path: Path) -> None:
-    """With ``loss.region_contrast`` (and its global companion) the text tower, temperature, head and
-    projection train: the run logs the three losses, resumes bit-exactly, the encoder export carries stage 2's text tower and
-    pooling head (not stage 1's), and the VLM export leaves the text tower out."""
+    """With ``loss.region_contrast`` (and its global and hard-negative companions, at an upscaled
+    resolution) the text tower, temperature, head and projection train: the run logs the four
+    losses, resumes bit-exactly, the encoder export carries stage 2's text tower, pooling head and
+    resolution (not stage 1's), and the VLM export leaves the text tower out."""
     from safetensors.torch import load_file
 
     from train.model.encoder import load_encoder
@@ -140,7 +145,7 @@ def test_region_contrast_run_resumes_exactly_and_exports_its_text_tower(setup: S
     assert setup.train(whole, *REGION) == 0
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     # the term runs in the phases that train the encoder (the recipe's "all" from step 2 on)
-    terms = {"lm_loss", "region_loss", "global_loss"}
+    terms = {"lm_loss", "region_loss", "global_loss", "hard_negative_loss"}
     assert all(terms <= set(r) for r in rows if "loss" in r and r["step"] > 2), rows
     assert not any({"region_loss", "global_loss"} & set(r) for r in rows if r.get("step", 0) <= 2), rows
     assert setup.train(part, *REGION, "--set", f"loop.stop_at={STEPS // 2}") == 0
@@ -152,6 +157,8 @@ def test_region_contrast_run_resumes_exactly_and_exports_its_text_tower(setup: S
     out = tmp_path / "encoder"
     assert finevit_cli(["export", str(whole), str(out), "--part", "encoder"]) == 0
     enc = load_encoder(str(out))
+    # read at the resolution stage 2 trained it at (its data.upscale, its budget), not stage 1's
+    assert (enc.preprocess.upscale, enc.preprocess.max_patches) == (True, 48), enc.preprocess
     for name, trained_p in vlm.region_align.text.state_dict().items():
         torch.testing.assert_close(enc.text.state_dict()[name], trained_p, rtol=0, atol=0, msg=name)
     changed = [k for k, v in stage1.text.state_dict().items() if not torch.equal(v, enc.text.state_dict()[k])]

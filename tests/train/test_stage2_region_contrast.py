@@ -115,6 +115,32 @@ def test_region_contrast_that_cannot_run_stops_at_start_naming_the_field(over: d
         check_fits(cfg)
 
 
+@pytest.mark.parametrize(
+    "loss, field",
+    [
+        ({"region_hard_negatives": 1.0}, "loss.region_hard_negatives"),
+        (
+            {"region_contrast": 1.0, "region_hard_negatives": 1.0, "hard_negative_classes": ["fruit"]},
+            "loss.hard_negative_classes",
+        ),
+        (
+            {"region_contrast": 1.0, "region_hard_negatives": 1.0, "hard_negative_words": "/no/such.yaml"},
+            "loss.hard_negative_words",
+        ),
+    ],
+)
+def test_region_hard_negatives_that_cannot_run_stop_at_start_naming_the_field(loss: dict, field: str) -> None:
+    from engine.config import ConfigError
+    from train.stage2 import Stage2Config, check_fits
+
+    base = {"data": {"dataset": "d"}, "init": {"checkpoint": "c"}, "lm": {"path": "l"}}
+    check_fits(
+        Stage2Config.model_validate({**base, "loss": {"region_contrast": 1.0, "region_hard_negatives": 1.0}})
+    )
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_fits(Stage2Config.model_validate({**base, "loss": loss}))
+
+
 def test_global_term_embeds_an_image_as_stage_1_does(tmp_path: Path) -> None:
     """``loss.global_contrast`` pools each image's final patch grid with stage 1's head and
     projection: before stage 2 trains, its embedding of an image is the stage-1 encoder's."""

@@ -2,7 +2,9 @@
 
 An image keeps its aspect ratio and is resized to the largest scale whose patch grid fits
 ``max_patches``, sides rounded to the patch size, never upscaled past the source (an image
-smaller than one patch still gets one). Legend: N patches of one image, P = 3*p*p values.
+smaller than one patch still gets one). With ``upscale`` a smaller image is scaled *up* to fill the
+budget, as SigLIP 2's NaFlex does: stage 2 reads the same image with more, smaller-in-the-image
+patches (FineViT's progressive resolution). Legend: N patches of one image, P = 3*p*p values.
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ import torch
 from PIL import Image
 
 
-def grid_for(width: int, height: int, patch: int, max_patches: int) -> tuple[int, int]:
-    """``(rows, cols)`` of the patch grid for a ``width`` x ``height`` image."""
+def grid_for(width: int, height: int, patch: int, max_patches: int, upscale: bool = False) -> tuple[int, int]:
+    """``(rows, cols)`` of the patch grid for a ``width`` x ``height`` image (``upscale``: see the
+    module doc)."""
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
 
     def grid(s: float) -> tuple[int, int]:
+        if upscale:
+            return max(1, round(height * s / patch)), max(1, round(width * s / patch))
         gh = max(1, min(round(height * s / patch), max(1, height // patch)))
         gw = max(1, min(round(width * s / patch), max(1, width // patch)))
         return gh, gw
 
-    s = min(1.0, math.sqrt(max_patches * patch * patch / (width * height)))
+    s = math.sqrt(max_patches * patch * patch / (width * height))
+    if not upscale:
+        s = min(1.0, s)
     gh, gw = grid(s)
     while gh * gw > max_patches:
         s *= 0.995

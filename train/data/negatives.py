@@ -42,6 +42,13 @@ def _pattern(words: list[str]) -> re.Pattern[str]:
 
 @lru_cache(maxsize=8)
 def _compiled(words_file: str | None) -> list[tuple[list[str], re.Pattern[str]]]:
+    return list(word_classes(words_file).values())
+
+
+@lru_cache(maxsize=8)
+def word_classes(words_file: str | None = None) -> dict[str, tuple[list[str], re.Pattern[str]]]:
+    """``{class: (its words, lower case; a pattern matching any of them)}``: the built-in classes or
+    ``words_file``'s."""
     classes: dict[str, list[str]] = {c: ws.split() for c, ws in DEFAULT_CLASSES.items()}
     if words_file:
         text = Path(words_file).read_text()
@@ -58,7 +65,7 @@ def _compiled(words_file: str | None) -> list[tuple[list[str], re.Pattern[str]]]
             raise ValueError(
                 f"loss.hard_negatives.words: {words_file} must map each class to a list of >= 2 words"
             )
-    return [([w.lower() for w in ws], _pattern(ws)) for ws in classes.values()]
+    return {c: ([w.lower() for w in ws], _pattern(ws)) for c, ws in classes.items()}
 
 
 def _like(word: str, template: str) -> str:
@@ -66,6 +73,15 @@ def _like(word: str, template: str) -> str:
     if template.isupper() and len(template) > 1:
         return word.upper()
     return word[:1].upper() + word[1:] if template[:1].isupper() else word
+
+
+def _inflected(word: str, match: re.Match[str]) -> str:
+    """``word`` in the form of the ``match``ed word: its capitalisation, and plural when that one was
+    (cross -> crosses, circle -> circles)."""
+    old, plural = match.group(1), match.group(2)
+    if plural:
+        word += "es" if word.endswith(("s", "x", "ch", "sh")) else "s"
+    return _like(word, old)
 
 
 def _rng(seed: int, key: str, epoch: int) -> random.Random:
@@ -103,7 +119,25 @@ def hard_negative(
             + caption[b.end(1) :]
         )
     ci, m = rng.choice(found)
-    old = m.group(1)
-    choices = [w for w in classes[ci][0] if w != old.lower()]
-    new = _like(rng.choice(choices), old)
-    return caption[: m.start(1)] + new + caption[m.end(1) :]
+    choices = [w for w in classes[ci][0] if w != m.group(1).lower()]
+    return caption[: m.start()] + _inflected(rng.choice(choices), m) + caption[m.end() :]
+
+
+def replacements(caption: str, classes: list[str], words_file: str | None = None) -> list[str]:
+    """Every hard negative of ``caption`` that replaces one word: for each class in ``classes``,
+    its first word in the caption replaced by each other word of the class (FG-CLIP's region hard
+    negatives, all of them rather than one drawn: a region caption is short and names each
+    attribute once). ``[]`` when the caption has no word of those classes."""
+    known = word_classes(words_file)
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise ValueError(f"no word class {unknown} (classes: {sorted(known)})")
+    out = []
+    for c in classes:
+        words, pat = known[c]
+        m = pat.search(caption)
+        if m is None:
+            continue
+        old = m.group(1).lower()
+        out += [caption[: m.start()] + _inflected(w, m) + caption[m.end() :] for w in words if w != old]
+    return out

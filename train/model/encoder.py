@@ -62,6 +62,7 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     context: int = 256
+    upscale: bool = False  # small images scaled up to fill max_patches (train/data/naflex.py)
 
     def describe(self) -> str:
         return f"patch {self.patch_size}, <= {self.max_patches} patches, text <= {self.context} tokens"
@@ -128,7 +129,7 @@ class FineViTEncoder(nn.Module):
         return {
             "patch_size": p.patch_size,
             "max_patches": p.max_patches,
-            "resolution": f"native, <= {p.max_patches} patches of {p.patch_size}px "
+            "resolution": f"{'upscaled to' if p.upscale else 'native,'} <= {p.max_patches} patches of {p.patch_size}px "
             f"(~{int(p.max_patches**0.5 * p.patch_size)}px square)",
             "text_context": p.context if self.has_text else None,
             "mean": list(p.mean),
@@ -150,7 +151,7 @@ class FineViTEncoder(nn.Module):
         p = self.preprocess
         items, grids = [], []
         for im in images:
-            grid = grid_for(im.width, im.height, p.patch_size, p.max_patches)
+            grid = grid_for(im.width, im.height, p.patch_size, p.max_patches, p.upscale)
             items.append(patchify(im, grid, p.patch_size, p.mean, p.std))
             grids.append(grid)
         B, S = len(items), max(x[0].shape[0] for x in items)

@@ -89,6 +89,32 @@ class RegionAligner(nn.Module):
         """Stage 1's loss over whole images and their global captions (FG-CLIP's global term)."""
         return self._contrast(image_embeddings(vision, grids), tokens_BL, mask_BL)
 
+    def hard_negative_loss(
+        self,
+        vision: VisionTower,
+        grids: Sequence[torch.Tensor],
+        boxes_R5: torch.Tensor,
+        tokens_NL: torch.Tensor,
+        mask_NL: torch.Tensor,
+        owner_N: torch.Tensor,
+    ) -> torch.Tensor:
+        """FG-CLIP's region hard-negative term: each region against its own caption and the captions
+        made from it by changing one word (``train/data/negatives.py: replacements``), a softmax over
+        those texts alone. Text n describes region ``owner_N[n]``; each region's first text is its
+        caption. The batch's contrast tells regions apart by whatever differs most (colour, place);
+        this term asks the region for the one detail its negatives change."""
+        img_RE = region_embeddings(vision, grids, boxes_R5)
+        txt_NE = F.normalize(self.text(tokens_NL, mask_NL).float(), dim=-1)
+        logit_N = self.logit_scale.exp() * (img_RE[owner_N] * txt_NE).sum(-1)
+        R = img_RE.shape[0]
+        top_R = torch.full((R,), float("-inf"), device=logit_N.device).scatter_reduce(
+            0, owner_N, logit_N.detach(), reduce="amax"
+        )
+        sum_R = torch.zeros(R, device=logit_N.device).index_add(0, owner_N, (logit_N - top_R[owner_N]).exp())
+        first_N = torch.ones_like(owner_N, dtype=torch.bool)
+        first_N[1:] = owner_N[1:] != owner_N[:-1]
+        return (top_R + sum_R.log() - logit_N[first_N]).mean()
+
     def _contrast(self, img_NE: torch.Tensor, tokens_NL: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
         """CLIP's symmetric softmax loss: row n's text is image n's one positive."""
         txt_NE = F.normalize(self.text(tokens_NL, mask_NL).float(), dim=-1)

@@ -418,7 +418,7 @@ class FineViTVLMProcessor:
         p = self.preprocess
         patches, grids = [], []
         for im in images:
-            grid = grid_for(im.width, im.height, p["patch_size"], p["max_patches"])
+            grid = grid_for(im.width, im.height, p["patch_size"], p["max_patches"], p.get("upscale", False))
             x_NP, _ = patchify(im, grid, p["patch_size"], tuple(p["mean"]), tuple(p["std"]))
             patches.append(x_NP)
             grids.append(grid)
@@ -543,7 +543,7 @@ class FineViTModel(PreTrainedModel):
         p = self.config.preprocess
         items = []
         for im in images:
-            grid = grid_for(im.width, im.height, p["patch_size"], p["max_patches"])
+            grid = grid_for(im.width, im.height, p["patch_size"], p["max_patches"], p.get("upscale", False))
             x_NP, _ = patchify(im, grid, p["patch_size"], tuple(p["mean"]), tuple(p["std"]))
             items.append((x_NP, grid))
         n_max = max(x.shape[0] for x, _ in items)
