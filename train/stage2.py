@@ -46,7 +46,7 @@ from train.data.regions import TASKS, Stage2Loader
 from train.distributed import init_from_env, is_dist
 from train.metrics import Logger, peak_tflops
 from train.model.attention import pick_backend
-from train.model.region_align import RegionAligner
+from train.model.region_align import RegionAligner, region_embeddings
 from train.model.vlm import (
     IMAGE_TOKEN,
     REGION_TOKEN,
@@ -585,31 +585,24 @@ def parallelize(
     return model
 
 
-def region_term(
-    model: FineViTVLMForConditionalGeneration,
-    aligner: RegionAligner,
-    batch: dict[str, Any],
-    device: torch.device,
-) -> torch.Tensor:
-    """The regional contrastive loss of a batch whose forward just ran (it kept the final grids)."""
-    tokens_RL, mask_RL = _caption_tokens(aligner, batch["image_region_captions"], device)
-    return aligner.loss(
-        model.vision, model.final_grids, batch["image_regions"].to(device), tokens_RL, mask_RL
-    )
-
-
-def region_hard_negative_term(
+def region_terms(
     model: FineViTVLMForConditionalGeneration,
     aligner: RegionAligner,
     batch: dict[str, Any],
     device: torch.device,
     loss: Stage2Loss,
-) -> torch.Tensor | None:
-    """The region hard-negative loss of a batch whose forward just ran (None when no region caption
-    has a word of ``loss.hard_negative_classes``)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The regional contrastive loss of a batch whose forward just ran (it kept the final grids),
+    and with ``loss.region_hard_negatives`` the hard-negative loss on the same region embeddings
+    (None when off, or when no region caption has a word of ``loss.hard_negative_classes``)."""
+    captions = batch["image_region_captions"]
+    img_RE = region_embeddings(model.vision, model.final_grids, batch["image_regions"].to(device))
+    tokens_RL, mask_RL = _caption_tokens(aligner, captions, device)
+    contrast = aligner.contrast(img_RE, tokens_RL, mask_RL)
+    if not loss.region_hard_negatives:
+        return contrast, None
     from train.data.negatives import replacements
 
-    captions = batch["image_region_captions"]
     texts, owner, keep = [], [], []
     for i, caption in enumerate(captions):
         negatives = replacements(caption, loss.hard_negative_classes, loss.hard_negative_words)
@@ -618,11 +611,10 @@ def region_hard_negative_term(
             owner += [len(keep)] * (1 + len(negatives))
             keep.append(i)
     if not keep:
-        return None
+        return contrast, None
     tokens_NL, mask_NL = _caption_tokens(aligner, texts, device)
-    boxes_R5 = batch["image_regions"][keep].to(device)
     owner_N = torch.tensor(owner, dtype=torch.long, device=device)
-    return aligner.hard_negative_loss(model.vision, model.final_grids, boxes_R5, tokens_NL, mask_NL, owner_N)
+    return contrast, aligner.hard_negative_loss(img_RE[keep], tokens_NL, mask_NL, owner_N)
 
 
 def global_term(
@@ -805,12 +797,10 @@ def train_stage2(cfg: Stage2Config, on_event=print) -> Stage2Result:
             # the phases that train the encoder
             if aligner is not None and phase in ("encoder", "all"):
                 if batch["image_region_captions"]:
-                    region_loss = region_term(model, aligner, batch, device)
+                    region_loss, hard_loss = region_terms(model, aligner, batch, device, cfg.loss)
                     loss = loss + cfg.loss.region_contrast * region_loss
-                    if cfg.loss.region_hard_negatives:
-                        hard_loss = region_hard_negative_term(model, aligner, batch, device, cfg.loss)
-                        if hard_loss is not None:
-                            loss = loss + cfg.loss.region_hard_negatives * hard_loss
+                    if hard_loss is not None:
+                        loss = loss + cfg.loss.region_hard_negatives * hard_loss
                 if cfg.loss.global_contrast:
                     global_loss = global_term(model, aligner, batch, device)
                     if global_loss is not None:

@@ -86,8 +86,8 @@ def test_region_hard_negative_loss_is_each_regions_softmax_over_its_own_texts() 
     owner = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # region 0: caption + 2 negatives, ...
     tokens = torch.randint(1, 50, (9, 6))
     mask = torch.ones(9, 6, dtype=torch.bool)
-    got = aligner.hard_negative_loss(vision, grids, boxes, tokens, mask, owner)
     img = region_embeddings(vision, grids, boxes)
+    got = aligner.hard_negative_loss(img, tokens, mask, owner)
     txt = F.normalize(aligner.text(tokens, mask).float(), dim=-1)
     want = torch.stack(
         [

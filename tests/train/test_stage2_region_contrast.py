@@ -41,7 +41,7 @@ def train_and_score(tmp_path: Path, weight: float) -> float:
     from tests.train.conftest import tiny_stage2_config
     from train.data.regions import Sample, collate, prompt_for
     from train.model.encoder import load_encoder
-    from train.stage2 import build, lm_loss, param_groups, region_term, set_phase
+    from train.stage2 import build, lm_loss, param_groups, region_terms, set_phase
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -70,7 +70,9 @@ def train_and_score(tmp_path: Path, weight: float) -> float:
         )
         loss = lm_loss(out.logits, b["labels_BL"], "sample")
         if weight:
-            loss = loss + weight * region_term(model, model.region_align, b, torch.device("cpu"))
+            loss = (
+                loss + weight * region_terms(model, model.region_align, b, torch.device("cpu"), cfg.loss)[0]
+            )
         optim.zero_grad()
         loss.backward()
         optim.step()

@@ -68,16 +68,12 @@ class RegionAligner(nn.Module):
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor([float(logit_scale)]))
 
-    def loss(
-        self,
-        vision: VisionTower,
-        grids: Sequence[torch.Tensor],
-        boxes_R5: torch.Tensor,
-        tokens_RL: torch.Tensor,
-        mask_RL: torch.Tensor,
-    ) -> torch.Tensor:
-        """CLIP's symmetric softmax loss over the regions: region r's caption is its one positive."""
-        return self._contrast(region_embeddings(vision, grids, boxes_R5), tokens_RL, mask_RL)
+    def contrast(self, img_NE: torch.Tensor, tokens_NL: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
+        """CLIP's symmetric softmax loss: row n's text is row n's one positive (the regional term:
+        :func:`region_embeddings` against the regions' captions)."""
+        txt_NE = F.normalize(self.text(tokens_NL, mask_NL).float(), dim=-1)
+        valid_N = torch.ones(img_NE.shape[0], dtype=torch.bool, device=img_NE.device)
+        return softmax_loss(img_NE, txt_NE, valid_N, self.logit_scale)[0]
 
     def global_loss(
         self,
@@ -87,23 +83,17 @@ class RegionAligner(nn.Module):
         mask_BL: torch.Tensor,
     ) -> torch.Tensor:
         """Stage 1's loss over whole images and their global captions (FG-CLIP's global term)."""
-        return self._contrast(image_embeddings(vision, grids), tokens_BL, mask_BL)
+        return self.contrast(image_embeddings(vision, grids), tokens_BL, mask_BL)
 
     def hard_negative_loss(
-        self,
-        vision: VisionTower,
-        grids: Sequence[torch.Tensor],
-        boxes_R5: torch.Tensor,
-        tokens_NL: torch.Tensor,
-        mask_NL: torch.Tensor,
-        owner_N: torch.Tensor,
+        self, img_RE: torch.Tensor, tokens_NL: torch.Tensor, mask_NL: torch.Tensor, owner_N: torch.Tensor
     ) -> torch.Tensor:
-        """FG-CLIP's region hard-negative term: each region against its own caption and the captions
-        made from it by changing one word (``train/data/negatives.py: replacements``), a softmax over
-        those texts alone. Text n describes region ``owner_N[n]``; each region's first text is its
-        caption. The batch's contrast tells regions apart by whatever differs most (colour, place);
-        this term asks the region for the one detail its negatives change."""
-        img_RE = region_embeddings(vision, grids, boxes_R5)
+        """FG-CLIP's region hard-negative term: each region (``img_RE``, from :func:`region_embeddings`)
+        against its own caption and the captions made from it by changing one word
+        (``train/data/negatives.py: replacements``), a softmax over those texts alone. Text n
+        describes region ``owner_N[n]``; each region's first text is its caption. The batch's
+        contrast tells regions apart by whatever differs most (colour, place); this term asks the
+        region for the one detail its negatives change."""
         txt_NE = F.normalize(self.text(tokens_NL, mask_NL).float(), dim=-1)
         logit_N = self.logit_scale.exp() * (img_RE[owner_N] * txt_NE).sum(-1)
         R = img_RE.shape[0]
@@ -114,9 +104,3 @@ class RegionAligner(nn.Module):
         first_N = torch.ones_like(owner_N, dtype=torch.bool)
         first_N[1:] = owner_N[1:] != owner_N[:-1]
         return (top_R + sum_R.log() - logit_N[first_N]).mean()
-
-    def _contrast(self, img_NE: torch.Tensor, tokens_NL: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
-        """CLIP's symmetric softmax loss: row n's text is image n's one positive."""
-        txt_NE = F.normalize(self.text(tokens_NL, mask_NL).float(), dim=-1)
-        valid_N = torch.ones(img_NE.shape[0], dtype=torch.bool, device=img_NE.device)
-        return softmax_loss(img_NE, txt_NE, valid_N, self.logit_scale)[0]
