@@ -61,6 +61,11 @@ def register(sub: argparse._SubParsersAction, config_args) -> None:
     )
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="reproducible sampling (temperature > 0): each request gets a seed made from this and its image",
+    )
     p.add_argument("--keep-truncated", action="store_true", help="keep captions cut by --max-tokens as ok")
     p.add_argument("--max-in-flight", type=int, help="requests in flight per endpoint")
     p.add_argument(
@@ -169,6 +174,7 @@ def cmd_recaption(args: argparse.Namespace) -> int:
             "recaption.box_hint": args.box_hint,
             "recaption.max_tokens": args.max_tokens,
             "recaption.temperature": args.temperature,
+            "recaption.seed": args.seed,
             "recaption.keep_truncated": flag(args.keep_truncated),
             "recaption.max_in_flight": args.max_in_flight,
             "recaption.max_bytes_in_flight": _q(args.max_bytes_in_flight),

@@ -39,6 +39,8 @@ def fingerprint(task: Task, extra: dict[str, Any] | None = None) -> str:
                 "bbox_format": s.bbox_format,
                 "box_hint": s.box_hint,
                 "keep_truncated": s.keep_truncated,
+                # only when set: an unseeded run keeps the fingerprint (and the answers) it had
+                **({"seed": s.seed} if s.seed is not None else {}),
                 **(extra or {}),
             },
             sort_keys=True,

@@ -62,6 +62,7 @@ class LayerSpec(StrictModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0)
     keep_truncated: bool | None = None
     max_regions: int | None = Field(default=None, ge=1)
     extra_body: dict | None = None
@@ -82,6 +83,13 @@ class RecaptionConfig(StrictModel):
     max_tokens: int = Field(default=512, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        description="sampled answers (temperature > 0) are reproducible: each request carries its own "
+        "seed, made from this one and the image (its bytes' sha256), so a rerun samples the same answer "
+        "whatever the batching and order; unset, the server samples at random",
+    )
     keep_truncated: bool = Field(
         default=False, description="keep captions cut by max_tokens (status ok) instead of failing them"
     )

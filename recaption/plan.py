@@ -109,6 +109,7 @@ def make_task(cfg: RecaptionConfig, model: str) -> Task:
     s = TaskSettings(
         model=model,
         sampling=sampling(cfg),
+        seed=cfg.seed,
         retries=cfg.retries,
         keep_truncated=cfg.keep_truncated,
         bbox_format=cfg.bbox_format,
@@ -139,6 +140,7 @@ def layer_info(cfg: RecaptionConfig, model: str) -> dict[str, Any]:
             "max_tokens": cfg.max_tokens,
             "temperature": cfg.temperature,
             "top_p": cfg.top_p,
+            **({"seed": cfg.seed} if cfg.seed is not None else {}),
             **({"extra": cfg.extra_body} if cfg.extra_body else {}),
         },
         "keep_truncated": cfg.keep_truncated,

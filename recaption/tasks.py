@@ -12,6 +12,7 @@ answer can be inspected. Readers use ``union_by_name``; the standard columns com
 
 from __future__ import annotations
 
+import hashlib
 import re
 import statistics
 from collections.abc import Callable
@@ -175,10 +176,18 @@ async def ask(
     return None, r, f"{err} (after {retries + 1} answers)"
 
 
+def request_seed(seed: int, *parts: object) -> int:
+    """A request's own sampling seed: ``seed`` mixed with what identifies the question (63 bits,
+    a valid ``seed`` for vLLM, SGLang and OpenAI's API)."""
+    h = hashlib.blake2b("\0".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") >> 1
+
+
 @dataclass
 class TaskSettings:
     model: str
     sampling: SamplingParams
+    seed: int | None = None  # RecaptionConfig.seed: per-request seeds (Task.sampling)
     retries: int = 3
     keep_truncated: bool = False
     bbox_format: str = "norm1000"
@@ -218,6 +227,16 @@ class Task:
 
     def requests(self, sample: Sample) -> list[CaptionRequest]:
         raise NotImplementedError
+
+    def sampling(self, sample: Sample, i: int = 0) -> SamplingParams:
+        """The sampling of ``sample``'s request ``i``. With ``seed`` set and a temperature above 0,
+        the request carries its own seed, made from the image's bytes (the key when unknown) and
+        ``i``: the same answer on a rerun, whatever batch or order the server sees it in, and for a
+        duplicate image the answer the response cache would have given it."""
+        sp = self.s.sampling
+        if self.s.seed is None or sp.temperature <= 0:
+            return sp
+        return replace(sp, seed=request_seed(self.s.seed, sample.sha256 or sample.key, i))
 
     # bytes of one request per byte of the sample's JPEG: its base64 copy in the body
     body_factor = 4 / 3
@@ -273,7 +292,7 @@ class GlobalTask(Task):
                 sample.key,
                 self._user(self.prompt.render(width=w, height=h)),
                 [sample.image.jpeg],
-                self.s.sampling,
+                self.sampling(sample),
             )
         ]
 
@@ -353,7 +372,7 @@ class GroundedTask(RegionTask):
                 sample.key,
                 self._user(text),
                 [sample.image.jpeg],
-                self.s.sampling,
+                self.sampling(sample),
                 json_schema=grounded_schema(self.s.max_regions),
                 schema_name="regions",
             )
@@ -428,7 +447,9 @@ class ProposalTask(RegionTask):
             images = [sample.image.jpeg, crop_box(sample.image.decoded(), box, q)]
         else:
             images = [sample.image.jpeg]
-        return CaptionRequest(f"{sample.key}#{i}", self._user(text, len(images)), images, self.s.sampling)
+        return CaptionRequest(
+            f"{sample.key}#{i}", self._user(text, len(images)), images, self.sampling(sample, i)
+        )
 
     def requests(self, sample: Sample) -> list[CaptionRequest]:
         return [self.build(sample, i, b) for i, b in enumerate(self.boxes(sample.proposals or []))]

@@ -3,8 +3,9 @@
 ``AutoProcessor`` + ``AutoModelForImageTextToText``: the processor's chat template turns
 the request's messages (``{"type": "image"}`` placeholders, text parts) into the prompt;
 requests that arrive within ``batch_wait_ms`` of each other (up to ``batch_size``, same
-sampling parameters) share one ``generate`` call, run in one dedicated thread so the
-asyncio loop keeps accepting work. ``finish_reason`` is ``stop`` when the model ended the
+``max_tokens``) share one ``generate`` call, run in one dedicated thread so the asyncio loop
+keeps accepting work. Temperature, ``top_p`` and ``seed`` are each row's own
+(:mod:`.row_sampling`), as in vLLM. ``finish_reason`` is ``stop`` when the model ended the
 answer, ``length`` when ``max_tokens`` cut it.
 
 Transformers has no JSON-schema constrained decoding built in: a request's ``json_schema``
@@ -19,9 +20,14 @@ import io
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from recaption.backends.base import Backend, BackendError, CaptionRequest, CaptionResult, SamplingParams
+from recaption.backends.row_sampling import RowSampler
+
+
+def batch_key(sp: SamplingParams) -> SamplingParams:
+    """What requests sharing one ``generate`` must agree on: ``max_tokens`` and the extra fields."""
+    return SamplingParams(sp.max_tokens, extra=sp.extra)
 
 
 def _torchvision_usable() -> bool:
@@ -177,9 +183,10 @@ class HFBackend(Backend):
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except TimeoutError:
                     break
+            # one generate per max_tokens and extra fields: temperature, top_p and seed are per row
             groups: dict[SamplingParams, list] = {}
             for req, fut in batch:
-                groups.setdefault(req.sampling, []).append((req, fut))
+                groups.setdefault(batch_key(req.sampling), []).append((req, fut))
             for items in groups.values():
                 reqs = [r for r, _ in items]
                 try:
@@ -194,9 +201,12 @@ class HFBackend(Backend):
                         fut.set_result(res)
 
     def generate_batch(self, reqs: list[CaptionRequest]) -> list[CaptionResult]:
-        """One ``generate`` for requests that share sampling parameters (blocking)."""
+        """One ``generate`` for requests that share ``max_tokens`` (blocking). Each row is greedy
+        or sampled with its own temperature, ``top_p`` and seed (:mod:`.row_sampling`): a seeded
+        request gets the same answer whatever else shares its batch."""
         import torch
         from PIL import Image
+        from transformers import LogitsProcessorList
 
         t0 = time.perf_counter()
         proc, net = self.processor, self.net
@@ -207,15 +217,20 @@ class HFBackend(Backend):
         inputs = proc(images=images or None, text=texts, padding=True, return_tensors="pt").to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(net.dtype)
-        sp = reqs[0].sampling
-        gen: dict[str, Any] = {"max_new_tokens": sp.max_tokens, "do_sample": sp.temperature > 0}
-        if sp.temperature > 0:
-            gen.update(temperature=sp.temperature, top_p=sp.top_p)
-            if sp.seed is not None:  # a batch shares its sampling parameters, seed included
-                torch.manual_seed(sp.seed)
+        sampler = RowSampler(
+            [r.sampling.temperature for r in reqs],
+            [r.sampling.top_p for r in reqs],
+            [r.sampling.seed for r in reqs],
+        )
         tok = proc.tokenizer
         with torch.inference_mode():
-            out = net.generate(**inputs, **gen, pad_token_id=tok.pad_token_id)
+            out = net.generate(
+                **inputs,
+                max_new_tokens=max(r.sampling.max_tokens for r in reqs),
+                do_sample=False,  # RowSampler has chosen each row's token; greedy keeps it
+                logits_processor=LogitsProcessorList([sampler]),
+                pad_token_id=tok.pad_token_id,
+            )
         n_in = inputs["input_ids"].shape[1]
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         eos = net.generation_config.eos_token_id

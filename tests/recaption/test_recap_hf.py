@@ -50,6 +50,30 @@ def test_hf_backend_batches_and_reports(tiny_vlm):
         assert (r.finish_reason == "length") == (r.completion_tokens == 6)
 
 
+def test_hf_backend_seeded_answer_does_not_depend_on_its_batch(tiny_vlm):
+    """A seeded sampled request gets the same answer alone and batched with a greedy request and
+    another temperature (per-row sampling, as vLLM does); a greedy row is unchanged by sampled
+    neighbours; another seed, another answer."""
+    b = HFBackend(str(tiny_vlm), device="cpu")
+    b._load()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+
+    def req(key, color, temperature, seed=None):
+        return CaptionRequest(key, msgs, [_jpeg(color)], SamplingParams(12, temperature, seed=seed))
+
+    def text(reqs, key):
+        return next(r.text for r in b.generate_batch(reqs) if r.key == key)
+
+    sampled = req("s", (0, 90, 200), 1.0, seed=5)
+    greedy = req("g", (200, 0, 0), 0.0)
+    alone = text([sampled], "s")
+    batch = [greedy, sampled, req("o", (0, 200, 0), 0.7, seed=9)]
+    assert text(batch, "s") == alone
+    assert text(batch, "g") == text([greedy], "g")
+    others = {text([req("s", (0, 90, 200), 1.0, seed=s)], "s") for s in (6, 7, 8)}
+    assert others - {alone}, "three other seeds all gave the seed-5 answer"
+
+
 def test_parse_chat_request_validates():
     import base64
 
@@ -165,6 +189,19 @@ def test_serve_captioner_end_to_end(captioner, scenes):
         r["model"] == "tiny-llava" and isinstance(r["caption"], str) and 0 < r["n_tokens"] <= 8 for r in ok
     )
     assert {r["finish_reason"] for r in ok} <= {"stop", "length"}
+
+    # sampled with a seed: the same layer again, whatever the requests in flight (batches of 1 or
+    # mixed batches of 8 on the server); another seed samples other answers
+    def sampled(layer, seed, in_flight):
+        kw = dict(common, max_in_flight=in_flight, persistent_cache=False)
+        cfg = RecaptionConfig(**kw, layer=layer, keep_truncated=True, temperature=1.0, seed=seed)
+        recaption(str(scenes), RecaptionRunConfig(recaption=cfg), progress=False)
+        return {r["key"]: r["caption"] for r in read_layer(str(scenes), layer).to_pylist()}
+
+    first, again, other = sampled("s7", 7, 1), sampled("s7-again", 7, 8), sampled("s8", 8, 8)
+    assert first == again and len([c for c in first.values() if c]) == N_IMAGES - 1
+    assert other != first
+    assert Dataset(str(scenes)).layer("s7").info()["sampling"]["seed"] == 7
 
     # without --keep-truncated the same answers are failed with the reason, raw text kept
     rep = run(layer="tiny-strict")

@@ -199,6 +199,8 @@ def test_cli_flags_build_the_config(monkeypatch):
             "--cache-dir",
             "s3://b/answers",
             "--no-persistent-cache",
+            "--seed",
+            "3",
         ]
     )
     assert args.func is cr.cmd_recaption
@@ -226,7 +228,7 @@ def test_cli_flags_build_the_config(monkeypatch):
         True,
         "org/model:v1",
     )
-    assert (r.cache_dir, r.persistent_cache) == ("s3://b/answers", False)
+    assert (r.cache_dir, r.persistent_cache, r.seed) == ("s3://b/answers", False, 3)
 
 
 @pytest.mark.parametrize(
