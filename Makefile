@@ -14,7 +14,7 @@ export WANDB_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= demo_out
 
-.PHONY: setup test test-fast test-chaos lint format demo demo-audit bench-deps bench-quick clean image image-sglang
+.PHONY: setup test test-fast test-chaos lint format demo demo-screenshot demo-audit bench-deps bench-quick clean image image-sglang
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ format: setup
 # It exits non-zero when a claimed margin is not met (README's first section).
 demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH DEMO_DIR=$(DEMO_DIR) scripts/demo.sh
+
+# The report as headless Chromium draws it (needs a Chromium: apt-get install chromium)
+demo-screenshot: setup
+	$(BIN)/python scripts/screenshot_report.py $(DEMO_DIR)/report.html $(DEMO_DIR)/report.png
 
 demo-audit: setup
 	rm -rf $(DEMO_DIR)-audit

@@ -14,7 +14,7 @@
 #
 # Steps: data (corpus with alt-text, held-out set, small "human-annotated" set) -> tokenizer ->
 # captioner (stage 1 + stage 2 on the small set's gt layers, exported as a model dir) ->
-# serve-captioner + recaption (a greedy and two sampled global captions + regions, openai backend) -> filter -> audit ->
+# serve-captioner + recaption (a greedy and two seeded sampled global captions + regions, openai backend) -> filter -> audit ->
 # stage 1 on alt-text and on filtered recaptions -> stage 2 -> export -> eval -> summary.
 set -euo pipefail
 
@@ -139,9 +139,9 @@ recaption() {
     local name="captioner-$(sha256sum "$D/models/captioner/model.safetensors" | cut -c1-12)"
     # batches of 256, and as many requests in flight: the tiny LM's decoding step costs about the
     # same for 8 sequences as for 256 (512 corpus images, global + regions pass: 57 s at 32, 49 s
-    # at 64, 41 s at 128, 39 s at 256; at 8 the client's requests queued past its timeout). The two
-    # passes run one after the other: in one pass (recaption.layers) the server's static batches
-    # mix 12-token region captions with 150-token global ones, and the 512 images took 91 s
+    # at 64, 41 s at 128, 39 s at 256; at 8 the client's requests queued past its timeout). The region
+    # pass runs after the global one: in one pass (recaption.layers) the server's static batches
+    # mixed 12-token region captions with 150-token global ones, and the 512 images took 91 s
     $BIN serve-captioner "$D/models/captioner" --host 127.0.0.1 --port "$PORT" --batch-size 256 \
         --served-model-name "$name" --trust-remote-code >"$D/logs/serve-captioner.log" 2>&1 &
     local pid=$!
@@ -151,21 +151,20 @@ recaption() {
         kill -0 $pid || { cat "$D/logs/serve-captioner.log"; return 1; }
         sleep 1
     done
-    # the prompts the captioner was trained with (a tiny model follows no other wording)
-    $BIN recaption "$CORPUS" --task global --layer recap-global --backend openai \
+    # the prompts the captioner was trained with (a tiny model follows no other wording).
+    # Three global recaptions of each image, in one pass: the greedy one and two sampled. Stage 1
+    # draws one of the three per image and epoch, so the captioner's errors in a sentence (random
+    # from sample to sample) average out while what it gets right repeats. Stage 1 on the same
+    # corpus (one thread): 34.4 with the greedy recaption alone, 35.7 with one sampled beside it,
+    # 37.4 with two (README, the demo). Seeded (recaption --seed): each request samples with its
+    # own seed, so a rerun writes the same layers; the server samples each row of its batches
+    # apart, so the three layers share batches (68 s for the three, 101 s as three passes).
+    $BIN recaption "$CORPUS" --task global --backend openai \
         --endpoint "http://127.0.0.1:$PORT" --model "$name" --prompt configs/prompts/stage2-global.txt \
+        --set "recaption.layers=[{task: global, layer: recap-global},
+            {task: global, layer: recap-global-t05, temperature: 0.5, seed: 1},
+            {task: global, layer: recap-global-t07, temperature: 0.7, seed: 2}]" \
         "${RECAP_ARGS[@]}" --no-progress
-    # two more global recaptions of each image, sampled: stage 1 draws one of the three per image and
-    # epoch, so the captioner's errors in a sentence (random from sample to sample) average out
-    # while what it gets right repeats. Stage 1 on the same corpus (one thread): 34.4 with the
-    # greedy recaption alone, 35.7 with one sampled beside it, 37.4 with two (README, the demo).
-    # Two temperatures, not one twice: the response cache keys answers by the sampling settings.
-    local t
-    for t in 05 07; do
-        $BIN recaption "$CORPUS" --task global --layer "recap-global-t$t" --backend openai \
-            --endpoint "http://127.0.0.1:$PORT" --model "$name" --prompt configs/prompts/stage2-global.txt \
-            --temperature "0.${t#0}" "${RECAP_ARGS[@]}" --no-progress
-    done
     $BIN recaption "$CORPUS" --task regions --layer recap-regions --backend openai \
         --endpoint "http://127.0.0.1:$PORT" --model "$name" --region-mode proposals \
         --proposals-layer gt-regions --prompt configs/prompts/stage2-region.txt "${RECAP_ARGS[@]}" --no-progress

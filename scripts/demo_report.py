@@ -157,8 +157,8 @@ def object_count(text: str) -> int | None:
     return 1 if word == "single" else _NUMBERS.index(word) + 1
 
 
-def recaption_passes(corpus: str, layers: tuple[str, ...] = RECAP_LAYERS) -> dict[str, int]:
-    """Rows (ok + failed) of each recaption layer the corpus has: what each pass wrote."""
+def recaption_layers(corpus: str, layers: tuple[str, ...] = RECAP_LAYERS) -> dict[str, int]:
+    """Rows (ok + failed) of each recaption layer the corpus has: what the step wrote."""
     from engine.audit.views import open_audit
 
     audit = open_audit(corpus)
@@ -362,22 +362,26 @@ def _fmt(v: Any) -> str:
 
 
 def throughput(s: dict[str, Any]) -> str:
-    """The recaption step's speed, with the passes it counts (one line of the report)."""
+    """The recaption step's speed, with the layers it counts (one line of the report)."""
     rec = s["recaption"]
-    passes = rec.get("passes") or {}
-    over = f" over {len(passes)} passes ({', '.join(passes)})" if len(passes) > 1 else ""
+    layers = rec.get("layers") or {}
+    over = f" over {len(layers)} layers ({', '.join(layers)})" if len(layers) > 1 else ""
     return f"{_fmt(rec.get('images_per_s'))} images/s{over}"
 
 
 def table_md(s: dict[str, Any]) -> str:
-    fg, box = s["finegrained_r1"], s["boxcls_top1"]
+    fg, box = s["finegrained_r1"], s["boxcls_top1_all"]
+    mpcr = s.get("boxcls_mean_per_class_recall") or {}
     rows = [
-        "| encoder | fine-grained R@1 (%) | box cls top-1 (%) |",
-        "|---|---|---|",
-        f"| stage 1 on alt-text | {_fmt(fg['alt_text'])} | {_fmt(s['boxcls_top1_all'].get('alt_text'))} |",
-        f"| stage 1 on recaptions | {_fmt(fg['recaption'])} | {_fmt(box['stage1'])} |",
-        f"| + stage 2 | {_fmt(fg['stage2'])} | {_fmt(box['stage2'])} |",
+        "| encoder | fine-grained R@1 (%) | box cls top-1 (%) | box cls mean per-class recall (%) |",
+        "|---|---|---|---|",
     ]
+    for key, label in (
+        ("alt_text", "stage 1 on alt-text"),
+        ("recaption", "stage 1 on recaptions"),
+        ("stage2", "+ stage 2"),
+    ):
+        rows.append(f"| {label} | {_fmt(fg[key])} | {_fmt(box.get(key))} | {_fmt(mpcr.get(key))} |")
     return "\n".join(rows)
 
 
@@ -411,6 +415,26 @@ def box_noise(s: dict[str, Any]) -> str:
     )
 
 
+# the audit plots the report shows, by their titles in the audit's report.md (files are numbered
+# by layer order): how long the dense captions are, beside the ground truth's, what the filter
+# dropped and why, and what the region captions name
+AUDIT_PLOTS = (
+    "gt-global: caption length in words",
+    "recap-global: caption length in words",
+    "recap-filter: drop reasons",
+    "recap-regions: boxes per label",
+)
+
+
+def pick_audit_plots(audit_dir: str, titles: tuple[str, ...] = AUDIT_PLOTS) -> list[tuple[str, str]]:
+    """``(title, path)`` of each of ``titles`` that ``finevit audit --report`` drew."""
+    md = os.path.join(audit_dir, "report.md")
+    if not os.path.exists(md):
+        return []
+    drawn = dict(re.findall(r"!\[([^\]]+)\]\((plots/[^)]+\.png)\)", Path(md).read_text()))
+    return [(t, os.path.join(audit_dir, drawn[t])) for t in titles if t in drawn]
+
+
 def _img(path: str | None) -> str:
     if not path or not os.path.exists(path):
         return ""
@@ -423,7 +447,9 @@ def _filter_line(f: dict[str, Any]) -> str:
     return f"Filter kept {f['kept']} of {f['total']} recaptions" + (f" (dropped: {why})." if why else ".")
 
 
-def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots: list[str]) -> None:
+def write_pages(
+    d: str, s: dict[str, Any], plots: list[str | None], audit_plots: list[tuple[str, str]]
+) -> None:
     ok = checks(s)
     rq = s["recaption"].get("quality", {})
     rg = s["recaption"].get("regions_quality", {})
@@ -468,7 +494,9 @@ def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots:
         for name, per in s["finegrained_per_attribute"].items():
             md.append(f"| {name} | " + " | ".join(_fmt(per.get(a)) for a in attrs) + " |")
     md += ["", "## Steps (wall seconds)", ""] + [f"- {k}: {v:.0f}" for k, v in s["steps_s"].items()]
-    md += ["", "Plots: " + ", ".join(os.path.basename(p) for p in plots if p), "Audit: audit/report.html"]
+    md += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots if p]
+    md += ["", "## Audit ([the full audit report](audit/report.md))", ""]
+    md += [f"![{t}]({os.path.relpath(p, d)})" for t, p in audit_plots]
     with open(os.path.join(d, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     body = [
@@ -504,13 +532,18 @@ def write_pages(d: str, s: dict[str, Any], plots: list[str | None], audit_plots:
         body.append("</table>")
     body += [
         "<h2>Audit</h2><p><a href='audit/report.html'>the full audit report</a></p>",
-        "<div class=row>" + "".join(_img(p) for p in audit_plots) + "</div>",
+        "<div class=row>"
+        + "".join(
+            f"<figure>{_img(p)}<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in audit_plots
+        )
+        + "</div>",
     ]
     css = (
         "body{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;"
         "text-align:left;vertical-align:top;max-width:420px}.sub{color:#666}.pass{color:#1a7f37}"
         ".fail{color:#c33;font-weight:bold}.row{display:flex;flex-wrap:wrap;gap:12px}img{max-width:560px}"
+        "figure{margin:0}figcaption{color:#666;font-size:12px}"
     )
     page = f"<!doctype html><meta charset=utf-8><title>FineViT demo</title><style>{css}</style>" + "".join(
         body
@@ -548,10 +581,10 @@ def build_summary(d: str, corpus: str) -> dict[str, Any]:
     if os.path.exists(corpus) or "://" in corpus:
         rec["filter"] = filter_stats(corpus, "recap-filter")
         rec["regions_quality"] = region_stats(corpus, "recap-regions")
-        rec["passes"] = recaption_passes(corpus)
-    # images captioned per second over the whole step: every pass's images (one pass: its rows)
+        rec["layers"] = recaption_layers(corpus)
+    # images captioned per second over the whole step: every layer's images (one layer: its rows)
     secs = steps.get("recaption")
-    rows = sum(rec.get("passes", {}).values()) or rec["ok"] + rec["failed"]
+    rows = sum(rec.get("layers", {}).values()) or rec["ok"] + rec["failed"]
     rec["images_per_s"] = round(rows / secs, 2) if secs else None
     chance = None
     fg_path = os.path.join(d, "eval", "finegrained-recaption", "results.json")
@@ -572,6 +605,11 @@ def build_summary(d: str, corpus: str) -> dict[str, Any]:
         "chance_r1": chance,
         "boxcls_top1": {"stage1": box_all["recaption"], "stage2": box_all["stage2"]},
         "boxcls_top1_all": box_all,
+        # top-1 rises when an encoder reads one large class well; the mean of the classes' recalls
+        # rises only when it reads more classes
+        "boxcls_mean_per_class_recall": {
+            n.replace("-", "_"): eval_metric(d, "boxcls", n, "mean_per_class_recall") for n in ENCODERS
+        },
         "boxcls_boxes": box_run.get("n"),
         "boxcls_chance": round(100 / classes, 1) if classes else None,
         "recaption": rec,
@@ -595,12 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_bars(s, os.path.join(d, "finegrained.png")),
         plot_curves(curves(d), os.path.join(d, "curves.png")),
     ]
-    audit_dir = os.path.join(d, "audit")
-    audit_plots = (
-        sorted(os.path.join(audit_dir, p) for p in os.listdir(audit_dir) if p.endswith(".png"))[:4]
-        if os.path.isdir(audit_dir)
-        else []
-    )
+    audit_plots = pick_audit_plots(os.path.join(d, "audit"))
     s["wall_s"] = round(s["wall_s"] + time.time() - t0, 1)
     with open(os.path.join(d, "summary.json"), "w") as f:
         json.dump(s, f, indent=2)

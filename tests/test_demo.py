@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import demo_report  # noqa: E402
+import screenshot_report  # noqa: E402
 
 
 def _summary(alt: float | None, recap: float | None, box1: float | None, box2: float | None) -> dict:
@@ -123,14 +124,17 @@ def test_reduced_demo_end_to_end_and_resume(tmp_path: Path) -> None:
     for name in ("stage1", "stage2"):
         assert isinstance(s["boxcls_top1"][name], float), (name, log[-4000:])
     assert s["recaption"]["ok"] + s["recaption"]["failed"] == 64  # DEMO_SCALE=ci: N_TRAIN
-    # four passes over the 64 images (three global layers, one region layer), all in the speed
-    passes = s["recaption"]["passes"]
-    assert passes == {layer: 64 for layer in demo_report.RECAP_LAYERS}, passes
+    # four layers over the 64 images (three global, one region), all in the speed
+    layers = s["recaption"]["layers"]
+    assert layers == {layer: 64 for layer in demo_report.RECAP_LAYERS}, layers
     assert s["recaption"]["images_per_s"] == round(4 * 64 / s["steps_s"]["recaption"], 2)
     assert s["wall_s"] > 0
     regions = s["recaption"]["regions_quality"]  # every gt box of the 64 images was captioned
     assert regions["regions"] > 64 and 0 <= regions["colour_right"] <= 100, regions
     assert (out / "report.html").exists() and (out / "report.md").exists()
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    for title in demo_report.AUDIT_PLOTS:  # the audit's plots, shown in both pages
+        assert f"<figcaption>{title}</figcaption>" in page and f"![{title}](audit/plots/" in md, title
     met = all(good for _, good in demo_report.checks(s))
     assert run.returncode == (0 if met else 1), log[-4000:]
     assert "| stage 1 on recaptions |" in run.stdout
@@ -181,3 +185,45 @@ def test_curves_draw_stage_2_terms_apart(tmp_path: Path) -> None:
         "stage2 global term": [(75, 1.0)],
     }
     assert demo_report.plot_curves(demo_report.curves(str(tmp_path)), str(tmp_path / "c.png"))
+
+
+def test_the_report_picks_the_audit_plots_by_their_titles(tmp_path: Path) -> None:
+    """The audit numbers its plot files by layer order; the report finds the ones it shows by
+    their titles in the audit's report.md, in its own order, and skips one the audit did not draw."""
+    (tmp_path / "plots").mkdir()
+    titles = demo_report.AUDIT_PLOTS
+    lines = [
+        f"![{t}](plots/p{i}.png) ![other {i}](plots/o{i}.png)" for i, t in enumerate(reversed(titles[1:]))
+    ]
+    (tmp_path / "report.md").write_text("# audit\n\n" + "\n".join(lines) + "\n")
+    got = demo_report.pick_audit_plots(str(tmp_path))
+    assert [t for t, _ in got] == list(titles[1:])
+    assert got[0][1] == str(tmp_path / "plots" / f"p{len(titles) - 2}.png")
+    assert demo_report.pick_audit_plots(str(tmp_path / "none")) == []
+
+
+def _page_summary() -> dict:
+    s = _summary(25.8, 36.8, 11.7, 15.4)
+    s["finegrained_r1"]["stage2"] = 37.8
+    s["boxcls_top1_all"] = {"alt_text": 9.8, "recaption": 11.7, "stage2": 15.4}
+    s.update(date="2026-11-29 16:00 UTC", machine="test", wall_s=880.0, steps_s={"recaption": 100.0})
+    s["recaption"] = {"ok": 64, "failed": 0, "layers": {"recap-global": 64}, "images_per_s": 0.64}
+    return s
+
+
+@pytest.mark.skipif(
+    screenshot_report.find_chromium() is None, reason="no Chromium (apt-get install chromium)"
+)
+def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """The page as a browser draws it: the table, the claim lines and the bar chart (its
+    recaption bar's blue is on the screenshot), with nothing fetched from the network."""
+    from PIL import Image
+
+    s = _page_summary()
+    plots = [demo_report.plot_bars(s, str(tmp_path / "finegrained.png"))]
+    demo_report.write_pages(str(tmp_path), s, plots, [])
+    w, h = screenshot_report.screenshot(str(tmp_path / "report.html"), str(tmp_path / "shot.png"))
+    img = Image.open(tmp_path / "shot.png").convert("RGB")
+    assert (w, h) == img.size and 400 < h < 2000, (w, h)
+    blue = sum(1 for p in img.getdata() if abs(p[0] - 0x3B) + abs(p[1] - 0x6E) + abs(p[2] - 0xA8) < 24)
+    assert blue > 2000, blue  # the recaption bar: about 60 x 150 px
