@@ -16,7 +16,8 @@ from eval.report import TaskResult
 from eval.roi import normalized_to_grid, roi_align, roi_backend
 
 FINEVIT_PROTOCOL = (
-    "native resolution; RoIAlign 1x1 over the final patch tokens, pooled by the MAP head + proj"
+    "the encoder's own resolution (settings.resolution: native, or upscaled where its preprocess "
+    "says so); RoIAlign 1x1 over the final patch tokens, pooled by the MAP head + proj"
 )
 
 
