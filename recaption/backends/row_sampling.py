@@ -76,8 +76,10 @@ class RowSampler:
             if self.nucleus:
                 probs = probs.masked_fill(top_p_mask(probs, self.top_ps.to(dev)[rows]), 0.0)
             cdf = probs.cumsum(dim=-1)
-            u = self._uniforms().to(dev)[:, None] * cdf[:, -1:]
-            picked = torch.searchsorted(cdf, u, right=True).squeeze(1)
-            chosen[rows] = picked.clamp(max=scores.shape[-1] - 1)
+            u = (self._uniforms().to(dev)[:, None] * cdf[:, -1:]).contiguous()
+            picked = torch.searchsorted(cdf, u, right=True)
+            # where u * total rounds up to the total, the last token with mass (never a masked one)
+            last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
+            chosen[rows] = torch.minimum(picked, last).squeeze(1)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, chosen[:, None], 0.0)

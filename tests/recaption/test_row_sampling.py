@@ -45,6 +45,13 @@ def test_top_p_mask_keeps_the_smallest_nucleus_and_always_the_top_token():
     assert drop.tolist() == [[True, False, False, True], [False, True, True, True]]
 
 
+def test_a_draw_that_rounds_up_to_the_total_mass_still_takes_a_nucleus_token():
+    s = RowSampler([1.0, 1.0], [0.5, 1.0], [0, 1])
+    s._uniforms = lambda: torch.ones(2)  # u * total == total: past the end of every CDF
+    scores = torch.tensor([[0.0, 3.0, 2.0, -5.0], [0.0, 3.0, 2.0, -5.0]])
+    assert _draw(s, scores).tolist() == [1, 3]  # the nucleus's only token; the last token with mass
+
+
 def test_a_seeded_row_draws_the_same_tokens_alone_and_in_any_batch():
     gen = torch.Generator().manual_seed(0)
     steps = [torch.randn(4, 50, generator=gen) for _ in range(70)]  # more steps than one CHUNK
