@@ -228,5 +228,12 @@ def check_fits(cfg: Stage1Config) -> None:
         problems.append(
             "data.tokenizer is empty: train one with `finevit train-tokenizer` or give a local directory"
         )
+    if d.hard_negative_words:
+        from train.data.negatives import word_classes
+
+        try:
+            word_classes(d.hard_negative_words)
+        except (OSError, ValueError) as e:  # else the loader fails on it mid-run
+            problems.append(f"data.hard_negative_words: {e}")
     if problems:
         raise ConfigError("config cannot fit:\n  " + "\n  ".join(problems))

@@ -76,6 +76,27 @@ def test_config_that_cannot_fit_stops_with_reason() -> None:
         load_config(None, ["model.vision.widht=3"], Stage1Config)
 
 
+@pytest.mark.parametrize("words", ["missing", "shape: [star]\n"])
+def test_a_hard_negative_words_file_that_cannot_be_read_stops_at_start(tmp_path: Path, words: str) -> None:
+    """A missing file, or a class of one word, stops at start-up naming stage 1's own field (the
+    loader met it mid-run before, in an error that named stage 2's field)."""
+    path = tmp_path / "words.yaml"
+    if words != "missing":
+        path.write_text(words)
+    sets = [
+        "data.dataset=x",
+        "data.tokenizer=y",
+        "data.hard_negatives=true",
+        f"data.hard_negative_words={path}",
+    ]
+    cfg = load_config(REPO / "configs" / "stage1_tiny_cpu.yaml", sets, Stage1Config)
+    with pytest.raises(ConfigError, match=r"data\.hard_negative_words: .*words\.yaml") as e:
+        check_fits(cfg)
+    assert "loss." not in str(e.value)
+    path.write_text("shape: [star, circle]\n")
+    check_fits(cfg)  # a good file passes
+
+
 RECIPES = ["stage1_tiny_cpu", "stage1_vit_b16", "stage1_vit_l16", "stage1_vit_0p9b"]
 
 

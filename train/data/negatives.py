@@ -62,9 +62,7 @@ def word_classes(words_file: str | None = None) -> dict[str, tuple[list[str], re
             isinstance(v, list) and len(v) >= 2 and all(isinstance(w, str) for w in v)
             for v in classes.values()
         ):
-            raise ValueError(
-                f"loss.hard_negatives.words: {words_file} must map each class to a list of >= 2 words"
-            )
+            raise ValueError(f"{words_file} must map each class to a list of >= 2 words")
     return {c: ([w.lower() for w in ws], _pattern(ws)) for c, ws in classes.items()}
 
 
