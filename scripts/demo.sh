@@ -5,6 +5,8 @@
 #   DEMO_SCALE=ci scripts/demo.sh    # the reduced demo the test runs (same steps, smaller sizes)
 #   DEMO_GRID=3 DEMO_N_HUMAN=1024 DEMO_CAP_S2_STEPS=1200 ... scripts/demo.sh   # sizes and budgets:
 #       DEMO_{GRID,N_TRAIN,N_HUMAN,S1_STEPS,CAP_S1_STEPS,CAP_S2_STEPS,S2_STEPS} override the ones below
+#   DEMO_S2_STEPS=400 DEMO_S2_HARD_NEGATIVES=3 scripts/demo.sh   # stage 2 that reads shapes (~16 min:
+#       FG-CLIP's shape hard negatives at weight 3, loss.region_hard_negatives; README, the demo)
 #
 # Each step is one `finevit` command (printed before it runs). A step whose done-marker
 # ($DEMO_DIR/.done/<step>) exists is skipped, so re-running resumes; the commands resume
@@ -49,6 +51,10 @@ S1_STEPS=${DEMO_S1_STEPS:-$S1_STEPS}
 CAP_S1_STEPS=${DEMO_CAP_S1_STEPS:-$CAP_S1_STEPS}
 CAP_S2_STEPS=${DEMO_CAP_S2_STEPS:-$CAP_S2_STEPS}
 S2_STEPS=${DEMO_S2_STEPS:-$S2_STEPS}
+S2_SETS=()
+if [[ -n ${DEMO_S2_HARD_NEGATIVES:-} ]]; then
+    S2_SETS+=(--set "loss.region_hard_negatives=$DEMO_S2_HARD_NEGATIVES")
+fi
 PORT=${DEMO_PORT:-$((20000 + RANDOM % 20000))}
 
 # Data roots: local under $D, or s3://... when DEMO_S3 is set (storage flags from the environment:
@@ -188,7 +194,7 @@ step stage1-recaption $BIN train stage1 --config $S1_CFG --dataset "$CORPUS" --s
 # (two threads: it has the machine to itself; stage 2 reads each image at three times stage 1's
 # patches, configs/demo_stage2.yaml, and would take the longest beside anything else)
 step stage2 $BIN train stage2 --config $S2_CFG --init "$D/runs/stage1-recaption" --lm "$D/models/tiny-lm" \
-    --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2" --set loop.threads=2
+    --dataset "$CORPUS" --steps $S2_STEPS --log-dir "$D/runs/stage2" --set loop.threads=2 "${S2_SETS[@]}"
 
 # ---------------------------------------------------------------- 7. eval the stage-1 and stage-2 encoders
 # (side by side, one thread each; a run dir carries its config and measured mean/std)

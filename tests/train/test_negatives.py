@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.data.negatives import hard_negative, replacements
+from train.data.negatives import hard_negative, own_words_end, replacements
 from train.losses import sigmoid_loss, softmax_loss
 
 CAPTION = (
@@ -66,6 +66,28 @@ def test_region_replacements_are_every_other_word_of_the_class() -> None:
     assert replacements("the word SALE in black letters", ["shape"]) == []
     with pytest.raises(ValueError, match="fruit"):
         replacements("a red circle", ["fruit"])
+
+
+@pytest.mark.parametrize(
+    ("caption", "swapped"),
+    [
+        ('the word "SOUP" in black letters below the yellow triangle in the top right', None),
+        ("a red square to the left of the blue circle", "square"),
+        ("a small star beside a large ring", "star"),
+        ("a large red solid star in the bottom left", "star"),  # "in the bottom left": a place
+    ],
+)
+def test_region_hard_negatives_change_the_regions_own_words_not_a_neighbours(caption, swapped) -> None:
+    """A word after a spatial relation describes another object: a negative that changes it
+    would teach the region that object's attribute (the word boxes learnt their neighbours'
+    shapes). Only the region's own words are replaced."""
+    if swapped is None:  # the letters' own colour ("black") may change, the neighbour's shape not
+        assert replacements(caption, ["shape"]) == []
+        assert all("triangle" in neg and "yellow" in neg for neg in replacements(caption, ["colour"]))
+        return
+    got = replacements(caption, ["shape", "colour"])
+    changed = {a for neg in got for a, b in zip(caption.split(), neg.split(), strict=True) if a != b}
+    assert swapped in changed and changed <= set(caption[: own_words_end(caption)].split()), changed
 
 
 def test_region_hard_negative_loss_is_each_regions_softmax_over_its_own_texts() -> None:

@@ -121,19 +121,38 @@ def hard_negative(
     return caption[: m.start()] + _inflected(rng.choice(choices), m) + caption[m.end() :]
 
 
+# A region caption names its own object, then maybe, after a spatial relation, an object it is
+# placed by: 'the word "SOUP" in black letters below the yellow triangle'. Only the words before
+# the relation are the region's own.
+_RELATION = re.compile(
+    r"\b(below|above|beneath|under|underneath|beside|near|next to|left of|right of|behind|in front of)\b",
+    re.IGNORECASE,
+)
+
+
+def own_words_end(caption: str) -> int:
+    """Where the words describing a region caption's own object end: at its first spatial
+    relation ("below", "left of", ...), else at the caption's end."""
+    m = _RELATION.search(caption)
+    return m.start() if m else len(caption)
+
+
 def replacements(caption: str, classes: list[str], words_file: str | None = None) -> list[str]:
     """Every hard negative of ``caption`` that replaces one word: for each class in ``classes``,
-    its first word in the caption replaced by each other word of the class (FG-CLIP's region hard
-    negatives, all of them rather than one drawn: a region caption is short and names each
-    attribute once). ``[]`` when the caption has no word of those classes."""
+    its first word among the region's own words (:func:`own_words_end`) replaced by each other
+    word of the class (FG-CLIP's region hard negatives, all of them rather than one drawn: a
+    region caption is short and names each attribute once). ``[]`` when those words have no word
+    of the classes. A neighbour's words are left alone: swapping the triangle of "the word SOUP
+    below the yellow triangle" taught word boxes shapes (box top-1 5.1 after 400 steps, 15.9 with
+    the region's own words only; README, the demo)."""
     known = word_classes(words_file)
     unknown = [c for c in classes if c not in known]
     if unknown:
         raise ValueError(f"no word class {unknown} (classes: {sorted(known)})")
-    out = []
+    out, end = [], own_words_end(caption)
     for c in classes:
         words, pat = known[c]
-        m = pat.search(caption)
+        m = pat.search(caption, 0, end)
         if m is None:
             continue
         old = m.group(1).lower()
