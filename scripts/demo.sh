@@ -5,7 +5,7 @@
 #   DEMO_SCALE=ci scripts/demo.sh    # the reduced demo the test runs (same steps, smaller sizes)
 #   DEMO_GRID=3 DEMO_N_HUMAN=1024 DEMO_CAP_S2_STEPS=1200 ... scripts/demo.sh   # sizes and budgets:
 #       DEMO_{GRID,N_TRAIN,N_HUMAN,S1_STEPS,CAP_S1_STEPS,CAP_S2_STEPS,S2_STEPS} override the ones below
-#   DEMO_S2_STEPS=400 DEMO_S2_HARD_NEGATIVES=3 scripts/demo.sh   # stage 2 that reads shapes (~16 min:
+#   DEMO_S2_STEPS=400 DEMO_S2_HARD_NEGATIVES=3 scripts/demo.sh   # stage 2 that starts reading shapes (~16 min:
 #       FG-CLIP's shape hard negatives at weight 3, loss.region_hard_negatives; README, the demo)
 #
 # Each step is one `finevit` command (printed before it runs). A step whose done-marker
